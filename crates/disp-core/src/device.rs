@@ -1,0 +1,111 @@
+//! Run-time choice of the compute device. burn 0.22 picks the backend through [`Device`]; the
+//! GPU backends are cargo features so that the default build stays CPU-only and offline.
+
+use std::fmt;
+use std::str::FromStr;
+
+use burn::tensor::Device;
+
+/// A device named on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceChoice {
+    /// burn's `flex` backend with AVX-512 kernels where the CPU has them.
+    #[default]
+    Cpu,
+    /// Any GPU through wgpu (Vulkan/Metal/DX12); needs the `wgpu` cargo feature.
+    Wgpu,
+    /// NVIDIA GPU through CUDA; needs the `cuda` cargo feature.
+    Cuda,
+}
+
+impl FromStr for DeviceChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "cpu" | "flex" => Ok(Self::Cpu),
+            "wgpu" | "gpu" | "vulkan" => Ok(Self::Wgpu),
+            "cuda" => Ok(Self::Cuda),
+            other => Err(format!("unknown device '{other}' (expected cpu, wgpu or cuda)")),
+        }
+    }
+}
+
+impl fmt::Display for DeviceChoice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Cpu => "cpu",
+            Self::Wgpu => "wgpu",
+            Self::Cuda => "cuda",
+        })
+    }
+}
+
+/// Whether this build can create the device at all.
+pub fn is_compiled_in(choice: DeviceChoice) -> bool {
+    match choice {
+        DeviceChoice::Cpu => true,
+        DeviceChoice::Wgpu => cfg!(feature = "wgpu"),
+        DeviceChoice::Cuda => cfg!(feature = "cuda"),
+    }
+}
+
+/// Creates the device, or explains which cargo feature the build lacks.
+pub fn select_device(choice: DeviceChoice) -> anyhow::Result<Device> {
+    match choice {
+        DeviceChoice::Cpu => Ok(Device::flex()),
+        DeviceChoice::Wgpu => wgpu_device(),
+        DeviceChoice::Cuda => cuda_device(),
+    }
+}
+
+#[cfg(feature = "wgpu")]
+fn wgpu_device() -> anyhow::Result<Device> {
+    Ok(Device::wgpu(burn::tensor::DeviceKind::DefaultDevice))
+}
+
+#[cfg(not(feature = "wgpu"))]
+fn wgpu_device() -> anyhow::Result<Device> {
+    anyhow::bail!(
+        "device 'wgpu' is not compiled into this build: rebuild with `--features wgpu` \
+         (e.g. `cargo run --release -p disp-cli --features wgpu -- ...`)"
+    )
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_device() -> anyhow::Result<Device> {
+    Ok(Device::cuda(0))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_device() -> anyhow::Result<Device> {
+    anyhow::bail!(
+        "device 'cuda' is not compiled into this build: rebuild with `--features cuda` \
+         (burn 0.22's CUDA build downloads an LLVM bundle, so it needs network access)"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_names_and_rejects_unknown() {
+        assert_eq!("CPU".parse::<DeviceChoice>().unwrap(), DeviceChoice::Cpu);
+        assert_eq!("wgpu".parse::<DeviceChoice>().unwrap(), DeviceChoice::Wgpu);
+        let err = "tpu".parse::<DeviceChoice>().unwrap_err();
+        assert!(err.contains("unknown device 'tpu'"), "{err}");
+    }
+
+    #[test]
+    fn missing_feature_is_an_error_not_a_panic() {
+        if !is_compiled_in(DeviceChoice::Cuda) {
+            let err = select_device(DeviceChoice::Cuda).unwrap_err().to_string();
+            assert!(err.contains("--features cuda"), "{err}");
+        }
+        if !is_compiled_in(DeviceChoice::Wgpu) {
+            let err = select_device(DeviceChoice::Wgpu).unwrap_err().to_string();
+            assert!(err.contains("--features wgpu"), "{err}");
+        }
+        assert!(select_device(DeviceChoice::Cpu).is_ok());
+    }
+}

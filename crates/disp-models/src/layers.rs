@@ -1,0 +1,252 @@
+//! Building blocks shared by the families: linear layers that can be cut to index sets, norms,
+//! rotary embeddings, causal (grouped-query) attention and the KV cache.
+
+use anyhow::Result;
+use burn::tensor::activation::softmax;
+use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
+
+use crate::weights::Checkpoint;
+
+/// `y = x·W + b` with `W` stored `[in, out]`.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    pub weight: Tensor<2>,
+    pub bias: Option<Tensor<1>>,
+}
+
+impl Linear {
+    /// Loads `{prefix}.weight` (HF `[out, in]`) and, if `bias`, `{prefix}.bias`.
+    pub fn load(ck: &Checkpoint, prefix: &str, inputs: usize, outputs: usize, bias: bool, device: &Device) -> Result<Self> {
+        let weight = ck.matrix_in_out(&format!("{prefix}.weight"), inputs, outputs, device)?;
+        let bias = if bias { Some(ck.tensor(&format!("{prefix}.bias"), [outputs], device)?) } else { None };
+        Ok(Self { weight, bias })
+    }
+
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let [batch, seq, inputs] = x.dims();
+        let outputs = self.weight.dims()[1];
+        let y = x.reshape([batch * seq, inputs]).matmul(self.weight.clone());
+        let y = match &self.bias {
+            Some(b) => y + b.clone().unsqueeze::<2>(),
+            None => y,
+        };
+        y.reshape([batch, seq, outputs])
+    }
+
+    pub fn inputs(&self) -> usize {
+        self.weight.dims()[0]
+    }
+
+    pub fn outputs(&self) -> usize {
+        self.weight.dims()[1]
+    }
+
+    pub fn num_params(&self) -> usize {
+        self.inputs() * self.outputs() + self.bias.as_ref().map_or(0, |_| self.outputs())
+    }
+
+    /// Keeps only the input rows at `kept` (the block reads fewer positions).
+    pub fn keep_inputs(&self, kept: &Tensor<1, Int>) -> Self {
+        Self { weight: self.weight.clone().select(0, kept.clone()), bias: self.bias.clone() }
+    }
+
+    /// Keeps only the output columns (and bias entries) at `kept`.
+    pub fn keep_outputs(&self, kept: &Tensor<1, Int>) -> Self {
+        Self {
+            weight: self.weight.clone().select(1, kept.clone()),
+            bias: self.bias.clone().map(|b| b.select(0, kept.clone())),
+        }
+    }
+}
+
+/// Root-mean-square norm (LLaMA).
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    pub weight: Tensor<1>,
+    pub eps: f64,
+}
+
+impl RmsNorm {
+    pub fn load(ck: &Checkpoint, name: &str, width: usize, eps: f64, device: &Device) -> Result<Self> {
+        Ok(Self { weight: ck.tensor(name, [width], device)?, eps })
+    }
+
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let rms = x.clone().powi_scalar(2).mean_dim(2).add_scalar(self.eps).sqrt();
+        x / rms * self.weight.clone().unsqueeze::<3>()
+    }
+}
+
+/// Layer norm with affine weight and bias (OPT, Phi).
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    pub weight: Tensor<1>,
+    pub bias: Tensor<1>,
+    pub eps: f64,
+}
+
+impl LayerNorm {
+    pub fn load(ck: &Checkpoint, prefix: &str, width: usize, eps: f64, device: &Device) -> Result<Self> {
+        Ok(Self {
+            weight: ck.tensor(&format!("{prefix}.weight"), [width], device)?,
+            bias: ck.tensor(&format!("{prefix}.bias"), [width], device)?,
+            eps,
+        })
+    }
+
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let mean = x.clone().mean_dim(2);
+        let centred = x - mean;
+        let var = centred.clone().powi_scalar(2).mean_dim(2);
+        centred / var.add_scalar(self.eps).sqrt() * self.weight.clone().unsqueeze::<3>()
+            + self.bias.clone().unsqueeze::<3>()
+    }
+}
+
+/// Frequency scaling of LLaMA 3.1 (`rope_scaling.rope_type = "llama3"`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Llama3Scaling {
+    pub factor: f64,
+    pub low_freq_factor: f64,
+    pub high_freq_factor: f64,
+    pub original_max_position_embeddings: f64,
+}
+
+/// Rotary position embedding in HF's rotate-half layout, optionally on the first `rotary_dim`
+/// channels of each head only (Phi's partial rotary).
+#[derive(Debug, Clone)]
+pub struct Rope {
+    inv_freq: Vec<f64>,
+    rotary_dim: usize,
+    head_dim: usize,
+}
+
+impl Rope {
+    pub fn new(theta: f64, head_dim: usize, rotary_dim: usize, scaling: Option<Llama3Scaling>) -> Self {
+        let mut inv_freq: Vec<f64> = (0..rotary_dim / 2)
+            .map(|i| 1.0 / theta.powf((2 * i) as f64 / rotary_dim as f64))
+            .collect();
+        if let Some(s) = scaling {
+            let low_wavelen = s.original_max_position_embeddings / s.low_freq_factor;
+            let high_wavelen = s.original_max_position_embeddings / s.high_freq_factor;
+            for f in &mut inv_freq {
+                let wavelen = 2.0 * std::f64::consts::PI / *f;
+                if wavelen > low_wavelen {
+                    *f /= s.factor;
+                } else if wavelen >= high_wavelen {
+                    let smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor)
+                        / (s.high_freq_factor - s.low_freq_factor);
+                    *f = (1.0 - smooth) * *f / s.factor + smooth * *f;
+                }
+            }
+        }
+        Self { inv_freq, rotary_dim, head_dim }
+    }
+
+    /// cos and sin tables `[T, rotary_dim]` for positions `start..start+len`.
+    fn tables(&self, start: usize, len: usize, device: &Device) -> (Tensor<2>, Tensor<2>) {
+        let half = self.rotary_dim / 2;
+        let mut cos = Vec::with_capacity(len * self.rotary_dim);
+        let mut sin = Vec::with_capacity(len * self.rotary_dim);
+        for pos in start..start + len {
+            for _ in 0..2 {
+                for f in &self.inv_freq[..half] {
+                    // f32 angle, as HF computes it, so long positions round the same way.
+                    let angle = (pos as f32) * (*f as f32);
+                    cos.push(angle.cos());
+                    sin.push(angle.sin());
+                }
+            }
+        }
+        let shape = [len, self.rotary_dim];
+        (
+            Tensor::from_data(TensorData::new(cos, shape), device),
+            Tensor::from_data(TensorData::new(sin, shape), device),
+        )
+    }
+
+    /// Rotates `[B, H, T, head_dim]` for positions starting at `start`.
+    pub fn apply(&self, x: Tensor<4>, start: usize) -> Tensor<4> {
+        let [_, _, seq, _] = x.dims();
+        let (cos, sin) = self.tables(start, seq, &x.device());
+        let (cos, sin) = (cos.unsqueeze::<4>(), sin.unsqueeze::<4>());
+        let half = self.rotary_dim / 2;
+        let rot = if self.rotary_dim == self.head_dim { x.clone() } else { x.clone().narrow(3, 0, self.rotary_dim) };
+        let first = rot.clone().narrow(3, 0, half);
+        let second = rot.clone().narrow(3, half, half);
+        let rotated_half = Tensor::cat(vec![second.neg(), first], 3);
+        let out = rot * cos + rotated_half * sin;
+        if self.rotary_dim == self.head_dim {
+            out
+        } else {
+            let pass = x.narrow(3, self.rotary_dim, self.head_dim - self.rotary_dim);
+            Tensor::cat(vec![out, pass], 3)
+        }
+    }
+}
+
+/// Keys and values of earlier positions, one entry per layer.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor<4>, Tensor<4>)>>,
+    len: usize,
+}
+
+impl KvCache {
+    pub fn new(num_layers: usize) -> Self {
+        Self { layers: vec![None; num_layers], len: 0 }
+    }
+
+    /// Number of positions already cached.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Appends this step's keys and values `[B, KV, T, hd]` and returns all of them.
+    pub fn append(&mut self, layer: usize, k: Tensor<4>, v: Tensor<4>) -> (Tensor<4>, Tensor<4>) {
+        let (k, v) = match self.layers[layer].take() {
+            Some((pk, pv)) => (Tensor::cat(vec![pk, k], 2), Tensor::cat(vec![pv, v], 2)),
+            None => (k, v),
+        };
+        self.layers[layer] = Some((k.clone(), v.clone()));
+        (k, v)
+    }
+
+    /// Called once per forward pass, after every layer appended `added` positions.
+    pub fn advance(&mut self, added: usize) {
+        self.len += added;
+    }
+}
+
+/// Splits `[B, T, heads·hd]` into `[B, heads, T, hd]`.
+pub fn split_heads(x: Tensor<3>, heads: usize, head_dim: usize) -> Tensor<4> {
+    let [batch, seq, _] = x.dims();
+    x.reshape([batch, seq, heads, head_dim]).swap_dims(1, 2)
+}
+
+/// Causal attention with grouped-query heads. `q` is `[B, H, T, hd]` for positions
+/// `start..start+T`; `k`, `v` are `[B, KV, start+T, hd]`. Returns `[B, T, H·hd]`.
+///
+/// The query heads sharing one KV head are folded into the row dimension, so each KV head is one
+/// larger matmul and K/V are never repeated in memory.
+pub fn causal_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, start: usize) -> Tensor<3> {
+    let [batch, heads, seq, head_dim] = q.dims();
+    let kv_heads = k.dims()[1];
+    let keys = k.dims()[2];
+    let group = heads / kv_heads;
+    let q = q.reshape([batch, kv_heads, group * seq, head_dim]);
+    let scores = q.matmul(k.swap_dims(2, 3)).div_scalar((head_dim as f64).sqrt());
+    let scores = if seq > 1 {
+        let mask: Tensor<2, Bool> = Tensor::tril_mask([seq, keys], start as i64, &scores.device());
+        let mask = if group > 1 { mask.repeat_dim(0, group) } else { mask };
+        scores.mask_fill(mask.unsqueeze::<4>(), f32::NEG_INFINITY)
+    } else {
+        scores
+    };
+    let out = softmax(scores, 3).matmul(v); // [B, KV, G·T, hd]
+    out.reshape([batch, heads, seq, head_dim]).swap_dims(1, 2).reshape([batch, seq, heads * head_dim])
+}

@@ -1,0 +1,41 @@
+//! Logits of tiny random checkpoints made by HF transformers (tests/fixtures/make_fixtures.py)
+//! must be reproduced to 1e-4.
+
+mod common;
+
+use burn::tensor::Device;
+use common::*;
+
+fn check_fixture(name: &str) -> f32 {
+    let dir = fixture(name);
+    let device = Device::flex();
+    let model = disp_models::load_model(&dir, &device).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+    let (id_shape, ids) = reference(&dir, "input_ids");
+    let (logit_shape, expected) = reference(&dir, "logits");
+    let logits = model.forward(token_tensor(&id_shape, &ids, &device), None, None);
+    assert_eq!(logits.dims().to_vec(), logit_shape, "{name}: logits shape");
+    let diff = max_abs_diff(&to_vec(logits), &expected);
+    println!("{name}: max |logit difference| = {diff:.3e}");
+    assert!(diff <= 1e-4, "{name}: max logit difference {diff} > 1e-4");
+    diff
+}
+
+#[test]
+fn llama_mha_untied_matches_transformers() {
+    check_fixture("llama_mha_untied");
+}
+
+#[test]
+fn llama_gqa_tied_with_biases_matches_transformers() {
+    check_fixture("llama_gqa_tied");
+}
+
+#[test]
+fn llama_bf16_with_llama3_rope_scaling_matches_transformers() {
+    check_fixture("llama_bf16");
+}
+
+#[test]
+fn llama_sharded_checkpoint_matches_transformers() {
+    check_fixture("llama_sharded");
+}

