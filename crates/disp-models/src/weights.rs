@@ -66,6 +66,13 @@ impl Checkpoint {
         Ok(&self.files[*idx])
     }
 
+    /// The stored shape of a tensor.
+    pub fn shape(&self, name: &str) -> Result<Vec<usize>> {
+        let (_, map) = self.file_of(name)?;
+        let tensors = SafeTensors::deserialize(map).expect("validated when opened");
+        Ok(tensors.tensor(name).expect("listed when opened").shape().to_vec())
+    }
+
     /// Reads a tensor as f32 values, checking its shape.
     pub fn read_f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         let (path, map) = self.file_of(name)?;

@@ -39,3 +39,18 @@ fn llama_bf16_with_llama3_rope_scaling_matches_transformers() {
 fn llama_sharded_checkpoint_matches_transformers() {
     check_fixture("llama_sharded");
 }
+
+#[test]
+fn opt_pre_ln_tied_matches_transformers() {
+    check_fixture("opt_pre_ln");
+}
+
+#[test]
+fn opt_post_ln_with_embedding_projection_matches_transformers() {
+    check_fixture("opt_post_ln_proj");
+}
+
+#[test]
+fn phi_parallel_block_with_partial_rotary_matches_transformers() {
+    check_fixture("phi");
+}
