@@ -2,7 +2,7 @@
 //! rotary embeddings, causal (grouped-query) attention and the KV cache.
 
 use anyhow::Result;
-use burn::tensor::activation::softmax;
+use burn::tensor::activation::{gelu, relu, softmax};
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 
 use crate::weights::Checkpoint;
@@ -100,6 +100,44 @@ impl LayerNorm {
         let var = centred.clone().powi_scalar(2).mean_dim(2);
         centred / var.add_scalar(self.eps).sqrt() * self.weight.clone().unsqueeze::<3>()
             + self.bias.clone().unsqueeze::<3>()
+    }
+}
+
+/// MLP activation of the OPT and Phi families, chosen by its transformers name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    Relu,
+    /// Exact GELU, `x·Φ(x)` with the error function (`gelu`).
+    Gelu,
+    /// GELU's tanh approximation (`gelu_new`, `gelu_pytorch_tanh`): Phi is trained with it, and
+    /// it differs from the exact GELU by ~1e-3, enough to move the logits visibly.
+    GeluTanh,
+}
+
+impl Activation {
+    /// The transformers names accepted by [`Self::from_hf_name`], for error messages.
+    pub const SUPPORTED: &'static str = "relu, gelu, gelu_new, gelu_pytorch_tanh";
+
+    pub fn from_hf_name(name: &str) -> Option<Self> {
+        match name {
+            "relu" => Some(Self::Relu),
+            "gelu" => Some(Self::Gelu),
+            "gelu_new" | "gelu_pytorch_tanh" => Some(Self::GeluTanh),
+            _ => None,
+        }
+    }
+
+    pub fn forward(self, x: Tensor<3>) -> Tensor<3> {
+        match self {
+            Self::Relu => relu(x),
+            Self::Gelu => gelu(x),
+            Self::GeluTanh => {
+                // x³ as a product, not a power, so negative inputs never meet powf.
+                let cube = x.clone() * x.clone() * x.clone();
+                let inner = (x.clone() + cube.mul_scalar(0.044715)).mul_scalar((2.0 / std::f64::consts::PI).sqrt());
+                x.mul_scalar(0.5) * inner.tanh().add_scalar(1.0)
+            }
+        }
     }
 }
 

@@ -9,6 +9,8 @@ pub mod config;
 pub mod gguf;
 pub mod layers;
 pub mod llama;
+pub mod opt;
+pub mod phi;
 pub mod tokenizer;
 pub mod weights;
 
@@ -71,6 +73,7 @@ pub fn load_model(dir: &Path, device: &Device) -> Result<Box<dyn CausalLm>> {
     let ck = Checkpoint::open(dir)?;
     Ok(match family {
         Family::Llama => Box::new(llama::Llama::load(&raw, &ck, device)?),
-        Family::Opt | Family::Phi => anyhow::bail!("{}: {} support is not built yet", raw.path.display(), family.model_type()),
+        Family::Opt => Box::new(opt::Opt::load(&raw, &ck, device)?),
+        Family::Phi => Box::new(phi::Phi::load(&raw, &ck, device)?),
     })
 }

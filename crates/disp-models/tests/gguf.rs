@@ -162,10 +162,20 @@ impl Default for Options {
     }
 }
 
+/// What the converter must write for one HF tensor.
+struct Expected {
+    shape: Vec<usize>,
+    /// The reference decoding of the bytes written, in GGUF row order.
+    gguf_order: Vec<f32>,
+    /// For Q/K: the converter's output, permuted the llama.cpp way with this many heads, must
+    /// equal `gguf_order` (checks the un-permutation against an independent forward one).
+    permuted_heads: Option<usize>,
+}
+
 /// The tiny model's GGUF plus, per HF tensor name, the values the conversion must produce.
 struct TinyModel {
     writer: GgufWriter,
-    expected: HashMap<String, (Vec<usize>, Vec<f32>)>,
+    expected: HashMap<String, Expected>,
     vocab: Vocab,
 }
 
@@ -252,7 +262,7 @@ fn tiny_model(opts: Options) -> TinyModel {
         let ne: Vec<u64> = if rows == 1 { vec![cols as u64] } else { vec![cols as u64, rows as u64] };
         w.tensor_raw(gguf_name, &ne, ty, raw);
         let shape = if rows == 1 { vec![cols] } else { vec![rows, cols] };
-        expected.insert(hf_name, (shape, decoded, permute_heads));
+        expected.insert(hf_name, Expected { shape, gguf_order: decoded, permuted_heads: permute_heads });
     };
     add(&mut w, "token_embd.weight", "model.embed_tokens.weight".into(), n_vocab, HIDDEN, GgmlType::Q8_0, None, &mut rng);
     for layer in 0..LAYERS {
@@ -285,27 +295,12 @@ fn tiny_model(opts: Options) -> TinyModel {
         let hf = rng.vec(HEADS * HEAD_DIM, 0.5);
         let stored = llama_cpp_permute(&hf, HEADS * HEAD_DIM, 1, HEADS);
         w.tensor_f32("blk.0.attn_q.bias", &[(HEADS * HEAD_DIM) as u64], GgmlType::F32, &stored).unwrap();
-        expected.insert("model.layers.0.self_attn.q_proj.bias".into(), (vec![HEADS * HEAD_DIM], stored, Some(HEADS)));
+        expected.insert(
+            "model.layers.0.self_attn.q_proj.bias".into(),
+            Expected { shape: vec![HEADS * HEAD_DIM], gguf_order: stored, permuted_heads: Some(HEADS) },
+        );
     }
-    TinyModel { writer: w, expected: unpermute_expected(expected), vocab }
-}
-
-/// The converter's output for a permuted tensor is the HF-layout matrix whose llama.cpp
-/// permutation equals the decoded GGUF rows. Rather than inverting here, keep the decoded
-/// GGUF-order values and let `assert_matches_expected` re-permute the converter's output.
-fn unpermute_expected(
-    expected: HashMap<String, (Vec<usize>, Vec<f32>, Option<usize>)>,
-) -> HashMap<String, (Vec<usize>, Vec<f32>)> {
-    expected
-        .into_iter()
-        .map(|(name, (shape, gguf_order, heads))| {
-            let key = match heads {
-                Some(h) => format!("{name}#permuted{h}"),
-                None => name,
-            };
-            (key, (shape, gguf_order))
-        })
-        .collect()
+    TinyModel { writer: w, expected, vocab }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -357,22 +352,21 @@ fn read_json(path: &Path) -> Value {
 
 fn assert_matches_expected(out: &Path, model: &TinyModel) -> HashMap<String, (Vec<usize>, Vec<f32>)> {
     let got = read_f32_tensors(&out.join("model.safetensors"));
-    for (key, (shape, expected)) in &model.expected {
-        let (name, heads) = match key.split_once("#permuted") {
-            Some((name, h)) => (name, Some(h.parse::<usize>().unwrap())),
-            None => (key.as_str(), None),
-        };
+    for (name, expected) in &model.expected {
         let (got_shape, got_values) = got.get(name).unwrap_or_else(|| panic!("{name} missing from output"));
-        assert_eq!(got_shape, shape, "{name} shape");
-        let comparable = match heads {
-            Some(h) => {
-                let cols = if shape.len() == 2 { shape[1] } else { 1 };
-                llama_cpp_permute(got_values, shape[0], cols, h)
+        assert_eq!(got_shape, &expected.shape, "{name} shape");
+        let comparable = match expected.permuted_heads {
+            Some(heads) => {
+                let cols = if expected.shape.len() == 2 { expected.shape[1] } else { 1 };
+                llama_cpp_permute(got_values, expected.shape[0], cols, heads)
             }
             None => got_values.clone(),
         };
         // Exact: the converter and the reference apply the same formula to the same bytes.
-        let mismatch = comparable.iter().zip(expected).position(|(a, b)| a.to_bits() != b.to_bits());
+        let mismatch = comparable
+            .iter()
+            .zip(&expected.gguf_order)
+            .position(|(a, b)| a.to_bits() != b.to_bits());
         assert_eq!(mismatch, None, "{name}: first mismatch at {mismatch:?}");
     }
     got
@@ -438,7 +432,8 @@ fn converts_tiny_untied_model_with_every_supported_type() {
     for (key, value) in expect {
         assert_eq!(config[key], value, "config.json {key}");
     }
-    assert!((config["rms_norm_eps"].as_f64().unwrap() - 1e-5).abs() < 1e-9);
+    // Written as f32 1e-5 in the GGUF; the config must say 1e-5, not 9.99999974e-6.
+    assert_eq!(config["rms_norm_eps"].as_f64(), Some(1e-5));
     assert_eq!(config["rope_theta"].as_f64(), Some(100000.0));
 
     let tok_config = read_json(&out.join("tokenizer_config.json"));
@@ -447,6 +442,15 @@ fn converts_tiny_untied_model_with_every_supported_type() {
     assert_eq!(tok_config["unk_token"], "<|endoftext|>");
     assert_eq!(tok_config["add_bos_token"], false);
     assert!(tok_config["chat_template"].as_str().unwrap().contains("m.content"));
+
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        for name in ["", "model.safetensors", "config.json", "tokenizer.json"] {
+            let mode = std::fs::metadata(out.join(name)).unwrap().permissions().mode();
+            assert_eq!(mode & 0o044, 0o044, "{name:?} must be readable by others (mode {mode:o})");
+        }
+    }
 
     // Only the finished folder remains; the staging folder is gone.
     assert_eq!(scratch.entries(), vec!["hf", "tiny.gguf"]);

@@ -23,7 +23,7 @@ fn random_subset(width: usize, seed: u64) -> Vec<u32> {
             state ^= state << 13;
             state ^= state >> 7;
             state ^= state << 17;
-            state % 3 != 0
+            !state.is_multiple_of(3)
         })
         .collect();
     if kept.is_empty() {
@@ -183,6 +183,7 @@ fn load_error(dir: &Path) -> String {
 }
 
 fn assert_one_line_naming_config(err: &str, must_contain: &str) {
+    println!("{err}");
     assert!(!err.contains('\n'), "not one line: {err}");
     assert!(err.contains("config.json"), "does not name config.json: {err}");
     assert!(err.contains(must_contain), "does not say '{must_contain}': {err}");

@@ -87,6 +87,13 @@ fn convert(gguf_path: &Path, out_dir: &Path) -> Result<ConvertSummary> {
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
     safetensors::serialize_to_file(tensors, Some(metadata), &safetensors_path)
         .map_err(|e| anyhow!("cannot write model.safetensors: {e}"))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        // The safetensors crate writes through a 0600 temporary file; match the other files.
+        std::fs::set_permissions(&safetensors_path, std::fs::Permissions::from_mode(0o644))
+            .context("cannot set permissions on model.safetensors")?;
+    }
     let safetensors_bytes = std::fs::metadata(&safetensors_path)
         .context("cannot stat model.safetensors")?
         .len();
@@ -385,9 +392,12 @@ fn integer(key: &str, value: &MetadataValue) -> Result<u64> {
 
 fn optional_f64(gguf: &GgufFile, key: &str) -> Result<Option<f64>> {
     gguf.get(key)
-        .map(|v| {
-            v.as_f64()
-                .ok_or_else(|| anyhow!("metadata {key} must be a number, found {}", v.type_description()))
+        .map(|v| match v {
+            // Widen through the shortest decimal so 1e-5f32 becomes 1e-5, not 9.9999997e-6.
+            MetadataValue::F32(x) => Ok(x.to_string().parse::<f64>().expect("f32 Display parses")),
+            _ => v
+                .as_f64()
+                .ok_or_else(|| anyhow!("metadata {key} must be a number, found {}", v.type_description())),
         })
         .transpose()
 }
@@ -694,7 +704,7 @@ impl View for OutputTensor<'_> {
 /// `h * head_dim + 2 * i + s` holds HF row `h * head_dim + s * head_dim / 2 + i`.
 pub(crate) fn unpermute_rows(gguf_rows: &[f32], rows: usize, cols: usize, heads: usize) -> Vec<f32> {
     assert_eq!(gguf_rows.len(), rows * cols);
-    assert!(heads > 0 && rows % (2 * heads) == 0, "rows {rows} do not split into {heads} heads of pairs");
+    assert!(heads > 0 && rows.is_multiple_of(2 * heads), "rows {rows} do not split into {heads} heads of pairs");
     let head_dim = rows / heads;
     let half = head_dim / 2;
     let mut hf = vec![0f32; rows * cols];

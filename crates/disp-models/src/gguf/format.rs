@@ -108,7 +108,7 @@ impl GgmlType {
     /// not a whole number of blocks, or the size overflows.
     pub fn bytes_for(self, elements: u64) -> Option<u64> {
         let (_, per_block, block_bytes) = self.layout()?;
-        if elements % per_block != 0 {
+        if !elements.is_multiple_of(per_block) {
             return None;
         }
         (elements / per_block).checked_mul(block_bytes)

@@ -75,7 +75,7 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], out: &mut [f32]) -> Result<()> {
 pub fn quantize(ty: GgmlType, values: &[f32]) -> Result<Vec<u8>> {
     if matches!(ty, GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q4_1) {
         ensure!(
-            values.len() % QK == 0,
+            values.len().is_multiple_of(QK),
             "{} values are not a whole number of {QK}-value {ty} blocks",
             values.len()
         );
