@@ -48,12 +48,55 @@ pub trait CausalLm: Send + Sync {
     /// continue the cached positions and their keys/values are appended.
     fn forward(&self, tokens: Tensor<2, Int>, gates: Option<&[BlockGates]>, cache: Option<&mut KvCache>) -> Tensor<3>;
 
+    /// The linear layers of block `layer`, grouped by the index set they touch.
+    fn block_linears(&self, layer: usize) -> BlockLinears<'_>;
+
     /// A copy whose blocks are cut to the plan's index sets.
     fn prune(&self, plan: &PruningPlan) -> Result<Box<dyn CausalLm>>;
 
     fn new_cache(&self) -> KvCache {
         KvCache::new(self.num_layers())
     }
+}
+
+/// The linear layers of one block grouped by the index sets they touch, so that importance
+/// scores can be computed without knowing the family.
+pub struct BlockLinears<'a> {
+    /// Read S1 through their input rows (q, k, v).
+    pub attn_inputs: Vec<&'a layers::Linear>,
+    /// Writes S2 through its output columns (o_proj / out_proj / dense).
+    pub attn_output: &'a layers::Linear,
+    /// Read S3 through their rows and produce S4 through their columns (gate+up / fc1).
+    pub mlp_inputs: Vec<&'a layers::Linear>,
+    /// Reads S4 through its rows and writes S5 through its columns (down_proj / fc2).
+    pub mlp_output: &'a layers::Linear,
+}
+
+/// Per layer and site, the L2 norm of all weights attached to each position: the "magnitude"
+/// importance used by the uniform-width baseline.
+pub fn weight_magnitudes(model: &dyn CausalLm) -> Vec<[Vec<f32>; 5]> {
+    fn rows(l: &layers::Linear) -> Tensor<1> {
+        l.weight.clone().powi_scalar(2).sum_dim(1).squeeze_dim::<1>(1)
+    }
+    fn cols(l: &layers::Linear) -> Tensor<1> {
+        l.weight.clone().powi_scalar(2).sum_dim(0).squeeze_dim::<1>(0)
+    }
+    fn total(parts: Vec<Tensor<1>>) -> Vec<f32> {
+        let sum = parts.into_iter().reduce(|a, b| a + b).expect("at least one layer");
+        sum.sqrt().into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 data")
+    }
+    (0..model.num_layers())
+        .map(|layer| {
+            let b = model.block_linears(layer);
+            [
+                total(b.attn_inputs.iter().map(|l| rows(l)).collect()),
+                total(vec![cols(b.attn_output)]),
+                total(b.mlp_inputs.iter().map(|l| rows(l)).collect()),
+                total(b.mlp_inputs.iter().map(|l| cols(l)).chain([rows(b.mlp_output)]).collect()),
+                total(vec![cols(b.mlp_output)]),
+            ]
+        })
+        .collect()
 }
 
 /// Picks how a block applies its index sets: pruned weights win; gates make it masked.

@@ -12,7 +12,7 @@ use serde::Deserialize;
 use crate::config::{Family, RawConfig};
 use crate::layers::{causal_attention, split_heads, KvCache, Linear, Rope, RmsNorm};
 use crate::weights::Checkpoint;
-use crate::CausalLm;
+use crate::{BlockLinears, CausalLm};
 
 fn default_eps() -> f64 {
     1e-6
@@ -285,6 +285,16 @@ impl CausalLm for Llama {
         let h = self.norm.forward(x);
         let vocab = self.config.vocab_size;
         h.reshape([batch * seq, d]).matmul(self.lm_head.clone()).reshape([batch, seq, vocab])
+    }
+
+    fn block_linears(&self, layer: usize) -> BlockLinears<'_> {
+        let l = &self.layers[layer];
+        BlockLinears {
+            attn_inputs: vec![&l.self_attn.q_proj, &l.self_attn.k_proj, &l.self_attn.v_proj],
+            attn_output: &l.self_attn.o_proj,
+            mlp_inputs: vec![&l.mlp.gate_proj, &l.mlp.up_proj],
+            mlp_output: &l.mlp.down_proj,
+        }
     }
 
     fn prune(&self, plan: &PruningPlan) -> Result<Box<dyn CausalLm>> {

@@ -12,7 +12,7 @@ use serde::Deserialize;
 use crate::config::{Family, RawConfig};
 use crate::layers::{causal_attention, split_heads, Activation, KvCache, LayerNorm, Linear};
 use crate::weights::Checkpoint;
-use crate::CausalLm;
+use crate::{BlockLinears, CausalLm};
 
 /// OPT's learned position table has two extra leading rows (a fairseq leftover for the padding
 /// index): position `p` reads row `p + 2`.
@@ -370,6 +370,16 @@ impl CausalLm for Opt {
         }
         let vocab = self.config.vocab_size;
         x.reshape([batch * seq, e]).matmul(self.lm_head.clone()).reshape([batch, seq, vocab])
+    }
+
+    fn block_linears(&self, layer: usize) -> BlockLinears<'_> {
+        let l = &self.layers[layer];
+        BlockLinears {
+            attn_inputs: vec![&l.self_attn.q_proj, &l.self_attn.k_proj, &l.self_attn.v_proj],
+            attn_output: &l.self_attn.out_proj,
+            mlp_inputs: vec![&l.fc1],
+            mlp_output: &l.fc2,
+        }
     }
 
     fn prune(&self, plan: &PruningPlan) -> Result<Box<dyn CausalLm>> {

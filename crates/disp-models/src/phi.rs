@@ -13,7 +13,7 @@ use serde_json::Value;
 use crate::config::{Family, RawConfig};
 use crate::layers::{causal_attention, split_heads, Activation, KvCache, LayerNorm, Linear, Rope};
 use crate::weights::Checkpoint;
-use crate::CausalLm;
+use crate::{BlockLinears, CausalLm};
 
 /// transformers' `PhiConfig` fills in this rotary fraction when a config names none.
 const DEFAULT_PARTIAL_ROTARY_FACTOR: f64 = 0.5;
@@ -312,6 +312,16 @@ impl CausalLm for Phi {
             c.advance(seq);
         }
         self.lm_head.forward(self.final_layernorm.forward(x))
+    }
+
+    fn block_linears(&self, layer: usize) -> BlockLinears<'_> {
+        let l = &self.layers[layer];
+        BlockLinears {
+            attn_inputs: vec![&l.self_attn.q_proj, &l.self_attn.k_proj, &l.self_attn.v_proj],
+            attn_output: &l.self_attn.dense,
+            mlp_inputs: vec![&l.mlp.fc1],
+            mlp_output: &l.mlp.fc2,
+        }
     }
 
     fn prune(&self, plan: &PruningPlan) -> Result<Box<dyn CausalLm>> {

@@ -55,8 +55,12 @@ fn convert(gguf_path: &Path, out_dir: &Path) -> Result<ConvertSummary> {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    std::fs::create_dir_all(&parent)
-        .with_context(|| format!("cannot create the output parent folder {}", parent.display()))?;
+    std::fs::create_dir_all(&parent).with_context(|| {
+        format!(
+            "cannot create the output parent folder {}",
+            parent.display()
+        )
+    })?;
     let dir_name = out_dir
         .file_name()
         .ok_or_else(|| anyhow!("output path {} has no folder name", out_dir.display()))?;
@@ -67,7 +71,10 @@ fn convert(gguf_path: &Path, out_dir: &Path) -> Result<ConvertSummary> {
 
     let config_json = config_json(&plan.config, &tokenizer);
     write_json(&staging.path().join("config.json"), &config_json)?;
-    write_json(&staging.path().join("tokenizer_config.json"), &tokenizer.tokenizer_config)?;
+    write_json(
+        &staging.path().join("tokenizer_config.json"),
+        &tokenizer.tokenizer_config,
+    )?;
     let tokenizer_path = staging.path().join("tokenizer.json");
     tokenizer
         .tokenizer
@@ -113,9 +120,15 @@ fn convert(gguf_path: &Path, out_dir: &Path) -> Result<ConvertSummary> {
 fn check_output_dir(out_dir: &Path) -> Result<()> {
     match std::fs::symlink_metadata(out_dir) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(anyhow!("cannot inspect output folder {}: {e}", out_dir.display())),
+        Err(e) => Err(anyhow!(
+            "cannot inspect output folder {}: {e}",
+            out_dir.display()
+        )),
         Ok(meta) if !meta.is_dir() => {
-            bail!("output path {} already exists and is not a folder", out_dir.display())
+            bail!(
+                "output path {} already exists and is not a folder",
+                out_dir.display()
+            )
         }
         Ok(_) => {
             let mut entries = std::fs::read_dir(out_dir)
@@ -142,11 +155,19 @@ fn publish(staging: tempfile::TempDir, out_dir: &Path) -> Result<()> {
     if out_dir.is_dir() {
         // Only reached for an empty folder (checked earlier); rename cannot replace it on
         // every platform, so remove it first.
-        std::fs::remove_dir(out_dir)
-            .with_context(|| format!("cannot replace the empty output folder {}", out_dir.display()))?;
+        std::fs::remove_dir(out_dir).with_context(|| {
+            format!(
+                "cannot replace the empty output folder {}",
+                out_dir.display()
+            )
+        })?;
     }
     std::fs::rename(staging.path(), out_dir).with_context(|| {
-        format!("cannot move {} to {}", staging.path().display(), out_dir.display())
+        format!(
+            "cannot move {} to {}",
+            staging.path().display(),
+            out_dir.display()
+        )
     })?;
     // The folder now lives at out_dir; stop the guard from deleting anything.
     let _ = staging.keep();
@@ -376,7 +397,9 @@ fn parse_tensor_name(name: &str) -> Option<(Role, bool)> {
 }
 
 fn required_u64(gguf: &GgufFile, key: &str) -> Result<u64> {
-    let value = gguf.get(key).ok_or_else(|| anyhow!("metadata {key} is missing"))?;
+    let value = gguf
+        .get(key)
+        .ok_or_else(|| anyhow!("metadata {key} is missing"))?;
     integer(key, value)
 }
 
@@ -385,9 +408,12 @@ fn optional_u64(gguf: &GgufFile, key: &str) -> Result<Option<u64>> {
 }
 
 fn integer(key: &str, value: &MetadataValue) -> Result<u64> {
-    value
-        .as_u64()
-        .ok_or_else(|| anyhow!("metadata {key} must be a non-negative integer, found {}", value.type_description()))
+    value.as_u64().ok_or_else(|| {
+        anyhow!(
+            "metadata {key} must be a non-negative integer, found {}",
+            value.type_description()
+        )
+    })
 }
 
 fn optional_f64(gguf: &GgufFile, key: &str) -> Result<Option<f64>> {
@@ -395,9 +421,12 @@ fn optional_f64(gguf: &GgufFile, key: &str) -> Result<Option<f64>> {
         .map(|v| match v {
             // Widen through the shortest decimal so 1e-5f32 becomes 1e-5, not 9.9999997e-6.
             MetadataValue::F32(x) => Ok(x.to_string().parse::<f64>().expect("f32 Display parses")),
-            _ => v
-                .as_f64()
-                .ok_or_else(|| anyhow!("metadata {key} must be a number, found {}", v.type_description())),
+            _ => v.as_f64().ok_or_else(|| {
+                anyhow!(
+                    "metadata {key} must be a number, found {}",
+                    v.type_description()
+                )
+            }),
         })
         .transpose()
 }
@@ -407,7 +436,10 @@ fn plan_llama(gguf: &GgufFile) -> Result<Plan> {
     let architecture = match gguf.get("general.architecture") {
         None => bail!("metadata general.architecture is missing"),
         Some(v) => v.as_str().ok_or_else(|| {
-            anyhow!("metadata general.architecture must be a string, found {}", v.type_description())
+            anyhow!(
+                "metadata general.architecture must be a string, found {}",
+                v.type_description()
+            )
         })?,
     };
     if architecture != "llama" {
@@ -426,27 +458,42 @@ fn plan_llama(gguf: &GgufFile) -> Result<Plan> {
     }
 
     if let Some(experts) = optional_u64(gguf, "llama.expert_count")? {
-        ensure!(experts == 0, "mixture-of-experts llama models (llama.expert_count = {experts}) are not supported");
+        ensure!(
+            experts == 0,
+            "mixture-of-experts llama models (llama.expert_count = {experts}) are not supported"
+        );
     }
     let hidden = required_u64(gguf, "llama.embedding_length")?;
     let ffn = match gguf.get("llama.feed_forward_length") {
         None => bail!("metadata llama.feed_forward_length is missing"),
-        Some(MetadataValue::Array(_)) => bail!("per-layer llama.feed_forward_length arrays are not supported"),
+        Some(MetadataValue::Array(_)) => {
+            bail!("per-layer llama.feed_forward_length arrays are not supported")
+        }
         Some(v) => integer("llama.feed_forward_length", v)?,
     };
     let layers = required_u64(gguf, "llama.block_count")?;
     let heads = match gguf.get("llama.attention.head_count") {
         None => bail!("metadata llama.attention.head_count is missing"),
-        Some(MetadataValue::Array(_)) => bail!("per-layer llama.attention.head_count arrays are not supported"),
+        Some(MetadataValue::Array(_)) => {
+            bail!("per-layer llama.attention.head_count arrays are not supported")
+        }
         Some(v) => integer("llama.attention.head_count", v)?,
     };
     let kv_heads = match gguf.get("llama.attention.head_count_kv") {
         None => heads,
-        Some(MetadataValue::Array(_)) => bail!("per-layer llama.attention.head_count_kv arrays are not supported"),
+        Some(MetadataValue::Array(_)) => {
+            bail!("per-layer llama.attention.head_count_kv arrays are not supported")
+        }
         Some(v) => integer("llama.attention.head_count_kv", v)?,
     };
-    ensure!(hidden > 0 && ffn > 0 && layers > 0, "llama.embedding_length, llama.feed_forward_length and llama.block_count must be positive");
-    ensure!(heads > 0 && kv_heads > 0, "llama.attention.head_count and head_count_kv must be positive");
+    ensure!(
+        hidden > 0 && ffn > 0 && layers > 0,
+        "llama.embedding_length, llama.feed_forward_length and llama.block_count must be positive"
+    );
+    ensure!(
+        heads > 0 && kv_heads > 0,
+        "llama.attention.head_count and head_count_kv must be positive"
+    );
     ensure!(
         heads % kv_heads == 0,
         "llama.attention.head_count = {heads} is not a multiple of head_count_kv = {kv_heads}"
@@ -462,9 +509,15 @@ fn plan_llama(gguf: &GgufFile) -> Result<Plan> {
         }
     };
     if let Some(v) = optional_u64(gguf, "llama.attention.value_length")? {
-        ensure!(v == head_dim, "llama.attention.value_length = {v} differs from the key length {head_dim}");
+        ensure!(
+            v == head_dim,
+            "llama.attention.value_length = {v} differs from the key length {head_dim}"
+        );
     }
-    ensure!(head_dim > 0 && head_dim % 2 == 0, "head dimension {head_dim} must be even and positive");
+    ensure!(
+        head_dim > 0 && head_dim % 2 == 0,
+        "head dimension {head_dim} must be even and positive"
+    );
     if let Some(rope_dims) = optional_u64(gguf, "llama.rope.dimension_count")? {
         ensure!(
             rope_dims == head_dim,
@@ -479,15 +532,23 @@ fn plan_llama(gguf: &GgufFile) -> Result<Plan> {
 
     let mut found: BTreeMap<(Role, bool), usize> = BTreeMap::new();
     for (index, t) in gguf.tensors.iter().enumerate() {
-        let (role, is_bias) = parse_tensor_name(&t.name)
-            .ok_or_else(|| anyhow!("unexpected tensor {} (not part of a llama model this converter knows)", t.name))?;
+        let (role, is_bias) = parse_tensor_name(&t.name).ok_or_else(|| {
+            anyhow!(
+                "unexpected tensor {} (not part of a llama model this converter knows)",
+                t.name
+            )
+        })?;
         if let Role::Layer(n, part) = role {
             ensure!(
                 (n as u64) < layers,
                 "tensor {} belongs to layer {n} but llama.block_count is {layers}",
                 t.name
             );
-            ensure!(!(is_bias && part.is_norm()), "tensor {} is a bias on an RMS norm, which llama has not", t.name);
+            ensure!(
+                !(is_bias && part.is_norm()),
+                "tensor {} is a bias on an RMS norm, which llama has not",
+                t.name
+            );
         }
         ensure!(
             !(is_bias && matches!(role, Role::Embedding | Role::OutputNorm | Role::Output)),
@@ -530,7 +591,9 @@ fn plan_llama(gguf: &GgufFile) -> Result<Plan> {
         roles.extend(LAYER_PARTS.iter().map(|&part| Role::Layer(n, part)));
     }
     let has_bias = |pred: fn(LayerPart) -> bool| {
-        found.keys().any(|(role, is_bias)| *is_bias && matches!(role, Role::Layer(_, p) if pred(*p)))
+        found
+            .keys()
+            .any(|(role, is_bias)| *is_bias && matches!(role, Role::Layer(_, p) if pred(*p)))
     };
     // HF llama has one switch for all four attention biases and one for the three MLP biases,
     // so a file with only some of them gets zeros for the rest.
@@ -558,7 +621,8 @@ fn plan_llama(gguf: &GgufFile) -> Result<Plan> {
         });
         let wants_bias = match role {
             Role::Layer(_, part) => {
-                (attention_bias && part.is_attention_projection()) || (mlp_bias && part.is_mlp_projection())
+                (attention_bias && part.is_attention_projection())
+                    || (mlp_bias && part.is_mlp_projection())
             }
             _ => false,
         };
@@ -619,7 +683,10 @@ fn rope_scaling(gguf: &GgufFile) -> Result<Option<Value>> {
     let kind = match gguf.get("llama.rope.scaling.type") {
         None => None,
         Some(v) => Some(v.as_str().ok_or_else(|| {
-            anyhow!("metadata llama.rope.scaling.type must be a string, found {}", v.type_description())
+            anyhow!(
+                "metadata llama.rope.scaling.type must be a string, found {}",
+                v.type_description()
+            )
         })?),
     };
     let factor = optional_f64(gguf, "llama.rope.scaling.factor")?
@@ -629,7 +696,9 @@ fn rope_scaling(gguf: &GgufFile) -> Result<Option<Value>> {
         "none" => Ok(None),
         "linear" => {
             let f = factor.ok_or_else(|| {
-                anyhow!("llama.rope.scaling.type is linear but llama.rope.scaling.factor is missing")
+                anyhow!(
+                    "llama.rope.scaling.type is linear but llama.rope.scaling.factor is missing"
+                )
             })?;
             // Older transformers read "type", newer "rope_type".
             Ok((f != 1.0).then(|| json!({"rope_type": "linear", "type": "linear", "factor": f})))
@@ -655,7 +724,11 @@ impl<'a> OutputTensor<'a> {
             }
             Source::Zeros => None,
         };
-        Self { shape: planned.shape.clone(), bytes, unpermute_heads: planned.unpermute_heads }
+        Self {
+            shape: planned.shape.clone(),
+            bytes,
+            unpermute_heads: planned.unpermute_heads,
+        }
     }
 
     fn values(&self) -> Vec<f32> {
@@ -702,9 +775,17 @@ impl View for OutputTensor<'_> {
 /// rotate-half order (first half, second half) into interleaved pairs:
 /// `w.reshape(heads, 2, head_dim / 2, cols).swapaxes(1, 2)`, i.e. GGUF row
 /// `h * head_dim + 2 * i + s` holds HF row `h * head_dim + s * head_dim / 2 + i`.
-pub(crate) fn unpermute_rows(gguf_rows: &[f32], rows: usize, cols: usize, heads: usize) -> Vec<f32> {
+pub(crate) fn unpermute_rows(
+    gguf_rows: &[f32],
+    rows: usize,
+    cols: usize,
+    heads: usize,
+) -> Vec<f32> {
     assert_eq!(gguf_rows.len(), rows * cols);
-    assert!(heads > 0 && rows.is_multiple_of(2 * heads), "rows {rows} do not split into {heads} heads of pairs");
+    assert!(
+        heads > 0 && rows.is_multiple_of(2 * heads),
+        "rows {rows} do not split into {heads} heads of pairs"
+    );
     let head_dim = rows / heads;
     let half = head_dim / 2;
     let mut hf = vec![0f32; rows * cols];

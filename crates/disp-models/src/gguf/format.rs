@@ -374,7 +374,10 @@ impl MetadataArray {
             Self::U32(v) => v.iter().map(|&x| x.into()).collect(),
             Self::I32(v) => v.iter().map(|&x| x.into()).collect(),
             Self::I64(v) => v.clone(),
-            Self::U64(v) => v.iter().map(|&x| i64::try_from(x).ok()).collect::<Option<_>>()?,
+            Self::U64(v) => v
+                .iter()
+                .map(|&x| i64::try_from(x).ok())
+                .collect::<Option<_>>()?,
             _ => return None,
         })
     }
@@ -404,7 +407,9 @@ impl From<&str> for MetadataValue {
 
 impl From<Vec<&str>> for MetadataValue {
     fn from(v: Vec<&str>) -> Self {
-        Self::Array(MetadataArray::String(v.into_iter().map(str::to_string).collect()))
+        Self::Array(MetadataArray::String(
+            v.into_iter().map(str::to_string).collect(),
+        ))
     }
 }
 

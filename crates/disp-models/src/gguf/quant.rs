@@ -37,7 +37,10 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], out: &mut [f32]) -> Result<()> {
             }
         }
         GgmlType::Q8_0 => {
-            for (o, block) in out.chunks_exact_mut(QK).zip(bytes.chunks_exact(Q8_0_BLOCK_BYTES)) {
+            for (o, block) in out
+                .chunks_exact_mut(QK)
+                .zip(bytes.chunks_exact(Q8_0_BLOCK_BYTES))
+            {
                 let d = f16::from_le_bytes([block[0], block[1]]).to_f32();
                 for (v, &q) in o.iter_mut().zip(&block[2..]) {
                     *v = d * f32::from(q as i8);
@@ -45,7 +48,10 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], out: &mut [f32]) -> Result<()> {
             }
         }
         GgmlType::Q4_0 => {
-            for (o, block) in out.chunks_exact_mut(QK).zip(bytes.chunks_exact(Q4_0_BLOCK_BYTES)) {
+            for (o, block) in out
+                .chunks_exact_mut(QK)
+                .zip(bytes.chunks_exact(Q4_0_BLOCK_BYTES))
+            {
                 let d = f16::from_le_bytes([block[0], block[1]]).to_f32();
                 let (low, high) = o.split_at_mut(QK / 2);
                 for ((l, h), &q) in low.iter_mut().zip(high).zip(&block[2..]) {
@@ -55,7 +61,10 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], out: &mut [f32]) -> Result<()> {
             }
         }
         GgmlType::Q4_1 => {
-            for (o, block) in out.chunks_exact_mut(QK).zip(bytes.chunks_exact(Q4_1_BLOCK_BYTES)) {
+            for (o, block) in out
+                .chunks_exact_mut(QK)
+                .zip(bytes.chunks_exact(Q4_1_BLOCK_BYTES))
+            {
                 let d = f16::from_le_bytes([block[0], block[1]]).to_f32();
                 let m = f16::from_le_bytes([block[2], block[3]]).to_f32();
                 let (low, high) = o.split_at_mut(QK / 2);
@@ -82,8 +91,14 @@ pub fn quantize(ty: GgmlType, values: &[f32]) -> Result<Vec<u8>> {
     }
     Ok(match ty {
         GgmlType::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        GgmlType::F16 => values.iter().flat_map(|&v| f16::from_f32(v).to_le_bytes()).collect(),
-        GgmlType::BF16 => values.iter().flat_map(|&v| bf16::from_f32(v).to_le_bytes()).collect(),
+        GgmlType::F16 => values
+            .iter()
+            .flat_map(|&v| f16::from_f32(v).to_le_bytes())
+            .collect(),
+        GgmlType::BF16 => values
+            .iter()
+            .flat_map(|&v| bf16::from_f32(v).to_le_bytes())
+            .collect(),
         GgmlType::Q8_0 => quantize_q8_0(values),
         GgmlType::Q4_0 => quantize_q4_0(values),
         GgmlType::Q4_1 => quantize_q4_1(values),

@@ -140,7 +140,9 @@ struct Cursor<'a> {
 impl<'a> Cursor<'a> {
     fn take(&mut self, n: u64) -> Result<&'a [u8]> {
         let start = self.pos as u64;
-        let end = start.checked_add(n).filter(|&end| end <= self.bytes.len() as u64);
+        let end = start
+            .checked_add(n)
+            .filter(|&end| end <= self.bytes.len() as u64);
         let Some(end) = end else {
             bail!(
                 "truncated: {} needs bytes {}..{} but the file has {}",
@@ -155,7 +157,10 @@ impl<'a> Cursor<'a> {
     }
 
     fn array<const N: usize>(&mut self) -> Result<[u8; N]> {
-        Ok(self.take(N as u64)?.try_into().expect("take returned N bytes"))
+        Ok(self
+            .take(N as u64)?
+            .try_into()
+            .expect("take returned N bytes"))
     }
 
     fn u8(&mut self) -> Result<u8> {
@@ -201,8 +206,12 @@ impl<'a> Cursor<'a> {
     fn value_type(&mut self) -> Result<ValueType> {
         let at = self.pos;
         let id = self.u32()?;
-        ValueType::from_id(id)
-            .ok_or_else(|| anyhow!("{}: unknown metadata value type {id} at byte {at}", self.context))
+        ValueType::from_id(id).ok_or_else(|| {
+            anyhow!(
+                "{}: unknown metadata value type {id} at byte {at}",
+                self.context
+            )
+        })
     }
 
     fn value(&mut self, value_type: ValueType, depth: usize) -> Result<MetadataValue> {
@@ -256,7 +265,9 @@ impl<'a> Cursor<'a> {
         }
         Ok(match element_type {
             ValueType::U8 => MetadataArray::U8(self.take(count)?.to_vec()),
-            ValueType::I8 => MetadataArray::I8(self.take(count)?.iter().map(|&b| b as i8).collect()),
+            ValueType::I8 => {
+                MetadataArray::I8(self.take(count)?.iter().map(|&b| b as i8).collect())
+            }
             ValueType::U16 => collect!(U16, self.u16()?),
             ValueType::I16 => collect!(I16, self.u16()? as i16),
             ValueType::U32 => collect!(U32, self.u32()?),
@@ -273,9 +284,16 @@ impl<'a> Cursor<'a> {
 }
 
 fn parse(bytes: &[u8]) -> Result<Parsed> {
-    let mut cur = Cursor { bytes, pos: 0, context: "the GGUF header".to_string() };
+    let mut cur = Cursor {
+        bytes,
+        pos: 0,
+        context: "the GGUF header".to_string(),
+    };
     if bytes.len() < 4 {
-        bail!("truncated: the GGUF magic needs bytes 0..4 but the file has {}", bytes.len());
+        bail!(
+            "truncated: the GGUF magic needs bytes 0..4 but the file has {}",
+            bytes.len()
+        );
     }
     let magic = cur.array::<4>()?;
     if magic != GGUF_MAGIC {
@@ -317,7 +335,10 @@ fn parse(bytes: &[u8]) -> Result<Parsed> {
         None => DEFAULT_ALIGNMENT,
         Some((_, value)) => {
             let a = value.as_u64().ok_or_else(|| {
-                anyhow!("{ALIGNMENT_KEY} must be an integer, found {}", value.type_description())
+                anyhow!(
+                    "{ALIGNMENT_KEY} must be an integer, found {}",
+                    value.type_description()
+                )
             })?;
             ensure!(
                 a > 0 && a.is_power_of_two(),
@@ -347,18 +368,29 @@ fn parse(bytes: &[u8]) -> Result<Parsed> {
         if seen_names.insert(name.clone(), ()).is_some() {
             bail!("duplicate tensor name '{name}'");
         }
-        tensors.push(TensorInfo { name, ne, ggml_type, offset, file_range: 0..0 });
+        tensors.push(TensorInfo {
+            name,
+            ne,
+            ggml_type,
+            offset,
+            file_range: 0..0,
+        });
     }
 
     let header_end = cur.pos as u64;
     let data_offset = header_end.next_multiple_of(alignment);
     let file_len = bytes.len() as u64;
     for t in &mut tensors {
-        let elements = t
-            .ne
-            .iter()
-            .try_fold(1u64, |acc, &d| acc.checked_mul(d))
-            .ok_or_else(|| anyhow!("tensor {} has dimensions {:?} whose product overflows", t.name, t.ne))?;
+        let elements =
+            t.ne.iter()
+                .try_fold(1u64, |acc, &d| acc.checked_mul(d))
+                .ok_or_else(|| {
+                    anyhow!(
+                        "tensor {} has dimensions {:?} whose product overflows",
+                        t.name,
+                        t.ne
+                    )
+                })?;
         let per_block = t
             .ggml_type
             .block_elements()
@@ -371,7 +403,11 @@ fn parse(bytes: &[u8]) -> Result<Parsed> {
             t.ne[0]
         );
         let size = t.ggml_type.bytes_for(elements).ok_or_else(|| {
-            anyhow!("tensor {} has dimensions {:?} whose byte size overflows", t.name, t.ne)
+            anyhow!(
+                "tensor {} has dimensions {:?} whose byte size overflows",
+                t.name,
+                t.ne
+            )
         })?;
         ensure!(
             t.offset % alignment == 0,
@@ -392,5 +428,11 @@ fn parse(bytes: &[u8]) -> Result<Parsed> {
         }
     }
 
-    Ok(Parsed { version, alignment, data_offset, metadata, tensors })
+    Ok(Parsed {
+        version,
+        alignment,
+        data_offset,
+        metadata,
+        tensors,
+    })
 }

@@ -38,10 +38,15 @@ pub(crate) struct TokenizerParts {
 }
 
 fn optional_token_id(gguf: &GgufFile, key: &str, vocab_size: usize) -> Result<Option<u32>> {
-    let Some(value) = gguf.get(key) else { return Ok(None) };
-    let id = value
-        .as_u64()
-        .ok_or_else(|| anyhow!("metadata {key} must be an integer, found {}", value.type_description()))?;
+    let Some(value) = gguf.get(key) else {
+        return Ok(None);
+    };
+    let id = value.as_u64().ok_or_else(|| {
+        anyhow!(
+            "metadata {key} must be an integer, found {}",
+            value.type_description()
+        )
+    })?;
     ensure!(
         id < vocab_size as u64,
         "metadata {key} = {id} is outside the vocabulary of {vocab_size} tokens"
@@ -52,23 +57,35 @@ fn optional_token_id(gguf: &GgufFile, key: &str, vocab_size: usize) -> Result<Op
 fn optional_bool(gguf: &GgufFile, key: &str) -> Result<Option<bool>> {
     gguf.get(key)
         .map(|v| {
-            v.as_bool()
-                .ok_or_else(|| anyhow!("metadata {key} must be a bool, found {}", v.type_description()))
+            v.as_bool().ok_or_else(|| {
+                anyhow!(
+                    "metadata {key} must be a bool, found {}",
+                    v.type_description()
+                )
+            })
         })
         .transpose()
 }
 
 /// Builds the tokenizer from `tokenizer.*` metadata. `model_max_length` goes into
 /// tokenizer_config.json.
-pub(crate) fn build_tokenizer(gguf: &GgufFile, model_max_length: Option<u64>) -> Result<TokenizerParts> {
+pub(crate) fn build_tokenizer(
+    gguf: &GgufFile,
+    model_max_length: Option<u64>,
+) -> Result<TokenizerParts> {
     let model = match gguf.get("tokenizer.ggml.model") {
         None => bail!("the GGUF has no tokenizer (metadata tokenizer.ggml.model is missing)"),
         Some(v) => v.as_str().ok_or_else(|| {
-            anyhow!("metadata tokenizer.ggml.model must be a string, found {}", v.type_description())
+            anyhow!(
+                "metadata tokenizer.ggml.model must be a string, found {}",
+                v.type_description()
+            )
         })?,
     };
     if model != "gpt2" {
-        bail!("unsupported GGUF tokenizer model '{model}' (only 'gpt2' byte-level BPE is supported)");
+        bail!(
+            "unsupported GGUF tokenizer model '{model}' (only 'gpt2' byte-level BPE is supported)"
+        );
     }
 
     let tokens = gguf
@@ -76,13 +93,19 @@ pub(crate) fn build_tokenizer(gguf: &GgufFile, model_max_length: Option<u64>) ->
         .and_then(|v| v.as_array())
         .and_then(|a| a.as_strings())
         .ok_or_else(|| anyhow!("metadata tokenizer.ggml.tokens (array of string) is missing"))?;
-    ensure!(!tokens.is_empty(), "metadata tokenizer.ggml.tokens is empty");
+    ensure!(
+        !tokens.is_empty(),
+        "metadata tokenizer.ggml.tokens is empty"
+    );
     let vocab_size = tokens.len();
 
     let merges_raw: &[String] = match gguf.get("tokenizer.ggml.merges") {
         None => &[],
         Some(v) => v.as_array().and_then(|a| a.as_strings()).ok_or_else(|| {
-            anyhow!("metadata tokenizer.ggml.merges must be an array of string, found {}", v.type_description())
+            anyhow!(
+                "metadata tokenizer.ggml.merges must be an array of string, found {}",
+                v.type_description()
+            )
         })?,
     };
     let merges = merges_raw
@@ -92,7 +115,9 @@ pub(crate) fn build_tokenizer(gguf: &GgufFile, model_max_length: Option<u64>) ->
             Some((a, b)) if !a.is_empty() && !b.is_empty() && !b.contains(' ') => {
                 Ok((a.to_string(), b.to_string()))
             }
-            _ => Err(anyhow!("tokenizer.ggml.merges[{i}] = {merge:?} is not two tokens separated by one space")),
+            _ => Err(anyhow!(
+                "tokenizer.ggml.merges[{i}] = {merge:?} is not two tokens separated by one space"
+            )),
         })
         .collect::<Result<Vec<_>>>()?;
 
@@ -100,7 +125,10 @@ pub(crate) fn build_tokenizer(gguf: &GgufFile, model_max_length: Option<u64>) ->
         None => None,
         Some(v) => {
             let types = v.as_array().and_then(|a| a.to_i64_vec()).ok_or_else(|| {
-                anyhow!("metadata tokenizer.ggml.token_type must be an integer array, found {}", v.type_description())
+                anyhow!(
+                    "metadata tokenizer.ggml.token_type must be an integer array, found {}",
+                    v.type_description()
+                )
             })?;
             ensure!(
                 types.len() == vocab_size,
@@ -120,13 +148,19 @@ pub(crate) fn build_tokenizer(gguf: &GgufFile, model_max_length: Option<u64>) ->
     let chat_template = match gguf.get("tokenizer.chat_template") {
         None => None,
         Some(v) => Some(v.as_str().ok_or_else(|| {
-            anyhow!("metadata tokenizer.chat_template must be a string, found {}", v.type_description())
+            anyhow!(
+                "metadata tokenizer.chat_template must be a string, found {}",
+                v.type_description()
+            )
         })?),
     };
     let pre = match gguf.get("tokenizer.ggml.pre") {
         None => "default",
         Some(v) => v.as_str().ok_or_else(|| {
-            anyhow!("metadata tokenizer.ggml.pre must be a string, found {}", v.type_description())
+            anyhow!(
+                "metadata tokenizer.ggml.pre must be a string, found {}",
+                v.type_description()
+            )
         })?,
     };
 
@@ -147,8 +181,11 @@ pub(crate) fn build_tokenizer(gguf: &GgufFile, model_max_length: Option<u64>) ->
             )
             .map_err(|e| anyhow!("cannot compile the llama3 pre-tokenizer regex: {e}"))?;
             (
-                PreTokenizerSequence::new(vec![split.into(), ByteLevel::new(false, true, false).into()])
-                    .into(),
+                PreTokenizerSequence::new(vec![
+                    split.into(),
+                    ByteLevel::new(false, true, false).into(),
+                ])
+                .into(),
                 true,
             )
         }
@@ -176,7 +213,9 @@ pub(crate) fn build_tokenizer(gguf: &GgufFile, model_max_length: Option<u64>) ->
     if let Some(unk) = unk {
         bpe = bpe.unk_token(tokens[unk as usize].clone());
     }
-    let bpe = bpe.build().map_err(|e| anyhow!("cannot build the BPE model from the GGUF vocabulary: {e}"))?;
+    let bpe = bpe
+        .build()
+        .map_err(|e| anyhow!("cannot build the BPE model from the GGUF vocabulary: {e}"))?;
 
     // Special (control/unknown) and user-defined tokens become added tokens so that they are
     // matched whole before BPE runs. Without token types, fall back to the named ids.
@@ -246,7 +285,12 @@ pub(crate) fn build_tokenizer(gguf: &GgufFile, model_max_length: Option<u64>) ->
     config.insert("add_bos_token".into(), add_bos.into());
     config.insert("add_eos_token".into(), add_eos.into());
     config.insert("added_tokens_decoder".into(), added_tokens_decoder.into());
-    for (key, id) in [("bos_token", bos), ("eos_token", eos), ("unk_token", unk), ("pad_token", pad)] {
+    for (key, id) in [
+        ("bos_token", bos),
+        ("eos_token", eos),
+        ("unk_token", unk),
+        ("pad_token", pad),
+    ] {
         if let Some(id) = id {
             config.insert(key.into(), tokens[id as usize].clone().into());
         }
@@ -283,7 +327,9 @@ fn bos_eos_template(
         if !flag {
             return Ok(None);
         }
-        let id = id.ok_or_else(|| anyhow!("tokenizer.ggml.add_{what}_token is set but there is no {what} token id"))?;
+        let id = id.ok_or_else(|| {
+            anyhow!("tokenizer.ggml.add_{what}_token is set but there is no {what} token id")
+        })?;
         let token = tokens[id as usize].clone();
         ensure!(
             !token.contains(char::is_whitespace) && !token.starts_with('$'),

@@ -44,7 +44,12 @@ impl Default for GgufWriter {
 impl GgufWriter {
     /// A GGUF v3 file with the default alignment of 32.
     pub fn new() -> Self {
-        Self { version: 3, alignment: DEFAULT_ALIGNMENT, metadata: Vec::new(), tensors: Vec::new() }
+        Self {
+            version: 3,
+            alignment: DEFAULT_ALIGNMENT,
+            metadata: Vec::new(),
+            tensors: Vec::new(),
+        }
     }
 
     /// Sets the version field (2 and 3 share one layout; other values make invalid files).
@@ -55,13 +60,20 @@ impl GgufWriter {
 
     /// Uses a non-default alignment and records it as `general.alignment` (u32).
     pub fn alignment(&mut self, alignment: u32) -> &mut Self {
-        assert!(alignment.is_power_of_two(), "GGUF alignment must be a power of two");
+        assert!(
+            alignment.is_power_of_two(),
+            "GGUF alignment must be a power of two"
+        );
         self.alignment = alignment.into();
         self.metadata(ALIGNMENT_KEY, alignment)
     }
 
     /// Adds a metadata entry, replacing an earlier one with the same key.
-    pub fn metadata(&mut self, key: impl Into<String>, value: impl Into<MetadataValue>) -> &mut Self {
+    pub fn metadata(
+        &mut self,
+        key: impl Into<String>,
+        value: impl Into<MetadataValue>,
+    ) -> &mut Self {
         let key = key.into();
         let value = value.into();
         match self.metadata.iter_mut().find(|(k, _)| *k == key) {
@@ -86,7 +98,12 @@ impl GgufWriter {
         ggml_type: GgmlType,
         data: Vec<u8>,
     ) -> &mut Self {
-        self.tensors.push(PendingTensor { name: name.into(), ne: ne.to_vec(), ggml_type, data });
+        self.tensors.push(PendingTensor {
+            name: name.into(),
+            ne: ne.to_vec(),
+            ggml_type,
+            data,
+        });
         self
     }
 
@@ -151,7 +168,8 @@ impl GgufWriter {
     }
 
     pub fn write(&self, path: &Path) -> Result<()> {
-        std::fs::write(path, self.to_bytes()).with_context(|| format!("{}: cannot write", path.display()))
+        std::fs::write(path, self.to_bytes())
+            .with_context(|| format!("{}: cannot write", path.display()))
     }
 }
 
@@ -204,4 +222,3 @@ fn write_array(out: &mut Vec<u8>, array: &MetadataArray) {
         MetadataArray::F64(v) => each_le!(v),
     }
 }
-
