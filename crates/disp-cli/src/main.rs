@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use disp_core::device::{select_device, DeviceChoice};
+use disp_core::params::{BlockWidths, RatioOf};
 use disp_core::plan::PruningPlan;
 use disp_eval::{GenerateOptions, PerplexityReport};
 use disp_models::{CausalLm, TextTokenizer};
@@ -32,6 +33,8 @@ enum Command {
     Eval(EvalCommand),
     /// Generate text from a prompt.
     Generate(GenerateArgs),
+    /// Learn per-block index sets (DISP-LLM) or build a baseline plan; writes a pruning plan.
+    Prune(PruneArgs),
     /// Convert a llama.cpp GGUF file into a Hugging Face folder.
     ConvertGguf {
         /// The .gguf file.
@@ -72,6 +75,58 @@ struct PplArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Method {
+    /// The hypernetwork search of DISP-LLM.
+    Disp,
+    /// Regular structural pruning: one embedding subset for all blocks, by weight magnitude.
+    UniformMagnitude,
+}
+
+#[derive(Args)]
+struct PruneArgs {
+    /// Hugging Face model folder.
+    #[arg(long)]
+    model: PathBuf,
+    /// Fraction of parameters to remove, strictly between 0 and 1.
+    #[arg(long)]
+    ratio: f64,
+    /// What the ratio is a fraction of: total (the paper's convention) or blocks.
+    #[arg(long, default_value = "total")]
+    ratio_of: RatioOf,
+    #[arg(long, value_enum, default_value_t = Method::Disp)]
+    method: Method,
+    /// Calibration text files (the search needs them; baselines ignore them).
+    #[arg(long, num_args = 1..)]
+    data: Vec<PathBuf>,
+    /// Hypernetwork updates.
+    #[arg(long, default_value_t = 200)]
+    steps: usize,
+    #[arg(long, default_value_t = 512)]
+    seq_len: usize,
+    /// Calibration windows per step.
+    #[arg(long, default_value_t = 1)]
+    batch_size: usize,
+    /// Weight of the parameter regulariser.
+    #[arg(long, default_value_t = 6.0)]
+    lambda: f64,
+    #[arg(long, default_value_t = 1e-3)]
+    learning_rate: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Checkpoint file for the search (hypernetwork, optimizer, step).
+    #[arg(long)]
+    checkpoint: Option<PathBuf>,
+    #[arg(long, default_value_t = 50)]
+    checkpoint_every: usize,
+    /// Continue from --checkpoint.
+    #[arg(long)]
+    resume: bool,
+    /// Where to write the plan (JSON).
+    #[arg(long)]
+    out: PathBuf,
 }
 
 #[derive(Args)]
@@ -135,6 +190,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Eval(EvalCommand::Ppl(args)) => eval_ppl(cli.device, args),
         Command::Generate(args) => generate(cli.device, args),
+        Command::Prune(args) => prune(cli.device, args),
     }
 }
 
@@ -228,4 +284,89 @@ fn generate(device: DeviceChoice, args: GenerateArgs) -> Result<()> {
         out.tokens.len().saturating_sub(1) as f64 / out.decode_seconds.max(1e-9)
     );
     Ok(())
+}
+
+/// Tokenises each calibration file into windows of `seq_len` tokens.
+fn calibration_windows(tokenizer: &TextTokenizer, files: &[PathBuf], seq_len: usize) -> Result<Vec<Vec<u32>>> {
+    if files.is_empty() {
+        anyhow::bail!("--data: the search needs at least one calibration text file");
+    }
+    let mut windows = Vec::new();
+    for file in files {
+        let tokens = tokenizer.encode(&read_text(file)?)?;
+        windows.extend(disp_eval::token_windows(&tokens, seq_len, None, file)?);
+    }
+    Ok(windows)
+}
+
+fn prune(device: DeviceChoice, args: PruneArgs) -> Result<()> {
+    if !(args.ratio > 0.0 && args.ratio < 1.0) {
+        anyhow::bail!("--ratio must be strictly between 0 and 1, got {}", args.ratio);
+    }
+    if args.method == Method::Disp && args.steps == 0 {
+        anyhow::bail!("--steps must be at least 1");
+    }
+    let model = load(device, &ModelArgs { model: args.model.clone(), plan: None })?;
+    // Fails early, before any tokenising or training, on a ratio the model cannot reach.
+    model.model_shape().kept_block_fraction(args.ratio, args.ratio_of)?;
+    let mut plan = match args.method {
+        Method::UniformMagnitude => disp_train::uniform::uniform_magnitude_plan(model.as_ref(), args.ratio, args.ratio_of)?,
+        Method::Disp => {
+            let tokenizer = TextTokenizer::load(&args.model)?;
+            let windows = calibration_windows(&tokenizer, &args.data, args.seq_len)?;
+            let cfg = disp_train::SearchConfig {
+                target_ratio: args.ratio,
+                ratio_of: args.ratio_of,
+                steps: args.steps,
+                lambda: args.lambda,
+                learning_rate: args.learning_rate,
+                seed: args.seed,
+                batch_size: args.batch_size,
+                checkpoint: args.checkpoint.clone(),
+                checkpoint_every: args.checkpoint_every,
+                resume: args.resume,
+                ..Default::default()
+            };
+            let bar = progress_bar(args.steps as u64, "steps", false);
+            let plan = disp_train::search(model.as_ref(), &windows, &cfg, |report| {
+                bar.set_position(report.step as u64);
+                bar.set_message(format!(
+                    "CE {:.3}  reg {:.3}  removed {:.1}%",
+                    report.lm_loss,
+                    report.regulariser,
+                    100.0 * report.achieved_ratio
+                ));
+            })?;
+            bar.finish_and_clear();
+            let mut plan = plan;
+            plan.search["seq_len"] = args.seq_len.into();
+            plan.search["data"] = args.data.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().into();
+            plan.search["windows"] = windows.len().into();
+            plan
+        }
+    };
+    plan.save(&args.out)?;
+    print_plan_summary(&plan);
+    println!("wrote {}", args.out.display());
+    Ok(())
+}
+
+fn print_plan_summary(plan: &PruningPlan) {
+    println!(
+        "{}: removed {:.2}% of {} parameters (target {:.2}%): {} -> {}",
+        plan.method,
+        100.0 * plan.achieved_ratio,
+        match plan.ratio_of {
+            RatioOf::Total => "total",
+            RatioOf::Blocks => "block",
+        },
+        100.0 * plan.target_ratio,
+        plan.dense_params,
+        plan.pruned_params
+    );
+    println!("layer   |S1|  |S2|  |S3|  |S4|  |S5|");
+    for (i, w) in plan.widths().iter().enumerate() {
+        let BlockWidths { attn_in, attn_out, mlp_in, mlp_inter, mlp_out } = *w;
+        println!("{i:>5} {attn_in:>6}{attn_out:>6}{mlp_in:>6}{mlp_inter:>6}{mlp_out:>6}");
+    }
 }

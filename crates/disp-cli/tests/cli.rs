@@ -188,3 +188,61 @@ fn device_without_its_feature_is_an_error() {
         assert_one_line_error(&out, &["device 'cuda' is not compiled into this build"]);
     }
 }
+
+#[test]
+fn prune_then_evaluate_the_plan() {
+    let (tmp, model) = model_copy("llama_gqa_tied");
+    let text = text_file(tmp.path(), 3000);
+    let plan = tmp.path().join("plan.json");
+    let out = disp(&[
+        "prune", "--model", s(&model), "--ratio", "0.2", "--ratio-of", "blocks", "--data", s(&text), "--steps", "3",
+        "--seq-len", "32", "--out", s(&plan),
+    ]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&plan).unwrap()).unwrap();
+    assert_eq!(json["method"], "disp");
+    assert_eq!(json["layers"].as_array().unwrap().len(), 2);
+    let out = disp(&["eval", "ppl", "--model", s(&model), "--plan", s(&plan), "--text", s(&text), "--seq-len", "32", "--json"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+
+    let uniform = tmp.path().join("uniform.json");
+    let out = disp(&["prune", "--model", s(&model), "--ratio", "0.2", "--method", "uniform-magnitude", "--out", s(&uniform)]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&uniform).unwrap()).unwrap();
+    let achieved = json["achieved_ratio"].as_f64().unwrap();
+    assert!((achieved - 0.2).abs() < 0.05, "uniform plan removed {achieved}");
+}
+
+#[test]
+fn prune_rejects_bad_arguments_without_writing_a_plan() {
+    let (tmp, model) = model_copy("llama_gqa_tied");
+    let text = text_file(tmp.path(), 3000);
+    let plan = tmp.path().join("plan.json");
+    let base = ["prune", "--model", s(&model), "--data", s(&text), "--seq-len", "32", "--out", s(&plan)];
+    let with = |extra: &[&str]| disp(&[&base[..], extra].concat());
+    assert_one_line_error(&with(&["--ratio", "0", "--steps", "2"]), &["--ratio must be strictly between 0 and 1"]);
+    assert_one_line_error(&with(&["--ratio", "1.5", "--steps", "2"]), &["--ratio must be strictly between 0 and 1"]);
+    // The tiny model's embeddings and head are most of its parameters.
+    assert_one_line_error(&with(&["--ratio", "0.9", "--steps", "2"]), &["more than all block weights"]);
+    assert_one_line_error(&with(&["--ratio", "0.2", "--steps", "0"]), &["--steps must be at least 1"]);
+    let empty = tmp.path().join("empty.txt");
+    std::fs::write(&empty, " \n").unwrap();
+    let out = disp(&["prune", "--model", s(&model), "--ratio", "0.2", "--ratio-of", "blocks", "--data", s(&empty), "--out", s(&plan)]);
+    assert_one_line_error(&out, &["empty.txt", "empty text file"]);
+    assert!(!plan.exists(), "a failed prune left a plan behind");
+}
+
+#[test]
+fn a_plan_for_another_model_is_refused() {
+    let (tmp, model) = model_copy("llama_gqa_tied");
+    let (_tmp2, other) = model_copy("llama_mha_untied");
+    let plan = tmp.path().join("uniform.json");
+    let out = disp(&["prune", "--model", s(&other), "--ratio", "0.1", "--method", "uniform-magnitude", "--out", s(&plan)]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&plan).unwrap()).unwrap();
+    json["model"]["intermediate_size"] = 96.into();
+    std::fs::write(&plan, json.to_string()).unwrap();
+    let text = text_file(tmp.path(), 500);
+    let out = disp(&["eval", "ppl", "--model", s(&model), "--plan", s(&plan), "--text", s(&text), "--seq-len", "32"]);
+    assert_one_line_error(&out, &["uniform.json", "plan is for a llama model"]);
+}

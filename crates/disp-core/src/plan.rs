@@ -81,6 +81,31 @@ pub struct PruningPlan {
 }
 
 impl PruningPlan {
+    /// A plan for `layers`, with its parameter counts and achieved ratio worked out.
+    pub fn from_layers(
+        model: ModelIdentity,
+        shape: &ModelShape,
+        method: &str,
+        ratio_of: RatioOf,
+        target_ratio: f64,
+        layers: Vec<LayerIndices>,
+        search: serde_json::Value,
+    ) -> Self {
+        let widths: Vec<BlockWidths> = layers.iter().map(BlockWidths::of).collect();
+        Self {
+            format_version: PLAN_FORMAT_VERSION,
+            model,
+            method: method.to_string(),
+            ratio_of,
+            target_ratio,
+            achieved_ratio: shape.removed_ratio(&widths, ratio_of),
+            dense_params: shape.dense_total_params(),
+            pruned_params: shape.total_params(&widths),
+            layers,
+            search,
+        }
+    }
+
     pub fn widths(&self) -> Vec<BlockWidths> {
         self.layers.iter().map(BlockWidths::of).collect()
     }

@@ -3,6 +3,7 @@
 //! benchmarks. It works on any [`disp_models::CausalLm`], dense, masked or pruned.
 
 pub mod generate;
+pub mod host_nll;
 pub mod perplexity;
 
 pub use generate::{generate, GenerateOptions, Generation};

@@ -7,7 +7,6 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{bail, Result};
-use burn::tensor::activation::log_softmax;
 use burn::tensor::{Int, Tensor, TensorData};
 use disp_models::CausalLm;
 use serde::Serialize;
@@ -45,8 +44,13 @@ pub fn window_nll(model: &dyn CausalLm, batch: &[Vec<u32>]) -> f64 {
     let (rows, seq) = (batch.len(), batch[0].len());
     let flat: Vec<i64> = batch.iter().flatten().map(|&t| t as i64).collect();
     let tokens = Tensor::<2, Int>::from_data(TensorData::new(flat, [rows, seq]), device);
-    let logits = model.forward(tokens.clone(), None, None);
-    sequence_nll(logits, tokens).into_scalar::<f32>() as f64
+    let logits = model.forward(tokens, None, None);
+    let vocab = logits.dims()[2];
+    // Each row's last position predicts nothing inside the window.
+    let logits = logits.narrow(1, 0, seq - 1);
+    let values = logits.into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 logits");
+    let targets: Vec<u32> = batch.iter().flat_map(|row| row[1..].iter().copied()).collect();
+    crate::host_nll::summed_nll(&values, vocab, &targets)
 }
 
 /// Summed next-token NLL of `tokens` `[B, T]` under `logits` `[B, T, V]` (a `[1]` tensor, so it
@@ -55,7 +59,11 @@ pub fn sequence_nll(logits: Tensor<3>, tokens: Tensor<2, Int>) -> Tensor<1> {
     let [rows, seq, vocab] = logits.dims();
     let predictions = logits.narrow(1, 0, seq - 1).reshape([rows * (seq - 1), vocab]);
     let targets = tokens.narrow(1, 1, seq - 1).reshape([rows * (seq - 1), 1]);
-    log_softmax(predictions, 1).gather(1, targets).sum().neg()
+    // NLL = logsumexp(row) - row[target]: two passes over the vocab instead of materialising
+    // the whole log-softmax.
+    let max = predictions.clone().max_dim(1).detach();
+    let log_sum_exp = (predictions.clone() - max.clone()).exp().sum_dim(1).log() + max;
+    (log_sum_exp - predictions.gather(1, targets)).sum()
 }
 
 /// Evaluates `windows` one at a time; `progress` is told after each window.

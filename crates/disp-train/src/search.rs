@@ -1,0 +1,460 @@
+//! The search loop: one [`Searcher`] per run, stepping the hypernetwork against a frozen model.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use burn::module::Module;
+use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
+use burn::store::ModuleRecord;
+use burn::tensor::{Bytes, Int, Tensor, TensorData};
+use disp_core::params::{BlockShape, BlockWidths, ModelShape};
+use disp_core::plan::{PruningPlan, PLAN_FORMAT_VERSION};
+use disp_eval::perplexity::sequence_nll;
+use disp_models::CausalLm;
+use serde_json::json;
+
+use crate::checkpoint::{self, CheckpointHeader, CHECKPOINT_FORMAT_VERSION};
+use crate::gates::{self, SampledGates};
+use crate::hypernet::{fixed_inputs, HyperNet, HyperNetShape};
+use crate::masks::{calibrate, GateScores};
+use crate::rng::{mix64, Purpose, SplitMix64};
+use crate::{SearchConfig, StepReport};
+
+/// The differentiable losses of one step, before `backward`.
+pub struct StepLoss {
+    /// Mean next-token NLL under the soft gates, `[1]`.
+    pub lm: Tensor<1>,
+    /// λ·|log(P(S)/(p·P_blocks))| of the straight-through gates, `[1]`.
+    pub regulariser: Tensor<1>,
+    /// Hard gates (no graph), per site `[layers, width]`.
+    pub hard: [Tensor<2>; 5],
+}
+
+impl StepLoss {
+    pub fn total(&self) -> Tensor<1> {
+        self.lm.clone() + self.regulariser.clone()
+    }
+}
+
+/// Wall-clock seconds of the parts of one step.
+#[derive(Debug, Clone, Copy, PartialEq, Default, serde::Serialize)]
+pub struct StepTimes {
+    /// Hypernetwork, gates, masked model forward and losses (until the loss is on the host).
+    pub forward: f64,
+    /// `backward()` down to the hypernetwork parameters.
+    pub backward: f64,
+    /// Gradient collection and the AdamW update.
+    pub optimizer: f64,
+    /// The whole step, bookkeeping and any checkpoint included.
+    pub total: f64,
+}
+
+/// One search run: the frozen model, the calibration windows, the hypernetwork and its
+/// optimizer, and the number of steps done.
+pub struct Searcher<'a> {
+    model: &'a dyn CausalLm,
+    windows: &'a [Vec<u32>],
+    cfg: SearchConfig,
+    shape: ModelShape,
+    block: BlockShape,
+    net_shape: HyperNetShape,
+    /// Block parameters to keep: p·P_blocks.
+    target_block_params: f64,
+    hypernet: HyperNet,
+    optim: ModuleOptimizer,
+    inputs: Tensor<3>,
+    steps_done: usize,
+    last: Option<StepReport>,
+    first_regulariser: Option<f64>,
+    /// The epoch whose window order is cached in `order`.
+    order_epoch: Option<usize>,
+    order: Vec<usize>,
+}
+
+impl<'a> Searcher<'a> {
+    /// Checks the settings and the data and builds a fresh hypernetwork from the seed.
+    pub fn new(model: &'a dyn CausalLm, windows: &'a [Vec<u32>], cfg: &SearchConfig) -> Result<Self> {
+        if cfg.steps == 0 {
+            bail!("the search needs at least one step (steps = 0)");
+        }
+        if cfg.batch_size == 0 {
+            bail!("batch size must be at least 1");
+        }
+        if !(cfg.temperature > 0.0 && cfg.temperature.is_finite()) {
+            bail!("Gumbel-sigmoid temperature must be positive, got {}", cfg.temperature);
+        }
+        if !(cfg.learning_rate > 0.0 && cfg.learning_rate.is_finite()) {
+            bail!("learning rate must be positive, got {}", cfg.learning_rate);
+        }
+        if !(cfg.lambda >= 0.0 && cfg.lambda.is_finite()) {
+            bail!("λ must be non-negative, got {}", cfg.lambda);
+        }
+        if !(cfg.weight_decay >= 0.0 && cfg.weight_decay.is_finite()) || !cfg.offset.is_finite() {
+            bail!("weight decay must be non-negative and the offset finite");
+        }
+        if cfg.resume && cfg.checkpoint.is_none() {
+            bail!("resume needs a checkpoint path");
+        }
+        if model.is_pruned() {
+            bail!("the search needs the dense model, not a pruned one");
+        }
+        let shape = model.model_shape();
+        let kept = shape.kept_block_fraction(cfg.target_ratio, cfg.ratio_of)?;
+        let net_shape = HyperNetShape::of(&shape)?;
+        check_windows(windows, model)?;
+
+        let device = model.device().clone().autodiff();
+        let hypernet = HyperNet::new(net_shape, cfg.seed, &device);
+        let inputs = fixed_inputs(net_shape, cfg.seed, &device);
+        Ok(Self {
+            model,
+            windows,
+            cfg: cfg.clone(),
+            block: shape.blocks[0],
+            target_block_params: kept * shape.dense_block_params() as f64,
+            shape,
+            net_shape,
+            hypernet,
+            optim: adamw(cfg),
+            inputs,
+            steps_done: 0,
+            last: None,
+            first_regulariser: None,
+            order_epoch: None,
+            order: Vec::new(),
+        })
+    }
+
+    pub fn steps_done(&self) -> usize {
+        self.steps_done
+    }
+
+    pub fn hypernet(&self) -> &HyperNet {
+        &self.hypernet
+    }
+
+    /// Swaps in another hypernetwork (same structure), returning the old one; the optimizer
+    /// state stays. For tests and experiments.
+    pub fn replace_hypernet(&mut self, net: HyperNet) -> HyperNet {
+        std::mem::replace(&mut self.hypernet, net)
+    }
+
+    pub fn config(&self) -> &SearchConfig {
+        &self.cfg
+    }
+
+    pub fn last_report(&self) -> Option<&StepReport> {
+        self.last.as_ref()
+    }
+
+    /// The fixed hypernetwork inputs `[1, 5·layers, 32]`.
+    pub fn inputs(&self) -> &Tensor<3> {
+        &self.inputs
+    }
+
+    /// The indices of the windows of (1-based) step `step`: the batches walk through the windows
+    /// in a seeded random order, reshuffled every epoch.
+    pub fn batch_windows(&mut self, step: usize) -> Vec<usize> {
+        let n = self.windows.len();
+        let b = self.cfg.batch_size;
+        (0..b)
+            .map(|j| {
+                let k = (step - 1) * b + j;
+                let epoch = k / n;
+                if self.order_epoch != Some(epoch) {
+                    self.order = (0..n).collect();
+                    SplitMix64::stream(self.cfg.seed, Purpose::Shuffle, epoch as u64).shuffle(&mut self.order);
+                    self.order_epoch = Some(epoch);
+                }
+                self.order[k % n]
+            })
+            .collect()
+    }
+
+    /// The gates of (1-based) step `step`, with the step's own noise.
+    pub fn sample_gates(&self, step: usize) -> SampledGates {
+        let logits = self.hypernet.forward(self.inputs.clone());
+        let mut rng = SplitMix64::stream(self.cfg.seed, Purpose::Noise, step as u64);
+        let noise = gates::logistic_noise(&mut rng, self.net_shape.layers, self.net_shape.widths);
+        gates::sample(logits, noise, self.cfg.offset, self.cfg.temperature)
+    }
+
+    /// Forward pass of (1-based) step `step`: LM loss under the soft gates and the regulariser
+    /// of the straight-through gates.
+    pub fn step_loss(&mut self, step: usize) -> StepLoss {
+        let batch = self.batch_windows(step);
+        let sampled = self.sample_gates(step);
+        let tokens = self.tokens(&batch);
+        let [rows, seq] = tokens.dims();
+        let block_gates = gates::block_gates(&sampled.soft);
+        let logits = self.model.forward(tokens.clone(), Some(&block_gates), None);
+        let lm = sequence_nll(logits, tokens).div_scalar((rows * (seq - 1)) as f64);
+        let params = gates::parameter_count(&self.block, &sampled.straight_through);
+        let regulariser = disp_core::params::parameter_regulariser(params, self.target_block_params, self.cfg.lambda);
+        StepLoss { lm, regulariser, hard: sampled.hard }
+    }
+
+    /// One hypernetwork update. Fails, without updating, on a non-finite loss.
+    pub fn step(&mut self) -> Result<StepReport> {
+        Ok(self.step_timed()?.0)
+    }
+
+    /// [`Self::step`], also returning how long its parts took.
+    pub fn step_timed(&mut self) -> Result<(StepReport, StepTimes)> {
+        let step = self.steps_done + 1;
+        let start = Instant::now();
+        let loss = self.step_loss(step);
+        let lm_loss = loss.lm.clone().into_scalar::<f32>() as f64;
+        let regulariser = loss.regulariser.clone().into_scalar::<f32>() as f64;
+        let forward = start.elapsed().as_secs_f64();
+        if !(lm_loss.is_finite() && regulariser.is_finite()) {
+            let kept = match &self.cfg.checkpoint {
+                Some(path) if path.exists() => format!("last good checkpoint kept at {}", path.display()),
+                Some(path) => format!("no checkpoint written yet ({})", path.display()),
+                None => "no checkpoint configured".to_string(),
+            };
+            bail!("non-finite loss at step {step} (LM {lm_loss}, regulariser {regulariser}); {kept}");
+        }
+        let achieved_ratio = self.hard_ratio(&loss.hard);
+        let t = Instant::now();
+        let grads = loss.total().backward();
+        let backward = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let grads = GradientsParams::from_grads(grads, &self.hypernet);
+        self.hypernet = self.optim.step(self.cfg.learning_rate, self.hypernet.clone(), grads);
+        let optimizer = t.elapsed().as_secs_f64();
+        self.steps_done = step;
+        let report = StepReport { step, lm_loss, regulariser, achieved_ratio };
+        self.first_regulariser.get_or_insert(regulariser);
+        self.last = Some(report.clone());
+
+        let every = (self.cfg.steps / 100).max(1);
+        if step == 1 || step % every == 0 || step == self.cfg.steps {
+            tracing::info!(step, steps = self.cfg.steps, lm_loss, regulariser, achieved_ratio, "hypernetwork step");
+        } else {
+            tracing::debug!(step, lm_loss, regulariser, achieved_ratio, "hypernetwork step");
+        }
+        if let Some(path) = self.cfg.checkpoint.clone() {
+            let every = self.cfg.checkpoint_every;
+            if (every > 0 && step % every == 0) || step == self.cfg.steps {
+                self.save_checkpoint(&path)?;
+            }
+        }
+        let times = StepTimes { forward, backward, optimizer, total: start.elapsed().as_secs_f64() };
+        Ok((report, times))
+    }
+
+    /// Fraction removed by hard gates `[layers, width]` per site.
+    fn hard_ratio(&self, hard: &[Tensor<2>; 5]) -> f64 {
+        let counts = Tensor::cat(hard.iter().map(|h| h.clone().sum_dim(1)).collect(), 1); // [L, 5]
+        let counts = counts.into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 counts");
+        let widths: Vec<BlockWidths> = counts
+            .chunks_exact(5)
+            .map(|c| BlockWidths {
+                attn_in: c[0].round() as usize,
+                attn_out: c[1].round() as usize,
+                mlp_in: c[2].round() as usize,
+                mlp_inter: c[3].round() as usize,
+                mlp_out: c[4].round() as usize,
+            })
+            .collect();
+        self.shape.removed_ratio(&widths, self.cfg.ratio_of)
+    }
+
+    fn tokens(&self, batch: &[usize]) -> Tensor<2, Int> {
+        let seq = self.windows[0].len();
+        let flat: Vec<i64> = batch.iter().flat_map(|&i| self.windows[i].iter().map(|&t| t as i64)).collect();
+        Tensor::from_data(TensorData::new(flat, [batch.len(), seq]), self.model.device())
+    }
+
+    /// Deterministic scores: hypernetwork logits + offset, no noise.
+    pub fn scores(&self) -> GateScores {
+        let logits = self.hypernet.forward(self.inputs.clone());
+        let per_site: Vec<Vec<f32>> = logits
+            .into_iter()
+            .map(|t| t.add_scalar(self.cfg.offset).into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 logits"))
+            .collect();
+        (0..self.net_shape.layers)
+            .map(|l| {
+                std::array::from_fn(|s| {
+                    let w = self.net_shape.widths[s];
+                    per_site[s][l * w..(l + 1) * w].to_vec()
+                })
+            })
+            .collect()
+    }
+
+    /// The plan from the current hypernetwork: thresholded deterministic scores, calibrated so
+    /// that the exact parameter count lands on the target.
+    pub fn finish(&self) -> Result<PruningPlan> {
+        let scores = self.scores();
+        let c = calibrate(&scores, &self.shape, self.cfg.target_ratio, self.cfg.ratio_of);
+        let identity = self.model.identity();
+        let last = self.last.as_ref();
+        let plan = PruningPlan {
+            format_version: PLAN_FORMAT_VERSION,
+            model: identity.clone(),
+            method: "disp".into(),
+            ratio_of: self.cfg.ratio_of,
+            target_ratio: self.cfg.target_ratio,
+            achieved_ratio: c.ratio,
+            dense_params: self.shape.dense_total_params(),
+            pruned_params: c.total_params,
+            layers: c.layers,
+            search: json!({
+                "steps": self.steps_done,
+                "lambda": self.cfg.lambda,
+                "seed": self.cfg.seed,
+                "seq_len": self.windows[0].len(),
+                "batch_size": self.cfg.batch_size,
+                "windows": self.windows.len(),
+                "lr": self.cfg.learning_rate,
+                "weight_decay": self.cfg.weight_decay,
+                "temperature": self.cfg.temperature,
+                "offset": self.cfg.offset,
+                "final_lm_loss": last.map(|r| r.lm_loss),
+                "final_regulariser": last.map(|r| r.regulariser),
+                "first_regulariser": self.first_regulariser,
+                "final_hard_gate_ratio": last.map(|r| r.achieved_ratio),
+                "raw_ratio": c.raw_ratio,
+                "calibrated_ratio": c.ratio,
+                "threshold_shift": if c.threshold.is_finite() { json!(c.threshold) } else { json!(null) },
+                "hypernetwork": {"input_width": crate::hypernet::INPUT_WIDTH, "gru_hidden": crate::hypernet::GRU_HIDDEN},
+            }),
+        };
+        plan.validate(&identity, &self.shape)?;
+        tracing::info!(
+            target_ratio = self.cfg.target_ratio,
+            raw_ratio = c.raw_ratio,
+            achieved_ratio = c.ratio,
+            threshold_shift = c.threshold,
+            "search finished"
+        );
+        Ok(plan)
+    }
+
+    /// The settings a resumed run must share with the one that wrote the checkpoint.
+    fn settings(&self) -> serde_json::Value {
+        let digest = self
+            .windows
+            .iter()
+            .flatten()
+            .fold(mix64(self.windows.len() as u64), |h, &t| mix64(h ^ t as u64));
+        json!({
+            "target_ratio": self.cfg.target_ratio,
+            "ratio_of": self.cfg.ratio_of,
+            "lambda": self.cfg.lambda,
+            "learning_rate": self.cfg.learning_rate,
+            "weight_decay": self.cfg.weight_decay,
+            "temperature": self.cfg.temperature,
+            "offset": self.cfg.offset,
+            "seed": self.cfg.seed,
+            "batch_size": self.cfg.batch_size,
+            "windows": self.windows.len(),
+            "seq_len": self.windows[0].len(),
+            "windows_digest": format!("{digest:016x}"),
+        })
+    }
+
+    /// Writes the hypernetwork, the optimizer state and the step (atomically).
+    pub fn save_checkpoint(&self, path: &Path) -> Result<()> {
+        let header = CheckpointHeader {
+            format_version: CHECKPOINT_FORMAT_VERSION,
+            step: self.steps_done,
+            model: self.model.identity(),
+            settings: self.settings(),
+            last: self.last.clone(),
+            first_regulariser: self.first_regulariser,
+        };
+        let net = self.hypernet.clone().into_record().into_bytes().map_err(|e| anyhow::anyhow!("cannot serialise the hypernetwork: {e:?}"))?;
+        let opt = self.optim.into_bytes().map_err(|e| anyhow::anyhow!("cannot serialise the optimizer state: {e:?}"))?;
+        checkpoint::write(path, &header, &net, &opt)?;
+        tracing::debug!(step = self.steps_done, path = %path.display(), "checkpoint written");
+        Ok(())
+    }
+
+    /// Continues from the configured checkpoint if it exists (returns whether it did). The
+    /// checkpoint must come from the same model, data and settings (the number of steps may
+    /// grow).
+    pub fn resume(&mut self) -> Result<bool> {
+        let Some(path) = self.cfg.checkpoint.clone() else { bail!("resume needs a checkpoint path") };
+        if !path.exists() {
+            tracing::info!(path = %path.display(), "no checkpoint yet; starting from step 0");
+            return Ok(false);
+        }
+        self.load_checkpoint(&path)?;
+        Ok(true)
+    }
+
+    /// Restores the state saved by [`Self::save_checkpoint`].
+    pub fn load_checkpoint(&mut self, path: &PathBuf) -> Result<()> {
+        let data = checkpoint::read(path)?;
+        let h = &data.header;
+        let identity = self.model.identity();
+        if h.model != identity {
+            bail!("{}: checkpoint is for another model ({:?}, this one is {:?})", path.display(), h.model, identity);
+        }
+        let settings = self.settings();
+        if h.settings != settings {
+            let differing: Vec<String> = settings
+                .as_object()
+                .unwrap()
+                .iter()
+                .filter(|(k, v)| h.settings.get(k.as_str()) != Some(v))
+                .map(|(k, v)| format!("{k}: checkpoint {} vs now {v}", h.settings.get(k.as_str()).unwrap_or(&json!(null))))
+                .collect();
+            bail!("{}: checkpoint was written with different settings ({})", path.display(), differing.join(", "));
+        }
+        if h.step > self.cfg.steps {
+            bail!("{}: checkpoint is at step {}, beyond the {} steps asked for", path.display(), h.step, self.cfg.steps);
+        }
+        let record = ModuleRecord::from_bytes(Bytes::from_bytes_vec(data.hypernet))
+            .map_err(|e| anyhow::anyhow!("{}: bad hypernetwork record: {e:?}", path.display()))?;
+        self.hypernet = self
+            .hypernet
+            .clone()
+            .try_load_record(record)
+            .map_err(|e| anyhow::anyhow!("{}: hypernetwork does not fit: {e:?}", path.display()))?;
+        self.optim = adamw(&self.cfg)
+            .from_bytes(Bytes::from_bytes_vec(data.optimizer))
+            .map_err(|e| anyhow::anyhow!("{}: bad optimizer record: {e:?}", path.display()))?;
+        self.steps_done = h.step;
+        self.last = h.last.clone();
+        self.first_regulariser = h.first_regulariser;
+        tracing::info!(step = h.step, path = %path.display(), "resumed from checkpoint");
+        Ok(())
+    }
+
+}
+
+fn adamw(cfg: &SearchConfig) -> ModuleOptimizer {
+    AdamWConfig::new()
+        .with_beta_1(0.9)
+        .with_beta_2(0.999)
+        .with_epsilon(1e-8)
+        .with_weight_decay(cfg.weight_decay as f32)
+        .init()
+}
+
+fn check_windows(windows: &[Vec<u32>], model: &dyn CausalLm) -> Result<()> {
+    let Some(first) = windows.first() else { bail!("no calibration windows (the calibration text is empty or shorter than one window)") };
+    let seq = first.len();
+    if seq < 2 {
+        bail!("calibration windows need at least 2 tokens, got {seq}");
+    }
+    if seq > model.max_positions() {
+        bail!("window length {seq} exceeds the model's {} positions", model.max_positions());
+    }
+    let vocab = model.vocab_size();
+    for (i, w) in windows.iter().enumerate() {
+        if w.len() != seq {
+            bail!("calibration window {i} has {} tokens, window 0 has {seq}", w.len());
+        }
+        if let Some(&t) = w.iter().find(|&&t| t as usize >= vocab) {
+            bail!("calibration window {i} holds token {t}, outside the vocabulary of {vocab}");
+        }
+    }
+    Ok(())
+}
+

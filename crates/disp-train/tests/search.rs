@@ -1,0 +1,250 @@
+//! The DISP search on the tiny random LLaMA fixture (2 layers, hidden 64, GQA, biases).
+
+use std::path::PathBuf;
+
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::optim::GradientsParams;
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use disp_core::params::RatioOf;
+use disp_models::CausalLm;
+use disp_train::rng::SplitMix64;
+use disp_train::{search, SearchConfig, Searcher, StepReport};
+
+fn model() -> Box<dyn CausalLm> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/llama_gqa_tied");
+    disp_models::load_model(&dir, &Device::flex()).expect("fixture loads")
+}
+
+fn windows(count: usize, seq: usize, seed: u64) -> Vec<Vec<u32>> {
+    let mut rng = SplitMix64::new(seed);
+    (0..count).map(|_| (0..seq).map(|_| rng.below(256) as u32).collect()).collect()
+}
+
+fn cfg(steps: usize) -> SearchConfig {
+    SearchConfig { target_ratio: 0.3, steps, seed: 7, ..SearchConfig::default() }
+}
+
+fn bits<const D: usize>(t: Tensor<D>) -> Vec<u32> {
+    t.into_data().convert::<f32>().try_into_vec::<f32>().unwrap().iter().map(|x| x.to_bits()).collect()
+}
+
+fn flat_scores(s: &Searcher) -> Vec<u32> {
+    s.scores().iter().flat_map(|l| l.iter().flatten().map(|x| x.to_bits()).collect::<Vec<_>>()).collect()
+}
+
+/// Every float parameter's gradient: (path, gradient values, shape).
+struct GradCollector<'a> {
+    grads: &'a GradientsParams,
+    path: Vec<String>,
+    found: Vec<(String, Vec<f32>, Vec<usize>)>,
+}
+
+impl ModuleVisitor for GradCollector<'_> {
+    fn enter_module(&mut self, name: &str, _: &str) {
+        self.path.push(name.to_string());
+    }
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.path.pop();
+    }
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let path = self.path.join(".");
+        let grad = self.grads.get::<D>(param.id).unwrap_or_else(|| panic!("no gradient for {path}"));
+        let dims = grad.dims().to_vec();
+        let values = grad.into_data().convert::<f32>().try_into_vec::<f32>().unwrap();
+        self.found.push((path, values, dims));
+    }
+}
+
+#[test]
+fn gradients_reach_every_hypernet_parameter_and_the_model_stays_frozen() {
+    let model = model();
+    let data = windows(6, 24, 1);
+    let tokens = Tensor::<2, Int>::from_data(
+        TensorData::new(data[0].iter().map(|&t| t as i64).collect::<Vec<_>>(), [1, 24]),
+        model.device(),
+    );
+    let before = bits(model.forward(tokens.clone(), None, None));
+
+    let mut searcher = Searcher::new(model.as_ref(), &data, &cfg(4)).unwrap();
+    let loss = searcher.step_loss(1);
+    let grads = GradientsParams::from_grads(loss.total().backward(), searcher.hypernet());
+    let mut collector = GradCollector { grads: &grads, path: Vec::new(), found: Vec::new() };
+    searcher.hypernet().visit(&mut collector);
+    assert_eq!(grads.len(), collector.found.len(), "gradients exist only for hypernetwork parameters");
+    assert_eq!(collector.found.len(), searcher.hypernet().num_params_tensors());
+    for (path, values, dims) in &collector.found {
+        assert!(values.iter().all(|v| v.is_finite()), "{path}: non-finite gradient");
+        if path.starts_with("heads") {
+            // One linear map per gate vector: every layer's slice must receive a gradient.
+            let per_layer = values.len() / dims[0];
+            for (l, chunk) in values.chunks(per_layer).enumerate() {
+                assert!(chunk.iter().any(|&v| v != 0.0), "{path}: head of layer {l} got no gradient");
+            }
+        } else {
+            assert!(values.iter().any(|&v| v != 0.0), "{path}: zero gradient");
+        }
+    }
+    assert!(collector.found.iter().any(|(p, _, _)| p.starts_with("gru")));
+    assert!(collector.found.iter().any(|(p, _, _)| p.starts_with("norm")));
+
+    for _ in 0..3 {
+        searcher.step().unwrap();
+    }
+    let after = bits(model.forward(tokens, None, None));
+    assert_eq!(before, after, "the frozen model's logits changed");
+}
+
+trait CountTensors {
+    fn num_params_tensors(&self) -> usize;
+}
+
+impl<M: Module> CountTensors for M {
+    fn num_params_tensors(&self) -> usize {
+        struct Count(usize);
+        impl ModuleVisitor for Count {
+            fn visit_float<const D: usize>(&mut self, _: &Param<Tensor<D>>) {
+                self.0 += 1;
+            }
+        }
+        let mut c = Count(0);
+        self.visit(&mut c);
+        c.0
+    }
+}
+
+#[test]
+fn the_same_seed_gives_the_same_plan() {
+    let model = model();
+    let data = windows(5, 16, 2);
+    let a = search(model.as_ref(), &data, &cfg(6), |_| {}).unwrap();
+    let b = search(model.as_ref(), &data, &cfg(6), |_| {}).unwrap();
+    assert_eq!(a, b);
+    let c = search(model.as_ref(), &data, &SearchConfig { seed: 8, ..cfg(6) }, |_| {}).unwrap();
+    assert_ne!(a.layers, c.layers, "another seed should give other masks");
+    assert_eq!(a.method, "disp");
+    assert_eq!(a.model, model.identity());
+    assert_eq!(a.search["steps"], 6);
+    assert_eq!(a.search["seq_len"], 16);
+}
+
+#[test]
+fn resuming_from_a_checkpoint_ends_at_the_uninterrupted_masks() {
+    let model = model();
+    let data = windows(5, 16, 3);
+    let steps = 8;
+    let mut uninterrupted = Searcher::new(model.as_ref(), &data, &cfg(steps)).unwrap();
+    while uninterrupted.steps_done() < steps {
+        uninterrupted.step().unwrap();
+    }
+    let expected = uninterrupted.finish().unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sub/search.ckpt");
+    let with_ckpt = SearchConfig { checkpoint: Some(path.clone()), checkpoint_every: 3, ..cfg(steps) };
+    {
+        // Interrupted after step 4: the last checkpoint is the one of step 3.
+        let mut first = Searcher::new(model.as_ref(), &data, &with_ckpt).unwrap();
+        for _ in 0..4 {
+            first.step().unwrap();
+        }
+    }
+    assert_eq!(disp_train::checkpoint::read(&path).unwrap().header.step, 3);
+    let mut seen = Vec::new();
+    let resumed = search(model.as_ref(), &data, &SearchConfig { resume: true, ..with_ckpt.clone() }, |r: &StepReport| {
+        seen.push(r.step)
+    })
+    .unwrap();
+    assert_eq!(seen, (4..=steps).collect::<Vec<_>>(), "resumed at step 4");
+    assert_eq!(resumed, expected, "resumed plan differs from the uninterrupted one");
+
+    // Bit-for-bit: the hypernetwork after resuming equals the uninterrupted one.
+    let mut again = Searcher::new(model.as_ref(), &data, &SearchConfig { resume: true, ..with_ckpt.clone() }).unwrap();
+    assert!(again.resume().unwrap());
+    assert_eq!(again.steps_done(), steps, "the final checkpoint is written at the last step");
+    assert_eq!(flat_scores(&again), flat_scores(&uninterrupted));
+
+    // A checkpoint from other settings is refused.
+    let other = SearchConfig { seed: 99, resume: true, ..with_ckpt };
+    let err = search(model.as_ref(), &data, &other, |_| {}).unwrap_err().to_string();
+    assert!(err.contains("different settings") && err.contains("seed"), "{err}");
+}
+
+#[test]
+fn the_search_moves_towards_the_target_and_calibration_lands_on_it() {
+    let model = model();
+    let data = windows(16, 32, 4);
+    let steps = 60;
+    let mut reports = Vec::new();
+    let plan = search(model.as_ref(), &data, &cfg(steps), |r| reports.push(r.clone())).unwrap();
+    assert_eq!(reports.len(), steps);
+    assert!(reports.iter().all(|r| r.lm_loss.is_finite() && r.regulariser.is_finite()));
+    let mean = |rs: &[StepReport], f: fn(&StepReport) -> f64| rs.iter().map(f).sum::<f64>() / rs.len() as f64;
+    let (head, tail) = (&reports[..5], &reports[steps - 5..]);
+    let (reg0, reg1) = (mean(head, |r| r.regulariser), mean(tail, |r| r.regulariser));
+    let (gap0, gap1) = (mean(head, |r| (r.achieved_ratio - 0.3).abs()), mean(tail, |r| (r.achieved_ratio - 0.3).abs()));
+    eprintln!("regulariser {reg0:.4} -> {reg1:.4}; |hard ratio - target| {gap0:.4} -> {gap1:.4}; plan {} (raw {})", plan.achieved_ratio, plan.search["raw_ratio"]);
+    assert!(reg1 < 0.5 * reg0, "regulariser did not fall: {reg0} -> {reg1}");
+    assert!(gap1 < gap0, "hard-gate ratio did not approach the target: {gap0} -> {gap1}");
+    assert!((plan.achieved_ratio - 0.3).abs() <= 0.005, "calibrated ratio {}", plan.achieved_ratio);
+    let shape = model.model_shape();
+    assert_eq!(plan.pruned_params, shape.total_params(&plan.widths()));
+    assert_eq!(plan.dense_params, shape.dense_total_params());
+    assert!((shape.removed_ratio(&plan.widths(), RatioOf::Total) - plan.achieved_ratio).abs() < 1e-12);
+    plan.validate(&model.identity(), &shape).unwrap();
+    // The pruned model runs.
+    let pruned = model.prune(&plan).unwrap();
+    assert!(pruned.stored_linear_params() < model.stored_linear_params());
+}
+
+#[test]
+fn bad_settings_are_clear_errors() {
+    let model = model();
+    let data = windows(3, 16, 5);
+    let err = |c: SearchConfig, w: &[Vec<u32>]| match Searcher::new(model.as_ref(), w, &c) {
+        Ok(_) => panic!("accepted {c:?}"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err(cfg(0), &data).contains("at least one step"));
+    for bad in [0.0, 1.0, -0.2, 1.5, f64::NAN] {
+        let e = err(SearchConfig { target_ratio: bad, ..cfg(5) }, &data);
+        assert!(e.contains("strictly between 0 and 1"), "{bad}: {e}");
+    }
+    let e = err(SearchConfig { target_ratio: 0.95, ..cfg(5) }, &data);
+    assert!(e.contains("more than all block weights"), "{e}");
+    assert!(err(cfg(5), &[]).contains("no calibration windows"));
+    assert!(err(cfg(5), &[vec![1, 2, 3], vec![1, 2]]).contains("window 1 has 2 tokens"));
+    assert!(err(cfg(5), &[vec![1, 300]]).contains("outside the vocabulary"));
+    assert!(err(SearchConfig { batch_size: 0, ..cfg(5) }, &data).contains("batch size"));
+    assert!(err(SearchConfig { resume: true, ..cfg(5) }, &data).contains("checkpoint path"));
+}
+
+/// Turns every hypernetwork weight into NaN.
+struct Poison;
+
+impl ModuleMapper for Poison {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        param.map(|t| {
+            let dev = t.device();
+            t.mul_scalar(f32::NAN).detach().set_require_grad(dev.is_autodiff())
+        })
+    }
+}
+
+#[test]
+fn a_non_finite_loss_stops_and_keeps_the_last_good_checkpoint() {
+    let model = model();
+    let data = windows(3, 16, 6);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("search.ckpt");
+    let c = SearchConfig { checkpoint: Some(path.clone()), checkpoint_every: 1, ..cfg(5) };
+    let mut searcher = Searcher::new(model.as_ref(), &data, &c).unwrap();
+    searcher.step().unwrap();
+    let good = std::fs::read(&path).unwrap();
+    let poisoned = searcher.hypernet().clone().map(&mut Poison);
+    searcher.replace_hypernet(poisoned);
+    let err = searcher.step().unwrap_err().to_string();
+    assert!(err.contains("non-finite loss at step 2"), "{err}");
+    assert!(err.contains(&format!("last good checkpoint kept at {}", path.display())), "{err}");
+    assert_eq!(std::fs::read(&path).unwrap(), good, "the good checkpoint was overwritten");
+    assert_eq!(searcher.steps_done(), 1);
+}
