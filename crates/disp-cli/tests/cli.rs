@@ -246,3 +246,25 @@ fn a_plan_for_another_model_is_refused() {
     let out = disp(&["eval", "ppl", "--model", s(&model), "--plan", s(&plan), "--text", s(&text), "--seq-len", "32"]);
     assert_one_line_error(&out, &["uniform.json", "plan is for a llama model"]);
 }
+
+#[test]
+fn opt_and_phi_prune_and_evaluate_through_the_same_commands() {
+    for family in ["opt_pre_ln", "opt_post_ln_proj", "phi"] {
+        let (tmp, model) = model_copy(family);
+        let text = text_file(tmp.path(), 3000);
+        let plan = tmp.path().join("plan.json");
+        let out = disp(&[
+            "prune", "--model", s(&model), "--ratio", "0.2", "--ratio-of", "blocks", "--data", s(&text), "--steps", "3",
+            "--seq-len", "32", "--out", s(&plan),
+        ]);
+        assert_eq!(out.code, 0, "{family}: {}", out.stderr);
+        let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&plan).unwrap()).unwrap();
+        assert_eq!(json["model"]["model_type"], if family == "phi" { "phi" } else { "opt" });
+        let achieved = json["achieved_ratio"].as_f64().unwrap();
+        assert!((achieved - 0.2).abs() <= 0.005, "{family}: removed {achieved} of the blocks, target 0.2");
+        let out = disp(&["eval", "ppl", "--model", s(&model), "--plan", s(&plan), "--text", s(&text), "--seq-len", "32", "--json"]);
+        assert_eq!(out.code, 0, "{family}: {}", out.stderr);
+        let out = disp(&["generate", "--model", s(&model), "--plan", s(&plan), "--prompt", "Anne Elliot", "--max-tokens", "4"]);
+        assert_eq!(out.code, 0, "{family}: {}", out.stderr);
+    }
+}

@@ -259,6 +259,30 @@ mod tests {
     }
 
     #[test]
+    fn regulariser_is_zero_at_the_target_and_grows_on_both_sides() {
+        let device = burn::tensor::Device::flex();
+        let at = |p: f64| {
+            let params = Tensor::<1>::from_floats([p as f32], &device);
+            parameter_regulariser(params, 1000.0, 6.0).into_scalar::<f32>() as f64
+        };
+        assert!(at(1000.0).abs() < 1e-6);
+        assert!(at(900.0) > at(950.0) && at(950.0) > at(990.0) && at(990.0) > 0.0);
+        assert!(at(1100.0) > at(1050.0) && at(1050.0) > at(1010.0) && at(1010.0) > 0.0);
+        // λ·|log(P/T)|: symmetric in the ratio, so halving and doubling cost the same.
+        assert!((at(500.0) - at(2000.0)).abs() < 1e-4 && (at(2000.0) - 6.0 * 2f64.ln()).abs() < 1e-4);
+    }
+
+    #[test]
+    fn differentiable_count_equals_the_integer_count() {
+        let device = burn::tensor::Device::flex();
+        let block = BlockShape { mlp: MlpKind::TwoMatrix, qkv_bias: true, out_bias: true, mlp_in_bias: true, mlp_out_bias: true, ..llama_like() };
+        let widths = BlockWidths { attn_in: 5, attn_out: 3, mlp_in: 7, mlp_inter: 11, mlp_out: 2 };
+        let as_tensors = widths.as_array().map(|w| Tensor::<1>::from_floats([w as f32], &device));
+        let counted = block.linear_params_tensor(as_tensors).into_scalar::<f32>() as u64;
+        assert_eq!(counted, block.linear_params(&widths));
+    }
+
+    #[test]
     fn ratio_conversion_round_trips_and_rejects_impossible_ratios() {
         let shape = ModelShape { blocks: vec![llama_like(); 3], other_params: 500 };
         for of in [RatioOf::Total, RatioOf::Blocks] {

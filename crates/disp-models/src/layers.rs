@@ -2,8 +2,10 @@
 //! rotary embeddings, causal (grouped-query) attention and the KV cache.
 
 use anyhow::Result;
-use burn::tensor::activation::{gelu, relu, softmax};
-use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
+use burn::tensor::activation::{gelu, relu};
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use crate::weights::Checkpoint;
 
@@ -269,22 +271,22 @@ pub fn split_heads(x: Tensor<3>, heads: usize, head_dim: usize) -> Tensor<4> {
 /// Causal attention with grouped-query heads. `q` is `[B, H, T, hd]` for positions
 /// `start..start+T`; `k`, `v` are `[B, KV, start+T, hd]`. Returns `[B, T, H·hd]`.
 ///
-/// The query heads sharing one KV head are folded into the row dimension, so each KV head is one
-/// larger matmul and K/V are never repeated in memory.
+/// Uses burn's fused attention op (on the CPU backend a tiled kernel with online softmax that
+/// skips the masked half); its causal mask is aligned to the last key, which is exactly the
+/// KV-cache case. Each KV head is broadcast to the query heads that share it.
 pub fn causal_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, start: usize) -> Tensor<3> {
     let [batch, heads, seq, head_dim] = q.dims();
-    let kv_heads = k.dims()[1];
-    let keys = k.dims()[2];
+    let [_, kv_heads, keys, _] = k.dims();
+    debug_assert_eq!(keys, start + seq, "keys must cover every earlier position");
     let group = heads / kv_heads;
-    let q = q.reshape([batch, kv_heads, group * seq, head_dim]);
-    let scores = q.matmul(k.swap_dims(2, 3)).div_scalar((head_dim as f64).sqrt());
-    let scores = if seq > 1 {
-        let mask: Tensor<2, Bool> = Tensor::tril_mask([seq, keys], start as i64, &scores.device());
-        let mask = if group > 1 { mask.repeat_dim(0, group) } else { mask };
-        scores.mask_fill(mask.unsqueeze::<4>(), f32::NEG_INFINITY)
-    } else {
-        scores
+    let repeat = |t: Tensor<4>| {
+        if group == 1 {
+            t
+        } else {
+            t.unsqueeze_dim::<5>(2).expand([batch, kv_heads, group, keys, head_dim]).reshape([batch, heads, keys, head_dim])
+        }
     };
-    let out = softmax(scores, 3).matmul(v); // [B, KV, G·T, hd]
-    out.reshape([batch, heads, seq, head_dim]).swap_dims(1, 2).reshape([batch, seq, heads * head_dim])
+    let options = AttentionModuleOptions { scale: None, softcap: None, is_causal: seq > 1 };
+    let out = attention(q, repeat(k), repeat(v), None, None, options);
+    out.swap_dims(1, 2).reshape([batch, seq, heads * head_dim])
 }
