@@ -309,7 +309,7 @@ fn prune(device: DeviceChoice, args: PruneArgs) -> Result<()> {
     let model = load(device, &ModelArgs { model: args.model.clone(), plan: None })?;
     // Fails early, before any tokenising or training, on a ratio the model cannot reach.
     model.model_shape().kept_block_fraction(args.ratio, args.ratio_of)?;
-    let mut plan = match args.method {
+    let plan = match args.method {
         Method::UniformMagnitude => disp_train::uniform::uniform_magnitude_plan(model.as_ref(), args.ratio, args.ratio_of)?,
         Method::Disp => {
             let tokenizer = TextTokenizer::load(&args.model)?;

@@ -14,6 +14,7 @@ pub mod bench;
 pub mod checkpoint;
 pub mod gates;
 pub mod hypernet;
+pub mod loss;
 pub mod masks;
 pub mod rng;
 pub mod search;

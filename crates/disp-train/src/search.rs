@@ -1,6 +1,6 @@
 //! The search loop: one [`Searcher`] per run, stepping the hypernetwork against a frozen model.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{bail, Result};
@@ -10,12 +10,12 @@ use burn::store::ModuleRecord;
 use burn::tensor::{Bytes, Int, Tensor, TensorData};
 use disp_core::params::{BlockShape, BlockWidths, ModelShape};
 use disp_core::plan::{PruningPlan, PLAN_FORMAT_VERSION};
-use disp_eval::perplexity::sequence_nll;
 use disp_models::CausalLm;
 use serde_json::json;
 
 use crate::checkpoint::{self, CheckpointHeader, CHECKPOINT_FORMAT_VERSION};
 use crate::gates::{self, SampledGates};
+use crate::loss::{lm_loss, LmLoss};
 use crate::hypernet::{fixed_inputs, HyperNet, HyperNetShape};
 use crate::masks::{calibrate, GateScores};
 use crate::rng::{mix64, Purpose, SplitMix64};
@@ -23,8 +23,9 @@ use crate::{SearchConfig, StepReport};
 
 /// The differentiable losses of one step, before `backward`.
 pub struct StepLoss {
-    /// Mean next-token NLL under the soft gates, `[1]`.
-    pub lm: Tensor<1>,
+    /// Mean next-token NLL under the soft gates (value on the host, surrogate for backward; see
+    /// [`crate::loss`]).
+    pub lm: LmLoss,
     /// λ·|log(P(S)/(p·P_blocks))| of the straight-through gates, `[1]`.
     pub regulariser: Tensor<1>,
     /// Hard gates (no graph), per site `[layers, width]`.
@@ -32,8 +33,9 @@ pub struct StepLoss {
 }
 
 impl StepLoss {
+    /// What `backward` is called on: its gradient is that of LM loss + regulariser.
     pub fn total(&self) -> Tensor<1> {
-        self.lm.clone() + self.regulariser.clone()
+        self.lm.surrogate.clone() + self.regulariser.clone()
     }
 }
 
@@ -186,10 +188,9 @@ impl<'a> Searcher<'a> {
         let batch = self.batch_windows(step);
         let sampled = self.sample_gates(step);
         let tokens = self.tokens(&batch);
-        let [rows, seq] = tokens.dims();
         let block_gates = gates::block_gates(&sampled.soft);
         let logits = self.model.forward(tokens.clone(), Some(&block_gates), None);
-        let lm = sequence_nll(logits, tokens).div_scalar((rows * (seq - 1)) as f64);
+        let lm = lm_loss(logits, &tokens);
         let params = gates::parameter_count(&self.block, &sampled.straight_through);
         let regulariser = disp_core::params::parameter_regulariser(params, self.target_block_params, self.cfg.lambda);
         StepLoss { lm, regulariser, hard: sampled.hard }
@@ -205,7 +206,7 @@ impl<'a> Searcher<'a> {
         let step = self.steps_done + 1;
         let start = Instant::now();
         let loss = self.step_loss(step);
-        let lm_loss = loss.lm.clone().into_scalar::<f32>() as f64;
+        let lm_loss = loss.lm.value;
         let regulariser = loss.regulariser.clone().into_scalar::<f32>() as f64;
         let forward = start.elapsed().as_secs_f64();
         if !(lm_loss.is_finite() && regulariser.is_finite()) {
@@ -388,7 +389,7 @@ impl<'a> Searcher<'a> {
     }
 
     /// Restores the state saved by [`Self::save_checkpoint`].
-    pub fn load_checkpoint(&mut self, path: &PathBuf) -> Result<()> {
+    pub fn load_checkpoint(&mut self, path: &Path) -> Result<()> {
         let data = checkpoint::read(path)?;
         let h = &data.header;
         let identity = self.model.identity();
