@@ -38,7 +38,17 @@ pub trait CausalLm: Send + Sync {
     fn is_pruned(&self) -> bool;
     /// The prunable structure at full width (the same before and after pruning).
     fn model_shape(&self) -> ModelShape;
-    fn identity(&self) -> ModelIdentity;
+    /// What a plan must match: the family and the prunable widths.
+    fn identity(&self) -> ModelIdentity {
+        let shape = self.model_shape();
+        ModelIdentity {
+            model_type: self.family().model_type().into(),
+            num_layers: shape.blocks.len(),
+            hidden_size: shape.blocks[0].hidden,
+            intermediate_size: shape.blocks[0].intermediate,
+            fingerprint: None,
+        }
+    }
     /// Parameters of the block linears as actually stored (smaller once pruned).
     fn stored_linear_params(&self) -> usize;
 

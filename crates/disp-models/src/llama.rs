@@ -5,7 +5,7 @@ use anyhow::{bail, Result};
 use burn::tensor::activation::silu;
 use burn::tensor::{Device, Int, Tensor};
 use disp_core::params::{BlockShape, MlpKind, ModelShape};
-use disp_core::plan::{ModelIdentity, PruningPlan};
+use disp_core::plan::PruningPlan;
 use disp_core::selection::{BlockGates, BlockIndices, Selector, Site};
 use serde::Deserialize;
 
@@ -256,15 +256,6 @@ impl CausalLm for Llama {
         ModelShape { blocks: vec![c.block_shape(); c.num_hidden_layers], other_params: (embed + head + norms) as u64 }
     }
 
-    fn identity(&self) -> ModelIdentity {
-        ModelIdentity {
-            model_type: "llama".into(),
-            num_layers: self.config.num_hidden_layers,
-            hidden_size: self.config.hidden_size,
-            intermediate_size: self.config.intermediate_size,
-            fingerprint: None,
-        }
-    }
 
     fn stored_linear_params(&self) -> usize {
         self.layers.iter().map(DecoderLayer::linear_params).sum()

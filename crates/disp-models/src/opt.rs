@@ -5,7 +5,7 @@
 use anyhow::{bail, Result};
 use burn::tensor::{Device, Int, Tensor};
 use disp_core::params::{BlockShape, MlpKind, ModelShape};
-use disp_core::plan::{ModelIdentity, PruningPlan};
+use disp_core::plan::PruningPlan;
 use disp_core::selection::{BlockGates, BlockIndices, Selector, Site};
 use serde::Deserialize;
 
@@ -322,15 +322,6 @@ impl CausalLm for Opt {
         ModelShape { blocks: vec![c.block_shape(); c.num_hidden_layers], other_params: c.other_params() }
     }
 
-    fn identity(&self) -> ModelIdentity {
-        ModelIdentity {
-            model_type: "opt".into(),
-            num_layers: self.config.num_hidden_layers,
-            hidden_size: self.config.hidden_size,
-            intermediate_size: self.config.ffn_dim,
-            fingerprint: None,
-        }
-    }
 
     fn stored_linear_params(&self) -> usize {
         self.layers.iter().map(DecoderLayer::linear_params).sum()

@@ -5,7 +5,7 @@
 use anyhow::{bail, Result};
 use burn::tensor::{Device, Int, Tensor};
 use disp_core::params::{BlockShape, MlpKind, ModelShape};
-use disp_core::plan::{ModelIdentity, PruningPlan};
+use disp_core::plan::PruningPlan;
 use disp_core::selection::{BlockGates, BlockIndices, Selector, Site};
 use serde::Deserialize;
 use serde_json::Value;
@@ -285,15 +285,6 @@ impl CausalLm for Phi {
         ModelShape { blocks: vec![c.block_shape(); c.num_hidden_layers], other_params: c.other_params() }
     }
 
-    fn identity(&self) -> ModelIdentity {
-        ModelIdentity {
-            model_type: "phi".into(),
-            num_layers: self.config.num_hidden_layers,
-            hidden_size: self.config.hidden_size,
-            intermediate_size: self.config.intermediate_size,
-            fingerprint: None,
-        }
-    }
 
     fn stored_linear_params(&self) -> usize {
         self.layers.iter().map(DecoderLayer::linear_params).sum()
