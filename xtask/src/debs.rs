@@ -8,7 +8,7 @@ use std::time::Instant;
 use anyhow::{anyhow, Context, Result};
 
 use crate::stamp::rel;
-use crate::util::{find_one, fresh_dir, mb, remove_any, run, secs};
+use crate::util::{find_one, fresh_dir, move_download_into_place, remove_any, run};
 use crate::Ctx;
 
 /// Errors of `apt-get download` that an `apt-get update` may cure.
@@ -66,19 +66,7 @@ pub fn fetch_deb(ctx: &mut Ctx, tag: &str, pkg: &str) -> Result<PathBuf> {
     let got = find_one(&scratch, &prefix, ".deb")?
         .ok_or_else(|| anyhow!("apt-get download {pkg} left no {prefix}*.deb"))?;
     let dest = dir.join(got.file_name().expect("file name"));
-    fs::rename(&got, &dest)
-        .with_context(|| format!("moving the .deb to {}", rel(&ctx.root, &dest)))?;
-    remove_any(&scratch)?;
-    let bytes = fs::metadata(&dest).map(|m| m.len()).unwrap_or(0);
-    ctx.say(
-        tag,
-        &format!(
-            "downloaded {} ({}) in {}",
-            rel(&ctx.root, &dest),
-            mb(bytes),
-            secs(t)
-        ),
-    );
+    move_download_into_place(ctx, tag, &got, &dest, &scratch, t)?;
     Ok(dest)
 }
 

@@ -13,7 +13,8 @@ use crate::austen::role;
 use crate::debs::{deb_version, extract_deb, fetch_deb};
 use crate::stamp::{self, rel, Stamp, Status};
 use crate::util::{
-    find_one, fresh_dir, mb, remove_any, run, secs, sha256_file, thousands, write_atomic,
+    find_one, fresh_dir, move_download_into_place, remove_any, run, secs, sha256_file, thousands,
+    write_atomic,
 };
 use crate::Ctx;
 
@@ -290,19 +291,7 @@ fn fetch_sdist(ctx: &mut Ctx, tag: &str) -> Result<PathBuf> {
             rel(&ctx.root, &scratch)
         )
     })?;
-    fs::rename(&got, &dest)
-        .with_context(|| format!("moving the sdist to {}", rel(&ctx.root, &dest)))?;
-    remove_any(&scratch)?;
-    let bytes = fs::metadata(&dest).map(|m| m.len()).unwrap_or(0);
-    ctx.say(
-        tag,
-        &format!(
-            "downloaded {} ({}) in {}",
-            rel(&ctx.root, &dest),
-            mb(bytes),
-            secs(t)
-        ),
-    );
+    move_download_into_place(ctx, tag, &got, &dest, &scratch, t)?;
     Ok(dest)
 }
 

@@ -13,7 +13,8 @@ use sha2::{Digest, Sha256};
 
 use crate::stamp::{self, rel, Stamp, Status};
 use crate::util::{
-    fresh_dir, hex, mb, partial_path, remove_any, run, secs, sha256_file, thousands,
+    fresh_dir, hex, mb, move_download_into_place, partial_path, remove_any, run, secs, sha256_file,
+    thousands,
 };
 use crate::Ctx;
 
@@ -335,19 +336,7 @@ fn download_wheel(
         )
     })?;
     let dest = cache.join(got.file_name().expect("file name"));
-    fs::rename(&got, &dest)
-        .with_context(|| format!("moving {} to {}", got.display(), rel(&ctx.root, &dest)))?;
-    remove_any(&scratch)?;
-    let bytes = fs::metadata(&dest).map(|m| m.len()).unwrap_or(0);
-    ctx.say(
-        tag,
-        &format!(
-            "downloaded {} ({}) in {}",
-            rel(&ctx.root, &dest),
-            mb(bytes),
-            secs(t)
-        ),
-    );
+    move_download_into_place(ctx, tag, &got, &dest, &scratch, t)?;
     Ok(dest)
 }
 

@@ -233,3 +233,35 @@ mod tests {
         assert!(e.contains("cannot run"), "{e}");
     }
 }
+
+/// Moves a finished download out of its scratch folder to `dest`, removes the scratch folder and
+/// reports the size and time taken since `started`.
+pub fn move_download_into_place(
+    ctx: &crate::Ctx,
+    tag: &str,
+    got: &Path,
+    dest: &Path,
+    scratch: &Path,
+    started: Instant,
+) -> Result<()> {
+    let root = &ctx.root;
+    fs::rename(got, dest).with_context(|| {
+        format!(
+            "moving {} to {}",
+            got.display(),
+            crate::stamp::rel(root, dest)
+        )
+    })?;
+    remove_any(scratch)?;
+    let bytes = fs::metadata(dest).map(|m| m.len()).unwrap_or(0);
+    ctx.say(
+        tag,
+        &format!(
+            "downloaded {} ({}) in {}",
+            crate::stamp::rel(root, dest),
+            mb(bytes),
+            secs(started)
+        ),
+    );
+    Ok(())
+}
