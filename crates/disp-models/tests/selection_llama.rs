@@ -5,63 +5,7 @@ mod common;
 
 use burn::tensor::Device;
 use common::*;
-use disp_core::plan::{LayerIndices, PruningPlan, PLAN_FORMAT_VERSION};
 use disp_core::selection::BlockGates;
-use disp_core::RatioOf;
-use disp_models::CausalLm;
-
-/// A deterministic pseudo-random subset of 0..width (sorted, never empty).
-fn subset(width: usize, keep_one_in: u64, salt: u64) -> Vec<u32> {
-    let mut state = salt.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut kept: Vec<u32> = (0..width as u32)
-        .filter(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state % keep_one_in != 0
-        })
-        .collect();
-    if kept.is_empty() {
-        kept.push(0);
-    }
-    kept
-}
-
-pub fn random_plan(model: &dyn CausalLm, seed: u64) -> PruningPlan {
-    let shape = model.model_shape();
-    let layers: Vec<LayerIndices> = shape
-        .blocks
-        .iter()
-        .enumerate()
-        .map(|(l, block)| {
-            let widths = block.site_widths();
-            LayerIndices::from_sites(|site| subset(widths[site.index()], 3, seed + (l * 5 + site.index()) as u64))
-        })
-        .collect();
-    let widths: Vec<_> = layers.iter().map(disp_core::BlockWidths::of).collect();
-    PruningPlan {
-        format_version: PLAN_FORMAT_VERSION,
-        model: model.identity(),
-        method: "random".into(),
-        ratio_of: RatioOf::Total,
-        target_ratio: 0.3,
-        achieved_ratio: shape.removed_ratio(&widths, RatioOf::Total),
-        dense_params: shape.dense_total_params(),
-        pruned_params: shape.total_params(&widths),
-        layers,
-        search: serde_json::Value::Null,
-    }
-}
-
-fn logits(model: &dyn CausalLm, dir: &std::path::Path, gates: Option<&[BlockGates]>) -> Vec<f32> {
-    let (shape, ids) = reference(dir, "input_ids");
-    to_vec(model.forward(token_tensor(&shape, &ids, model.device()), gates, None))
-}
-
-fn hidden_and_ff(model: &dyn CausalLm) -> (usize, usize) {
-    let b = model.model_shape().blocks[0];
-    (b.hidden, b.intermediate)
-}
 
 const LLAMA_FIXTURES: [&str; 3] = ["llama_mha_untied", "llama_gqa_tied", "llama_bf16"];
 
@@ -71,7 +15,7 @@ fn all_ones_gates_give_the_dense_logits() {
         let dir = fixture(name);
         let device = Device::flex();
         let model = disp_models::load_model(&dir, &device).unwrap();
-        let (d, ff) = hidden_and_ff(model.as_ref());
+        let (d, ff) = hidden_and_intermediate(model.as_ref());
         let gates: Vec<_> = (0..model.num_layers()).map(|_| BlockGates::ones(d, ff, &device)).collect();
         let dense = logits(model.as_ref(), &dir, None);
         let masked = logits(model.as_ref(), &dir, Some(&gates));
@@ -85,7 +29,7 @@ fn hard_gates_equal_the_pruned_model() {
         let dir = fixture(name);
         let device = Device::flex();
         let model = disp_models::load_model(&dir, &device).unwrap();
-        let (d, ff) = hidden_and_ff(model.as_ref());
+        let (d, ff) = hidden_and_intermediate(model.as_ref());
         let plan = random_plan(model.as_ref(), 7);
         let gates: Vec<_> = plan.layers.iter().map(|l| BlockGates::from_indices(l, d, ff, &device)).collect();
         let masked = logits(model.as_ref(), &dir, Some(&gates));

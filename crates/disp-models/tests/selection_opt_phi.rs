@@ -8,71 +8,9 @@ use std::path::Path;
 
 use burn::tensor::Device;
 use common::*;
-use disp_core::plan::{LayerIndices, PruningPlan, PLAN_FORMAT_VERSION};
 use disp_core::selection::BlockGates;
-use disp_core::{BlockWidths, RatioOf};
-use disp_models::CausalLm;
 
 const FIXTURES: [&str; 3] = ["opt_pre_ln", "opt_post_ln_proj", "phi"];
-
-/// A seeded pseudo-random subset of 0..width: sorted, never empty, about two thirds kept.
-fn random_subset(width: usize, seed: u64) -> Vec<u32> {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut kept: Vec<u32> = (0..width as u32)
-        .filter(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            !state.is_multiple_of(3)
-        })
-        .collect();
-    if kept.is_empty() {
-        kept.push((seed % width as u64) as u32);
-    }
-    kept
-}
-
-fn random_plan(model: &dyn CausalLm, seed: u64) -> PruningPlan {
-    let shape = model.model_shape();
-    let layers: Vec<LayerIndices> = shape
-        .blocks
-        .iter()
-        .enumerate()
-        .map(|(l, block)| {
-            let widths = block.site_widths();
-            LayerIndices::from_sites(|site| random_subset(widths[site.index()], seed + (l * 5 + site.index()) as u64))
-        })
-        .collect();
-    let widths: Vec<_> = layers.iter().map(BlockWidths::of).collect();
-    PruningPlan {
-        format_version: PLAN_FORMAT_VERSION,
-        model: model.identity(),
-        method: "random".into(),
-        ratio_of: RatioOf::Total,
-        target_ratio: 0.3,
-        achieved_ratio: shape.removed_ratio(&widths, RatioOf::Total),
-        dense_params: shape.dense_total_params(),
-        pruned_params: shape.total_params(&widths),
-        layers,
-        search: serde_json::Value::Null,
-    }
-}
-
-fn load(name: &str) -> (Box<dyn CausalLm>, Device) {
-    let device = Device::flex();
-    let model = disp_models::load_model(&fixture(name), &device).unwrap_or_else(|e| panic!("{name}: {e:#}"));
-    (model, device)
-}
-
-fn logits(model: &dyn CausalLm, dir: &Path, gates: Option<&[BlockGates]>) -> Vec<f32> {
-    let (shape, ids) = reference(dir, "input_ids");
-    to_vec(model.forward(token_tensor(&shape, &ids, model.device()), gates, None))
-}
-
-fn hidden_and_intermediate(model: &dyn CausalLm) -> (usize, usize) {
-    let block = model.model_shape().blocks[0];
-    (block.hidden, block.intermediate)
-}
 
 #[test]
 fn all_ones_gates_give_exactly_the_dense_logits() {

@@ -3,7 +3,13 @@
 
 use std::path::PathBuf;
 
+use std::path::Path;
+
 use burn::tensor::{Device, Int, Tensor, TensorData};
+use disp_core::plan::{LayerIndices, PruningPlan};
+use disp_core::selection::BlockGates;
+use disp_core::RatioOf;
+use disp_models::CausalLm;
 use safetensors::SafeTensors;
 
 pub fn fixtures_dir() -> PathBuf {
@@ -39,4 +45,51 @@ pub fn to_vec<const D: usize>(t: Tensor<D>) -> Vec<f32> {
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "length mismatch");
     a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+/// A seeded pseudo-random subset of 0..width: sorted, never empty, about two thirds kept.
+pub fn random_subset(width: usize, seed: u64) -> Vec<u32> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut kept: Vec<u32> = (0..width as u32)
+        .filter(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            !state.is_multiple_of(3)
+        })
+        .collect();
+    if kept.is_empty() {
+        kept.push((seed % width as u64) as u32);
+    }
+    kept
+}
+
+pub fn random_plan(model: &dyn CausalLm, seed: u64) -> PruningPlan {
+    let shape = model.model_shape();
+    let layers: Vec<LayerIndices> = shape
+        .blocks
+        .iter()
+        .enumerate()
+        .map(|(l, block)| {
+            let widths = block.site_widths();
+            LayerIndices::from_sites(|site| random_subset(widths[site.index()], seed + (l * 5 + site.index()) as u64))
+        })
+        .collect();
+    PruningPlan::from_layers(model.identity(), &shape, "random", RatioOf::Total, 0.3, layers, serde_json::Value::Null)
+}
+
+pub fn load(name: &str) -> (Box<dyn CausalLm>, Device) {
+    let device = Device::flex();
+    let model = disp_models::load_model(&fixture(name), &device).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+    (model, device)
+}
+
+pub fn logits(model: &dyn CausalLm, dir: &Path, gates: Option<&[BlockGates]>) -> Vec<f32> {
+    let (shape, ids) = reference(dir, "input_ids");
+    to_vec(model.forward(token_tensor(&shape, &ids, model.device()), gates, None))
+}
+
+pub fn hidden_and_intermediate(model: &dyn CausalLm) -> (usize, usize) {
+    let block = model.model_shape().blocks[0];
+    (block.hidden, block.intermediate)
 }
