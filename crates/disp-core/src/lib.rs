@@ -7,6 +7,7 @@
 //! ([`params`]), the regulariser of the search objective, the serialisable pruning plan
 //! ([`plan`]) and the run-time choice of compute device ([`device`]).
 
+pub mod activations;
 pub mod baseline;
 pub mod device;
 pub mod fsutil;

@@ -153,6 +153,16 @@ pub struct ModelShape {
     pub other_params: u64,
 }
 
+impl RatioOf {
+    /// The name used on the command line and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Total => "total",
+            Self::Blocks => "blocks",
+        }
+    }
+}
+
 impl std::str::FromStr for RatioOf {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {

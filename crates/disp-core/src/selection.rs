@@ -8,8 +8,12 @@
 //!
 //! With 0/1 gates the masked and the pruned block compute the same function.
 
+use std::sync::Arc;
+
 use burn::tensor::{Device, IndexingUpdateOp, Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
+
+use crate::activations::{ActivationPoint, ActivationRecorder};
 
 /// One of the five selections of a block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -45,14 +49,33 @@ impl Site {
 }
 
 /// Gate vectors of one block (masked mode), one per [`Site`]: widths d, d, d, d_ff, d.
+/// Optionally also an [`ActivationRecorder`] that the masked selector feeds.
 #[derive(Debug, Clone)]
 pub struct BlockGates {
     gates: [Tensor<1>; 5],
+    recorder: Option<Arc<ActivationRecorder>>,
 }
 
 impl BlockGates {
     pub fn new(gates: [Tensor<1>; 5]) -> Self {
-        Self { gates }
+        Self { gates, recorder: None }
+    }
+
+    /// All-ones gates that record activation statistics: the block computes the dense function
+    /// (× 1 is exact) and every selector call adds Σ x² per channel to the recorder.
+    pub fn recording(hidden: usize, intermediate: usize, device: &Device) -> Self {
+        Self { recorder: Some(Arc::new(ActivationRecorder::new())), ..Self::ones(hidden, intermediate, device) }
+    }
+
+    /// The recorder of gates built by [`Self::recording`].
+    pub fn recorder(&self) -> Option<&ActivationRecorder> {
+        self.recorder.as_deref()
+    }
+
+    fn observe(&self, point: ActivationPoint, x: &Tensor<3>) {
+        if let Some(recorder) = &self.recorder {
+            recorder.record(point, x);
+        }
     }
 
     /// All-ones gates: the masked block then equals the dense one.
@@ -118,7 +141,10 @@ impl Selector<'_> {
     pub fn read(&self, site: Site, normed: Tensor<3>) -> Tensor<3> {
         match self {
             Selector::Dense => normed,
-            Selector::Masked(gates) => normed * gates.get(site).clone().unsqueeze::<3>(),
+            Selector::Masked(gates) => {
+                gates.observe(if site == Site::AttnIn { ActivationPoint::AttnIn } else { ActivationPoint::MlpIn }, &normed);
+                normed * gates.get(site).clone().unsqueeze::<3>()
+            }
             Selector::Pruned(indices) => normed.select(2, indices.get(site).clone()),
         }
     }
@@ -127,8 +153,19 @@ impl Selector<'_> {
     /// channels, so there is nothing to do then.
     pub fn scale_intermediate(&self, hidden: Tensor<3>) -> Tensor<3> {
         match self {
-            Selector::Masked(gates) => hidden * gates.get(Site::MlpInter).clone().unsqueeze::<3>(),
+            Selector::Masked(gates) => {
+                gates.observe(ActivationPoint::MlpInter, &hidden);
+                hidden * gates.get(Site::MlpInter).clone().unsqueeze::<3>()
+            }
             Selector::Dense | Selector::Pruned(_) => hidden,
+        }
+    }
+
+    /// Shows the attention context `[B, T, q_dim]` (the input of the attention output
+    /// projection) to a recorder; does nothing unless the gates record.
+    pub fn observe_attention_context(&self, context: &Tensor<3>) {
+        if let Selector::Masked(gates) = self {
+            gates.observe(ActivationPoint::AttnContext, context);
         }
     }
 
@@ -136,7 +173,10 @@ impl Selector<'_> {
     pub fn write(&self, site: Site, residual: Tensor<3>, output: Tensor<3>) -> Tensor<3> {
         match self {
             Selector::Dense => residual + output,
-            Selector::Masked(gates) => residual + output * gates.get(site).clone().unsqueeze::<3>(),
+            Selector::Masked(gates) => {
+                gates.observe(if site == Site::AttnOut { ActivationPoint::AttnOut } else { ActivationPoint::MlpOut }, &output);
+                residual + output * gates.get(site).clone().unsqueeze::<3>()
+            }
             Selector::Pruned(indices) => {
                 residual.select_assign(2, indices.get(site).clone(), output, IndexingUpdateOp::Add)
             }

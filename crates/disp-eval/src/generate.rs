@@ -85,14 +85,13 @@ pub fn generate(model: &dyn CausalLm, prompt: &[u32], opts: &GenerateOptions) ->
     let mut cache = model.new_cache();
     let mut rng = SplitMix64(opts.seed);
     let vocab = model.vocab_size();
-    let last_logits = |logits: Tensor<3>| -> Vec<f32> {
-        let [_, seq, _] = logits.dims();
-        logits.narrow(1, seq - 1, 1).reshape([vocab]).into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 logits")
+    let last_logits = |logits: Tensor<2>| -> Vec<f32> {
+        logits.reshape([vocab]).into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 logits")
     };
     let start = Instant::now();
     let ids: Vec<i64> = prompt.iter().map(|&t| t as i64).collect();
     let input = Tensor::<2, Int>::from_data(TensorData::new(ids, [1, prompt.len()]), device);
-    let mut next = pick(last_logits(model.forward(input, None, Some(&mut cache))), opts, &mut rng);
+    let mut next = pick(last_logits(model.forward_last(input, Some(&mut cache))), opts, &mut rng);
     let prefill_seconds = start.elapsed().as_secs_f64();
     let start = Instant::now();
     let mut tokens = Vec::new();
@@ -102,7 +101,7 @@ pub fn generate(model: &dyn CausalLm, prompt: &[u32], opts: &GenerateOptions) ->
             break;
         }
         let input = Tensor::<2, Int>::from_data(TensorData::new(vec![next as i64], [1, 1]), device);
-        next = pick(last_logits(model.forward(input, None, Some(&mut cache))), opts, &mut rng);
+        next = pick(last_logits(model.forward_last(input, Some(&mut cache))), opts, &mut rng);
     }
     Ok(Generation { tokens, prefill_seconds, decode_seconds: start.elapsed().as_secs_f64() })
 }

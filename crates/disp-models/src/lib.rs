@@ -5,18 +5,20 @@
 //! the block's index sets; used during the search) or pruned (weights cut to the index sets,
 //! `index_select`/`index_add` against the full-width residual).
 
+pub mod bpe;
 pub mod config;
 pub mod gguf;
 pub mod layers;
 pub mod llama;
 pub mod opt;
 pub mod phi;
+pub mod pruned_folder;
 pub mod tokenizer;
 pub mod weights;
 
 use std::path::Path;
 
-use anyhow::Result;
+use anyhow::{anyhow, bail, Result};
 use burn::tensor::{Device, Int, Tensor};
 use disp_core::params::ModelShape;
 use disp_core::plan::{ModelIdentity, PruningPlan};
@@ -52,14 +54,36 @@ pub trait CausalLm: Send + Sync {
     /// Parameters of the block linears as actually stored (smaller once pruned).
     fn stored_linear_params(&self) -> usize;
 
-    /// Logits `[B, T, vocab]` for `tokens` `[B, T]`.
+    /// The final hidden states `[B, T, h]` for `tokens` `[B, T]`: the residual stream after the
+    /// last block and the final norm (and projection), i.e. what the LM head reads.
     ///
     /// `gates` (one per layer) switches a dense model to masked mode. With a `cache`, the tokens
     /// continue the cached positions and their keys/values are appended.
-    fn forward(&self, tokens: Tensor<2, Int>, gates: Option<&[BlockGates]>, cache: Option<&mut KvCache>) -> Tensor<3>;
+    fn hidden_states(&self, tokens: Tensor<2, Int>, gates: Option<&[BlockGates]>, cache: Option<&mut KvCache>) -> Tensor<3>;
+
+    /// The LM head: logits `[B, T, vocab]` of hidden states `[B, T, h]`.
+    fn logits(&self, hidden: Tensor<3>) -> Tensor<3>;
+
+    /// Logits `[B, T, vocab]` for `tokens` `[B, T]` (see [`CausalLm::hidden_states`]).
+    fn forward(&self, tokens: Tensor<2, Int>, gates: Option<&[BlockGates]>, cache: Option<&mut KvCache>) -> Tensor<3> {
+        self.logits(self.hidden_states(tokens, gates, cache))
+    }
+
+    /// Logits `[B, vocab]` of the last position only: all generation needs after a prompt, and
+    /// the vocabulary projection of the other positions (a fifth of a small model's prefill work)
+    /// is skipped.
+    fn forward_last(&self, tokens: Tensor<2, Int>, cache: Option<&mut KvCache>) -> Tensor<2> {
+        let hidden = self.hidden_states(tokens, None, cache);
+        let [batch, seq, _] = hidden.dims();
+        self.logits(hidden.narrow(1, seq - 1, 1)).reshape([batch, self.vocab_size()])
+    }
 
     /// The linear layers of block `layer`, grouped by the index set they touch.
     fn block_linears(&self, layer: usize) -> BlockLinears<'_>;
+
+    /// [`Self::block_linears`] for changing weights in place (e.g. zeroing them for
+    /// semi-structured sparsity); shapes must stay as they are.
+    fn block_linears_mut(&mut self, layer: usize) -> BlockLinearsMut<'_>;
 
     /// A copy whose blocks are cut to the plan's index sets.
     fn prune(&self, plan: &PruningPlan) -> Result<Box<dyn CausalLm>>;
@@ -80,6 +104,18 @@ pub struct BlockLinears<'a> {
     pub mlp_inputs: Vec<&'a layers::Linear>,
     /// Reads S4 through its rows and writes S5 through its columns (down_proj / fc2).
     pub mlp_output: &'a layers::Linear,
+}
+
+/// The same grouping as [`BlockLinears`], mutable.
+pub struct BlockLinearsMut<'a> {
+    /// q, k, v.
+    pub attn_inputs: Vec<&'a mut layers::Linear>,
+    /// o_proj / out_proj / dense.
+    pub attn_output: &'a mut layers::Linear,
+    /// gate + up / fc1.
+    pub mlp_inputs: Vec<&'a mut layers::Linear>,
+    /// down_proj / fc2.
+    pub mlp_output: &'a mut layers::Linear,
 }
 
 /// Per layer and site, the L2 norm of all weights attached to each position: the "magnitude"
@@ -119,14 +155,48 @@ pub(crate) fn selector<'a>(kept: Option<&'a BlockIndices>, gates: Option<&'a Blo
     }
 }
 
-/// Loads the model in an HF folder onto `device`.
+/// Loads the model in an HF folder onto `device`: a dense checkpoint, or a pruned folder written
+/// by `disp export` (then the model runs pruned, with the folder's index sets).
 pub fn load_model(dir: &Path, device: &Device) -> Result<Box<dyn CausalLm>> {
     let raw = RawConfig::read(dir)?;
     let family = raw.family()?;
-    let ck = Checkpoint::open(dir)?;
-    Ok(match family {
-        Family::Llama => Box::new(llama::Llama::load(&raw, &ck, device)?),
-        Family::Opt => Box::new(opt::Opt::load(&raw, &ck, device)?),
-        Family::Phi => Box::new(phi::Phi::load(&raw, &ck, device)?),
+    let mut ck = Checkpoint::open(dir)?;
+    let manifest = pruned_folder::ExportManifest::from_config(&raw)?;
+    let mut plan = None;
+    if let Some(manifest) = manifest {
+        if manifest.source.num_layers != manifest.layer_widths.len() {
+            bail!("{}: 'disp' section lists {} layer widths for {} layers", raw.path.display(), manifest.layer_widths.len(), manifest.source.num_layers);
+        }
+        let layers = pruned_folder::read_index_sets(&ck, &manifest)?;
+        let stored = manifest.into_plan(layers);
+        ck.set_pruned_layout(pruned_folder::PrunedLayout { family, layers: stored.layers.clone() });
+        plan = Some(stored);
+    }
+    let model = load_model_from(&raw, &ck, device)?;
+    if let Some(plan) = plan {
+        // The index sets are used by `select`, which must never see a position out of range.
+        let identity = ModelIdentity { fingerprint: plan.model.fingerprint.clone(), ..model.identity() };
+        plan.validate(&identity, &model.model_shape()).map_err(|e| anyhow!("{}: {e:#}", ck.describe()))?;
+    }
+    Ok(model)
+}
+
+/// Loads the model of `raw`'s family from any checkpoint: files, tensors in memory (see
+/// [`Checkpoint::from_tensors`]; on `device.autodiff()` the model is differentiable in them) or a
+/// probe. Blocks run pruned only when `ck` carries a pruned layout.
+pub fn load_model_from(raw: &RawConfig, ck: &Checkpoint, device: &Device) -> Result<Box<dyn CausalLm>> {
+    Ok(match raw.family()? {
+        Family::Llama => Box::new(llama::Llama::load(raw, ck, device)?),
+        Family::Opt => Box::new(opt::Opt::load(raw, ck, device)?),
+        Family::Phi => Box::new(phi::Phi::load(raw, ck, device)?),
     })
+}
+
+/// The (name, HF shape) of every tensor the family of `raw` reads for that config, in loading
+/// order: what a checkpoint of this config must hold (no `lm_head.weight` when embeddings are
+/// tied). Found by loading the model from a [`Checkpoint::probe`] (zeros on `device`).
+pub fn parameter_shapes(raw: &RawConfig, device: &Device) -> Result<Vec<(String, Vec<usize>)>> {
+    let probe = Checkpoint::probe();
+    load_model_from(raw, &probe, device)?;
+    Ok(probe.probed())
 }

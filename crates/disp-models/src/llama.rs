@@ -143,7 +143,7 @@ impl Llama {
                     up_proj: Linear::load(ck, &format!("{p}.mlp.up_proj"), d, ff, mb, device)?,
                     down_proj: Linear::load(ck, &format!("{p}.mlp.down_proj"), ff, d, mb, device)?,
                 },
-                kept: None,
+                kept: ck.kept_indices(i, device),
             });
         }
         let embed_tokens = ck.tensor("model.embed_tokens.weight", [config.vocab_size, d], device)?;
@@ -182,7 +182,9 @@ impl DecoderLayer {
             Some((cache, layer)) => cache.append(layer, k, v),
             None => (k, v),
         };
-        let attn = self.self_attn.o_proj.forward(causal_attention(q, k, v, start));
+        let context = causal_attention(q, k, v, start);
+        sel.observe_attention_context(&context);
+        let attn = self.self_attn.o_proj.forward(context);
         let x = sel.write(Site::AttnOut, x, attn);
 
         let mlp_in = sel.read(Site::MlpIn, self.post_attention_layernorm.forward(x.clone()));
@@ -261,7 +263,7 @@ impl CausalLm for Llama {
         self.layers.iter().map(DecoderLayer::linear_params).sum()
     }
 
-    fn forward(&self, tokens: Tensor<2, Int>, gates: Option<&[BlockGates]>, mut cache: Option<&mut KvCache>) -> Tensor<3> {
+    fn hidden_states(&self, tokens: Tensor<2, Int>, gates: Option<&[BlockGates]>, mut cache: Option<&mut KvCache>) -> Tensor<3> {
         let [batch, seq] = tokens.dims();
         let start = cache.as_ref().map_or(0, |c| c.len());
         let d = self.config.hidden_size;
@@ -273,9 +275,13 @@ impl CausalLm for Llama {
         if let Some(c) = cache {
             c.advance(seq);
         }
-        let h = self.norm.forward(x);
+        self.norm.forward(x)
+    }
+
+    fn logits(&self, hidden: Tensor<3>) -> Tensor<3> {
+        let [batch, seq, d] = hidden.dims();
         let vocab = self.config.vocab_size;
-        h.reshape([batch * seq, d]).matmul(self.lm_head.clone()).reshape([batch, seq, vocab])
+        hidden.reshape([batch * seq, d]).matmul(self.lm_head.clone()).reshape([batch, seq, vocab])
     }
 
     fn block_linears(&self, layer: usize) -> BlockLinears<'_> {
@@ -298,5 +304,15 @@ impl CausalLm for Llama {
             *layer = layer.pruned(BlockIndices::new(indices, &self.device));
         }
         Ok(Box::new(pruned))
+    }
+
+    fn block_linears_mut(&mut self, layer: usize) -> crate::BlockLinearsMut<'_> {
+        let l = &mut self.layers[layer];
+        crate::BlockLinearsMut {
+            attn_inputs: vec![&mut l.self_attn.q_proj, &mut l.self_attn.k_proj, &mut l.self_attn.v_proj],
+            attn_output: &mut l.self_attn.o_proj,
+            mlp_inputs: vec![&mut l.mlp.gate_proj, &mut l.mlp.up_proj],
+            mlp_output: &mut l.mlp.down_proj,
+        }
     }
 }

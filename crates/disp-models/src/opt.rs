@@ -183,7 +183,7 @@ impl Opt {
                 final_layer_norm: norm(format!("{p}.final_layer_norm"))?,
                 fc1: Linear::load(ck, &format!("{p}.fc1"), d, ff, bias, device)?,
                 fc2: Linear::load(ck, &format!("{p}.fc2"), ff, d, bias, device)?,
-                kept: None,
+                kept: ck.kept_indices(i, device),
             });
         }
         let (project_in, project_out) = if config.projects_embeddings() {
@@ -250,7 +250,9 @@ impl DecoderLayer {
             Some((cache, layer)) => cache.append(layer, k, v),
             None => (k, v),
         };
-        let attn = self.self_attn.out_proj.forward(causal_attention(q, k, v, start));
+        let context = causal_attention(q, k, v, start);
+        sel.observe_attention_context(&context);
+        let attn = self.self_attn.out_proj.forward(context);
         let mut x = sel.write(Site::AttnOut, x, attn);
         if !pre_ln {
             x = self.self_attn_layer_norm.forward(x);
@@ -327,7 +329,7 @@ impl CausalLm for Opt {
         self.layers.iter().map(DecoderLayer::linear_params).sum()
     }
 
-    fn forward(&self, tokens: Tensor<2, Int>, gates: Option<&[BlockGates]>, mut cache: Option<&mut KvCache>) -> Tensor<3> {
+    fn hidden_states(&self, tokens: Tensor<2, Int>, gates: Option<&[BlockGates]>, mut cache: Option<&mut KvCache>) -> Tensor<3> {
         let [batch, seq] = tokens.dims();
         let start = cache.as_ref().map_or(0, |c| c.len());
         // The position table simply ends here; callers check max_positions() and report it.
@@ -359,8 +361,13 @@ impl CausalLm for Opt {
         if let Some(project_out) = &self.project_out {
             x = project_out.forward(x);
         }
+        x
+    }
+
+    fn logits(&self, hidden: Tensor<3>) -> Tensor<3> {
+        let [batch, seq, e] = hidden.dims();
         let vocab = self.config.vocab_size;
-        x.reshape([batch * seq, e]).matmul(self.lm_head.clone()).reshape([batch, seq, vocab])
+        hidden.reshape([batch * seq, e]).matmul(self.lm_head.clone()).reshape([batch, seq, vocab])
     }
 
     fn block_linears(&self, layer: usize) -> BlockLinears<'_> {
@@ -383,5 +390,15 @@ impl CausalLm for Opt {
             *layer = layer.pruned(BlockIndices::new(indices, &self.device));
         }
         Ok(Box::new(pruned))
+    }
+
+    fn block_linears_mut(&mut self, layer: usize) -> crate::BlockLinearsMut<'_> {
+        let l = &mut self.layers[layer];
+        crate::BlockLinearsMut {
+            attn_inputs: vec![&mut l.self_attn.q_proj, &mut l.self_attn.k_proj, &mut l.self_attn.v_proj],
+            attn_output: &mut l.self_attn.out_proj,
+            mlp_inputs: vec![&mut l.fc1],
+            mlp_output: &mut l.fc2,
+        }
     }
 }

@@ -178,7 +178,7 @@ impl Phi {
                     fc1: Linear::load(ck, &format!("{p}.mlp.fc1"), d, ff, true, device)?,
                     fc2: Linear::load(ck, &format!("{p}.mlp.fc2"), ff, d, true, device)?,
                 },
-                kept: None,
+                kept: ck.kept_indices(i, device),
             });
         }
         let embed_tokens = ck.tensor("model.embed_tokens.weight", [v, d], device)?;
@@ -221,7 +221,9 @@ impl DecoderLayer {
             Some((cache, layer)) => cache.append(layer, k, v),
             None => (k, v),
         };
-        let attn = self.self_attn.dense.forward(causal_attention(q, k, v, start));
+        let context = causal_attention(q, k, v, start);
+        sel.observe_attention_context(&context);
+        let attn = self.self_attn.dense.forward(context);
 
         let mlp_in = sel.read(Site::MlpIn, normed);
         let inter = model.activation.forward(self.mlp.fc1.forward(mlp_in));
@@ -290,7 +292,7 @@ impl CausalLm for Phi {
         self.layers.iter().map(DecoderLayer::linear_params).sum()
     }
 
-    fn forward(&self, tokens: Tensor<2, Int>, gates: Option<&[BlockGates]>, mut cache: Option<&mut KvCache>) -> Tensor<3> {
+    fn hidden_states(&self, tokens: Tensor<2, Int>, gates: Option<&[BlockGates]>, mut cache: Option<&mut KvCache>) -> Tensor<3> {
         let [batch, seq] = tokens.dims();
         let start = cache.as_ref().map_or(0, |c| c.len());
         let d = self.config.hidden_size;
@@ -302,7 +304,11 @@ impl CausalLm for Phi {
         if let Some(c) = cache {
             c.advance(seq);
         }
-        self.lm_head.forward(self.final_layernorm.forward(x))
+        self.final_layernorm.forward(x)
+    }
+
+    fn logits(&self, hidden: Tensor<3>) -> Tensor<3> {
+        self.lm_head.forward(hidden)
     }
 
     fn block_linears(&self, layer: usize) -> BlockLinears<'_> {
@@ -325,5 +331,15 @@ impl CausalLm for Phi {
             *layer = layer.pruned(BlockIndices::new(indices, &self.device));
         }
         Ok(Box::new(pruned))
+    }
+
+    fn block_linears_mut(&mut self, layer: usize) -> crate::BlockLinearsMut<'_> {
+        let l = &mut self.layers[layer];
+        crate::BlockLinearsMut {
+            attn_inputs: vec![&mut l.self_attn.q_proj, &mut l.self_attn.k_proj, &mut l.self_attn.v_proj],
+            attn_output: &mut l.self_attn.dense,
+            mlp_inputs: vec![&mut l.mlp.fc1],
+            mlp_output: &mut l.mlp.fc2,
+        }
     }
 }

@@ -4,21 +4,54 @@
 //! burn-import no longer reads safetensors (it is ONNX-only in burn 0.22); we read the files
 //! with the `safetensors` crate over a memory map, which also lets us check shapes ourselves and
 //! cut or transpose weights while loading.
+//!
+//! A checkpoint can also live in memory ([`Checkpoint::from_tensors`]: flat tensors with their
+//! HF shapes, e.g. the parameters of a model being trained, which stay differentiable through
+//! the loaders), or only record what a loader reads ([`Checkpoint::probe`]), which lists the
+//! tensors a family needs for a config without a second table of names.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use anyhow::{anyhow, bail, Context, Result};
 use burn::tensor::{Device, Tensor, TensorData};
+use disp_core::selection::BlockIndices;
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
+
+use crate::pruned_folder::PrunedLayout;
 
 /// The weight files of one checkpoint folder.
 pub struct Checkpoint {
     files: Vec<(PathBuf, Mmap)>,
     /// tensor name -> index into `files`
     location: HashMap<String, usize>,
+    /// Set for a pruned folder: block linears are stored cut to these index sets.
+    layout: Option<PrunedLayout>,
+    /// Set for a checkpoint that is not a folder of files (`files` and `location` are then empty).
+    memory: Option<MemorySource>,
+}
+
+/// The tensors of a checkpoint that does not come from files.
+enum MemorySource {
+    /// Flat tensors with their HF shapes.
+    Tensors(HashMap<String, (Vec<usize>, Tensor<1>)>),
+    /// No tensors: every read answers zeros and is recorded as (name, HF shape).
+    Probe(Mutex<Vec<(String, Vec<usize>)>>),
+}
+
+/// Name used in messages about an in-memory checkpoint, where a file path would be.
+const IN_MEMORY: &str = "in-memory checkpoint";
+/// Name used in messages about a probing checkpoint.
+const PROBE: &str = "probing checkpoint";
+
+/// One stored tensor, undecoded.
+pub struct RawTensor<'a> {
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    pub bytes: &'a [u8],
 }
 
 impl Checkpoint {
@@ -47,39 +80,139 @@ impl Checkpoint {
             }
             files.push((path, map));
         }
-        Ok(Self { files, location })
+        Ok(Self { files, location, layout: None, memory: None })
+    }
+
+    /// A checkpoint over tensors in memory: name -> (HF shape, flat values). Reads return
+    /// `flat.reshape(shape)` (matrices `reshape([out, in]).transpose()`) without copying, so a
+    /// model loaded from it on `device.autodiff()` is differentiable in these tensors.
+    pub fn from_tensors(tensors: HashMap<String, (Vec<usize>, Tensor<1>)>) -> Result<Self> {
+        for (name, (shape, flat)) in &tensors {
+            let needed: usize = shape.iter().product();
+            if flat.dims()[0] != needed {
+                bail!("{IN_MEMORY}: tensor '{name}' holds {} values, its shape {shape:?} needs {needed}", flat.dims()[0]);
+            }
+        }
+        Ok(Self { files: Vec::new(), location: HashMap::new(), layout: None, memory: Some(MemorySource::Tensors(tensors)) })
+    }
+
+    /// A checkpoint that holds every tensor a loader asks for (zeros of the requested shape) and
+    /// records each request; after loading a model with it, [`Self::probed`] lists exactly the
+    /// tensors that family reads for that config.
+    pub fn probe() -> Self {
+        Self { files: Vec::new(), location: HashMap::new(), layout: None, memory: Some(MemorySource::Probe(Mutex::new(Vec::new()))) }
+    }
+
+    /// The (name, HF shape) of every tensor read so far from a [`Self::probe`] checkpoint, in
+    /// the order first read; empty for other checkpoints.
+    pub fn probed(&self) -> Vec<(String, Vec<usize>)> {
+        let Some(MemorySource::Probe(reads)) = &self.memory else { return Vec::new() };
+        let reads = reads.lock().expect("probe records are never left half-written");
+        let mut seen = std::collections::HashSet::new();
+        reads.iter().filter(|(name, _)| seen.insert(name.clone())).cloned().collect()
+    }
+
+    /// Marks the checkpoint as a pruned folder: loaders then expect block linears cut to
+    /// `layout`'s index sets.
+    pub fn set_pruned_layout(&mut self, layout: PrunedLayout) {
+        self.layout = Some(layout);
+    }
+
+    /// The kept positions of block `layer` when this is a pruned folder.
+    pub fn kept_indices(&self, layer: usize, device: &Device) -> Option<BlockIndices> {
+        let kept = self.layout.as_ref()?.layers.get(layer)?;
+        Some(BlockIndices::new(kept, device))
+    }
+
+    /// The shape `name` is stored with, given the shape of the dense tensor.
+    fn stored_shape(&self, name: &str, dense_shape: &[usize]) -> Vec<usize> {
+        match &self.layout {
+            Some(layout) => layout.stored_shape(name, dense_shape),
+            None => dense_shape.to_vec(),
+        }
+    }
+
+    /// The stored bytes of a tensor, for copying it without decoding.
+    pub fn raw(&self, name: &str) -> Result<RawTensor<'_>> {
+        let (_, map) = self.file_of(name)?;
+        let tensors = SafeTensors::deserialize(map).expect("validated when opened");
+        let view = tensors.tensor(name).expect("listed when opened");
+        Ok(RawTensor { dtype: view.dtype(), shape: view.shape().to_vec(), bytes: view.data() })
+    }
+
+    /// Reads an integer tensor (I64 or I32) as i64, checking its shape.
+    pub fn read_i64(&self, name: &str, shape: &[usize]) -> Result<Vec<i64>> {
+        let (path, _) = self.file_of(name)?;
+        let raw = self.raw(name)?;
+        if raw.shape != shape {
+            bail!("{}: tensor '{name}' has shape {:?}, expected {:?}", path.display(), raw.shape, shape);
+        }
+        Ok(match raw.dtype {
+            Dtype::I64 => raw.bytes.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes"))).collect(),
+            Dtype::I32 => raw.bytes.chunks_exact(4).map(|b| i32::from_le_bytes(b.try_into().expect("4 bytes")) as i64).collect(),
+            other => bail!("{}: tensor '{name}' has dtype {other:?}, expected I64 or I32", path.display()),
+        })
     }
 
     pub fn contains(&self, name: &str) -> bool {
-        self.location.contains_key(name)
+        match &self.memory {
+            Some(MemorySource::Tensors(tensors)) => tensors.contains_key(name),
+            Some(MemorySource::Probe(_)) => true,
+            None => self.location.contains_key(name),
+        }
     }
 
+    /// The weight files, in the order they were opened.
+    pub fn paths(&self) -> impl Iterator<Item = &Path> {
+        self.files.iter().map(|(p, _)| p.as_path())
+    }
+
+    /// The stored tensor names (none for a probe, which holds whatever is asked for).
     pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.location.keys().map(String::as_str)
+        let in_memory = match &self.memory {
+            Some(MemorySource::Tensors(tensors)) => Some(tensors.keys()),
+            _ => None,
+        };
+        self.location.keys().chain(in_memory.into_iter().flatten()).map(String::as_str)
     }
 
     fn file_of(&self, name: &str) -> Result<&(PathBuf, Mmap)> {
-        let idx = self.location.get(name).ok_or_else(|| {
-            let shown = self.files.first().map(|(p, _)| p.display().to_string()).unwrap_or_default();
-            anyhow!("{shown}: missing tensor '{name}'")
-        })?;
+        if self.memory.is_some() && self.contains(name) {
+            bail!("{}: tensor '{name}' has no stored bytes", self.describe());
+        }
+        let idx = self.location.get(name).ok_or_else(|| anyhow!("{}: missing tensor '{name}'", self.describe()))?;
         Ok(&self.files[*idx])
     }
 
     /// The stored shape of a tensor.
     pub fn shape(&self, name: &str) -> Result<Vec<usize>> {
+        if let Some(MemorySource::Tensors(tensors)) = &self.memory {
+            return tensors.get(name).map(|(shape, _)| shape.clone()).ok_or_else(|| anyhow!("{IN_MEMORY}: missing tensor '{name}'"));
+        }
         let (_, map) = self.file_of(name)?;
         let tensors = SafeTensors::deserialize(map).expect("validated when opened");
         Ok(tensors.tensor(name).expect("listed when opened").shape().to_vec())
     }
 
-    /// Reads a tensor as f32 values, checking its shape.
+    /// Reads a tensor as f32 values, checking its stored shape (`shape` exactly, or cut to the
+    /// index sets of a pruned folder).
     pub fn read_f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        if let Some(memory) = &self.memory {
+            // Read where the tensor lives: no device to move it to.
+            let device = match memory {
+                MemorySource::Tensors(tensors) => tensors.get(name).map(|(_, flat)| flat.device()).unwrap_or_default(),
+                MemorySource::Probe(_) => Device::default(),
+            };
+            let flat = self.memory_tensor(memory, name, shape, &device)?;
+            return Ok(flat.into_data().convert::<f32>().try_into_vec::<f32>().expect("converted to f32"));
+        }
         let (path, map) = self.file_of(name)?;
         let tensors = SafeTensors::deserialize(map).expect("validated when opened");
         let view = tensors.tensor(name).expect("listed when opened");
-        if view.shape() != shape {
-            bail!("{}: tensor '{name}' has shape {:?}, expected {:?}", path.display(), view.shape(), shape);
+        let expected = self.stored_shape(name, shape);
+        if view.shape() != expected {
+            let why = if expected != shape { " (cut to the index sets in config.json)" } else { "" };
+            bail!("{}: tensor '{name}' has shape {:?}, expected {:?}{why}", path.display(), view.shape(), expected);
         }
         let bytes = view.data();
         let values = match view.dtype() {
@@ -93,19 +226,56 @@ impl Checkpoint {
 
     /// A tensor on the device, shape checked.
     pub fn tensor<const D: usize>(&self, name: &str, shape: [usize; D], device: &Device) -> Result<Tensor<D>> {
+        if let Some(memory) = &self.memory {
+            let stored: [usize; D] = self.stored_shape(name, &shape).try_into().expect("same rank");
+            return Ok(self.memory_tensor(memory, name, &shape, device)?.reshape(stored));
+        }
         let values = self.read_f32(name, &shape)?;
-        Ok(Tensor::from_data(TensorData::new(values, shape), device))
+        let stored: [usize; D] = self.stored_shape(name, &shape).try_into().expect("same rank");
+        Ok(Tensor::from_data(TensorData::new(values, stored), device))
     }
 
-    /// An HF `[out, in]` matrix, transposed to the `[in, out]` layout our matmuls use.
+    /// An HF `[out, in]` matrix, transposed to the `[in, out]` layout our matmuls use. In a pruned
+    /// folder `inputs`/`outputs` are the dense widths; the result has the stored (cut) ones.
     pub fn matrix_in_out(&self, name: &str, inputs: usize, outputs: usize, device: &Device) -> Result<Tensor<2>> {
+        if let Some(memory) = &self.memory {
+            let flat = self.memory_tensor(memory, name, &[outputs, inputs], device)?;
+            let [outputs, inputs]: [usize; 2] = self.stored_shape(name, &[outputs, inputs]).try_into().expect("rank 2");
+            return Ok(flat.reshape([outputs, inputs]).transpose());
+        }
         let values = self.read_f32(name, &[outputs, inputs])?;
+        let [outputs, inputs]: [usize; 2] = self.stored_shape(name, &[outputs, inputs]).try_into().expect("rank 2");
         Ok(Tensor::from_data(TensorData::new(transpose(&values, outputs, inputs), [inputs, outputs]), device))
     }
 
-    /// The first file's path, for messages.
+    /// The flat tensor for `name` from a checkpoint in memory, checked against the stored shape
+    /// expected for the dense `shape` (a probe records the read and answers zeros).
+    fn memory_tensor(&self, memory: &MemorySource, name: &str, shape: &[usize], device: &Device) -> Result<Tensor<1>> {
+        let expected = self.stored_shape(name, shape);
+        match memory {
+            MemorySource::Probe(reads) => {
+                reads.lock().expect("probe records are never left half-written").push((name.to_string(), shape.to_vec()));
+                Ok(Tensor::zeros([expected.iter().product::<usize>()], device))
+            }
+            MemorySource::Tensors(tensors) => {
+                let (stored, flat) = tensors.get(name).ok_or_else(|| anyhow!("{IN_MEMORY}: missing tensor '{name}'"))?;
+                if *stored != expected {
+                    let why = if expected != shape { " (cut to the index sets in config.json)" } else { "" };
+                    bail!("{IN_MEMORY}: tensor '{name}' has shape {stored:?}, expected {expected:?}{why}");
+                }
+                // Device equality ignores autodiff: tensors on `device.autodiff()` stay as they are.
+                Ok(if flat.device() == *device { flat.clone() } else { flat.clone().to_device(device) })
+            }
+        }
+    }
+
+    /// The first file's path (or what the checkpoint is, when not files), for messages.
     pub fn describe(&self) -> String {
-        self.files.first().map(|(p, _)| p.display().to_string()).unwrap_or_default()
+        match &self.memory {
+            Some(MemorySource::Tensors(_)) => IN_MEMORY.to_string(),
+            Some(MemorySource::Probe(_)) => PROBE.to_string(),
+            None => self.files.first().map(|(p, _)| p.display().to_string()).unwrap_or_default(),
+        }
     }
 }
 

@@ -14,6 +14,11 @@ fn check_fixture(name: &str) -> f32 {
     let (logit_shape, expected) = reference(&dir, "logits");
     let logits = model.forward(token_tensor(&id_shape, &ids, &device), None, None);
     assert_eq!(logits.dims().to_vec(), logit_shape, "{name}: logits shape");
+    // The generation path computes the head for the last position only.
+    let [rows, seq, vocab] = logits.dims();
+    let last = to_vec(model.forward_last(token_tensor(&id_shape, &ids, &device), None));
+    let expected_last = to_vec(logits.clone().narrow(1, seq - 1, 1).reshape([rows, vocab]));
+    assert!(max_abs_diff(&last, &expected_last) <= 1e-5, "{name}: forward_last differs from forward's last position");
     let diff = max_abs_diff(&to_vec(logits), &expected);
     println!("{name}: max |logit difference| = {diff:.3e}");
     assert!(diff <= 1e-4, "{name}: max logit difference {diff} > 1e-4");

@@ -10,15 +10,19 @@
 //! [`PruningPlan`]. Runs are reproducible from the seed, checkpointable and resumable to the
 //! same final masks.
 
+pub mod activations;
 pub mod bench;
 pub mod checkpoint;
 pub mod gates;
+pub mod generator;
 pub mod hypernet;
 pub mod loss;
 pub mod masks;
+pub mod pretrain;
 pub mod rng;
 pub mod search;
 pub mod uniform;
+pub mod wanda;
 
 use std::path::PathBuf;
 
@@ -28,6 +32,7 @@ use disp_models::CausalLm;
 use serde::{Deserialize, Serialize};
 
 pub use bench::{bench_step, BenchReport};
+pub use generator::{DirectLogits, GateGenerator, GateSource};
 pub use hypernet::{HyperNet, HyperNetShape};
 pub use masks::{calibrate, final_indices, Calibration, GateScores};
 pub use search::Searcher;
@@ -58,6 +63,9 @@ pub struct SearchConfig {
     pub checkpoint_every: usize,
     /// Continue from `checkpoint` if it exists.
     pub resume: bool,
+    /// What produces the gate logits: the hypernetwork (`disp`) or direct logits (`disp-direct`).
+    #[serde(default)]
+    pub gate_source: GateSource,
 }
 
 impl Default for SearchConfig {
@@ -76,6 +84,7 @@ impl Default for SearchConfig {
             checkpoint: None,
             checkpoint_every: 500,
             resume: false,
+            gate_source: GateSource::HyperNetwork,
         }
     }
 }
@@ -93,7 +102,7 @@ pub struct StepReport {
     pub achieved_ratio: f64,
 }
 
-/// Trains the hypernetwork on `windows` (token windows of one length, tokenised by the caller)
+/// Trains the gate generator (by default the hypernetwork) on `windows` (token windows of one length, tokenised by the caller)
 /// and returns the pruning plan. `on_step` is called after every update (and not for steps
 /// restored from a checkpoint).
 pub fn search(

@@ -33,6 +33,10 @@ pub enum Purpose {
     Noise = 4,
     /// Anything a benchmark needs (random token windows).
     Bench = 5,
+    /// The initial weights of a model trained from scratch (`pretrain`), one stream per tensor.
+    PretrainInit = 6,
+    /// The order of the training windows in one epoch of `pretrain`.
+    PretrainShuffle = 7,
 }
 
 impl SplitMix64 {

@@ -4,9 +4,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{bail, Result};
-use burn::module::Module;
-use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
-use burn::store::ModuleRecord;
+use burn::optim::{AdamWConfig, ModuleOptimizer};
 use burn::tensor::{Bytes, Int, Tensor, TensorData};
 use disp_core::params::{BlockShape, BlockWidths, ModelShape};
 use disp_core::plan::{PruningPlan, PLAN_FORMAT_VERSION};
@@ -16,7 +14,8 @@ use serde_json::json;
 use crate::checkpoint::{self, CheckpointHeader, CHECKPOINT_FORMAT_VERSION};
 use crate::gates::{self, SampledGates};
 use crate::loss::{lm_loss, LmLoss};
-use crate::hypernet::{fixed_inputs, HyperNet, HyperNetShape};
+use crate::generator::{GateGenerator, GateSource};
+use crate::hypernet::{HyperNet, HyperNetShape};
 use crate::masks::{calibrate, GateScores};
 use crate::rng::{mix64, Purpose, SplitMix64};
 use crate::{SearchConfig, StepReport};
@@ -52,8 +51,9 @@ pub struct StepTimes {
     pub total: f64,
 }
 
-/// One search run: the frozen model, the calibration windows, the hypernetwork and its
-/// optimizer, and the number of steps done.
+/// One search run: the frozen model, the calibration windows, the gate generator (the
+/// hypernetwork, or direct logits for `disp-direct`) and its optimizer, and the number of steps
+/// done.
 pub struct Searcher<'a> {
     model: &'a dyn CausalLm,
     windows: &'a [Vec<u32>],
@@ -63,9 +63,8 @@ pub struct Searcher<'a> {
     net_shape: HyperNetShape,
     /// Block parameters to keep: p·P_blocks.
     target_block_params: f64,
-    hypernet: HyperNet,
+    generator: GateGenerator,
     optim: ModuleOptimizer,
-    inputs: Tensor<3>,
     steps_done: usize,
     last: Option<StepReport>,
     first_regulariser: Option<f64>,
@@ -107,8 +106,7 @@ impl<'a> Searcher<'a> {
         check_windows(windows, model)?;
 
         let device = model.device().clone().autodiff();
-        let hypernet = HyperNet::new(net_shape, cfg.seed, &device);
-        let inputs = fixed_inputs(net_shape, cfg.seed, &device);
+        let generator = GateGenerator::new(cfg.gate_source, net_shape, cfg.seed, &device);
         Ok(Self {
             model,
             windows,
@@ -117,9 +115,8 @@ impl<'a> Searcher<'a> {
             target_block_params: kept * shape.dense_block_params() as f64,
             shape,
             net_shape,
-            hypernet,
+            generator,
             optim: adamw(cfg),
-            inputs,
             steps_done: 0,
             last: None,
             first_regulariser: None,
@@ -132,14 +129,33 @@ impl<'a> Searcher<'a> {
         self.steps_done
     }
 
+    /// The hypernetwork. Panics when the search trains direct logits (`GateSource::Direct`).
     pub fn hypernet(&self) -> &HyperNet {
-        &self.hypernet
+        match &self.generator {
+            GateGenerator::HyperNetwork { net, .. } => net,
+            GateGenerator::Direct(_) => panic!("this search trains direct gate logits, not a hypernetwork"),
+        }
     }
 
     /// Swaps in another hypernetwork (same structure), returning the old one; the optimizer
-    /// state stays. For tests and experiments.
+    /// state stays. For tests and experiments. Panics for `GateSource::Direct`.
     pub fn replace_hypernet(&mut self, net: HyperNet) -> HyperNet {
-        std::mem::replace(&mut self.hypernet, net)
+        match &mut self.generator {
+            GateGenerator::HyperNetwork { net: current, .. } => std::mem::replace(current, net),
+            GateGenerator::Direct(_) => panic!("this search trains direct gate logits, not a hypernetwork"),
+        }
+    }
+
+    /// What produces the gate logits (hypernetwork or direct logits).
+    pub fn generator(&self) -> &GateGenerator {
+        &self.generator
+    }
+
+    /// Swaps in another generator of the same source and shape, returning the old one; the
+    /// optimizer state stays. For tests and experiments.
+    pub fn replace_generator(&mut self, generator: GateGenerator) -> GateGenerator {
+        assert_eq!(generator.source(), self.generator.source(), "a search cannot switch gate sources");
+        std::mem::replace(&mut self.generator, generator)
     }
 
     pub fn config(&self) -> &SearchConfig {
@@ -150,9 +166,12 @@ impl<'a> Searcher<'a> {
         self.last.as_ref()
     }
 
-    /// The fixed hypernetwork inputs `[1, 5·layers, 32]`.
+    /// The fixed hypernetwork inputs `[1, 5·layers, 32]`. Panics for `GateSource::Direct`.
     pub fn inputs(&self) -> &Tensor<3> {
-        &self.inputs
+        match &self.generator {
+            GateGenerator::HyperNetwork { inputs, .. } => inputs,
+            GateGenerator::Direct(_) => panic!("this search trains direct gate logits, which have no inputs"),
+        }
     }
 
     /// The indices of the windows of (1-based) step `step`: the batches walk through the windows
@@ -176,7 +195,7 @@ impl<'a> Searcher<'a> {
 
     /// The gates of (1-based) step `step`, with the step's own noise.
     pub fn sample_gates(&self, step: usize) -> SampledGates {
-        let logits = self.hypernet.forward(self.inputs.clone());
+        let logits = self.generator.logits();
         let mut rng = SplitMix64::stream(self.cfg.seed, Purpose::Noise, step as u64);
         let noise = gates::logistic_noise(&mut rng, self.net_shape.layers, self.net_shape.widths);
         gates::sample(logits, noise, self.cfg.offset, self.cfg.temperature)
@@ -196,7 +215,7 @@ impl<'a> Searcher<'a> {
         StepLoss { lm, regulariser, hard: sampled.hard }
     }
 
-    /// One hypernetwork update. Fails, without updating, on a non-finite loss.
+    /// One update of the gate generator. Fails, without updating, on a non-finite loss.
     pub fn step(&mut self) -> Result<StepReport> {
         Ok(self.step_timed()?.0)
     }
@@ -222,8 +241,7 @@ impl<'a> Searcher<'a> {
         let grads = loss.total().backward();
         let backward = t.elapsed().as_secs_f64();
         let t = Instant::now();
-        let grads = GradientsParams::from_grads(grads, &self.hypernet);
-        self.hypernet = self.optim.step(self.cfg.learning_rate, self.hypernet.clone(), grads);
+        self.generator.update(&mut self.optim, self.cfg.learning_rate, grads);
         let optimizer = t.elapsed().as_secs_f64();
         self.steps_done = step;
         let report = StepReport { step, lm_loss, regulariser, achieved_ratio };
@@ -269,9 +287,9 @@ impl<'a> Searcher<'a> {
         Tensor::from_data(TensorData::new(flat, [batch.len(), seq]), self.model.device())
     }
 
-    /// Deterministic scores: hypernetwork logits + offset, no noise.
+    /// Deterministic scores: generator logits + offset, no noise.
     pub fn scores(&self) -> GateScores {
-        let logits = self.hypernet.forward(self.inputs.clone());
+        let logits = self.generator.logits();
         let per_site: Vec<Vec<f32>> = logits
             .into_iter()
             .map(|t| t.add_scalar(self.cfg.offset).into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 logits"))
@@ -286,17 +304,17 @@ impl<'a> Searcher<'a> {
             .collect()
     }
 
-    /// The plan from the current hypernetwork: thresholded deterministic scores, calibrated so
+    /// The plan from the current generator: thresholded deterministic scores, calibrated so
     /// that the exact parameter count lands on the target.
     pub fn finish(&self) -> Result<PruningPlan> {
         let scores = self.scores();
         let c = calibrate(&scores, &self.shape, self.cfg.target_ratio, self.cfg.ratio_of);
         let identity = self.model.identity();
         let last = self.last.as_ref();
-        let plan = PruningPlan {
+        let mut plan = PruningPlan {
             format_version: PLAN_FORMAT_VERSION,
             model: identity.clone(),
-            method: "disp".into(),
+            method: self.cfg.gate_source.method().into(),
             ratio_of: self.cfg.ratio_of,
             target_ratio: self.cfg.target_ratio,
             achieved_ratio: c.ratio,
@@ -321,9 +339,12 @@ impl<'a> Searcher<'a> {
                 "raw_ratio": c.raw_ratio,
                 "calibrated_ratio": c.ratio,
                 "threshold_shift": if c.threshold.is_finite() { json!(c.threshold) } else { json!(null) },
-                "hypernetwork": {"input_width": crate::hypernet::INPUT_WIDTH, "gru_hidden": crate::hypernet::GRU_HIDDEN},
+                "gate_source": self.cfg.gate_source,
             }),
         };
+        if self.cfg.gate_source == GateSource::HyperNetwork {
+            plan.search["hypernetwork"] = json!({"input_width": crate::hypernet::INPUT_WIDTH, "gru_hidden": crate::hypernet::GRU_HIDDEN});
+        }
         plan.validate(&identity, &self.shape)?;
         tracing::info!(
             target_ratio = self.cfg.target_ratio,
@@ -342,7 +363,7 @@ impl<'a> Searcher<'a> {
             .iter()
             .flatten()
             .fold(mix64(self.windows.len() as u64), |h, &t| mix64(h ^ t as u64));
-        json!({
+        let mut settings = json!({
             "target_ratio": self.cfg.target_ratio,
             "ratio_of": self.cfg.ratio_of,
             "lambda": self.cfg.lambda,
@@ -355,10 +376,16 @@ impl<'a> Searcher<'a> {
             "windows": self.windows.len(),
             "seq_len": self.windows[0].len(),
             "windows_digest": format!("{digest:016x}"),
-        })
+        });
+        // Only the non-default source is recorded, so hypernetwork checkpoints written before
+        // direct logits existed still resume.
+        if self.cfg.gate_source != GateSource::HyperNetwork {
+            settings["gate_source"] = json!(self.cfg.gate_source);
+        }
+        settings
     }
 
-    /// Writes the hypernetwork, the optimizer state and the step (atomically).
+    /// Writes the gate generator, the optimizer state and the step (atomically).
     pub fn save_checkpoint(&self, path: &Path) -> Result<()> {
         let header = CheckpointHeader {
             format_version: CHECKPOINT_FORMAT_VERSION,
@@ -368,7 +395,7 @@ impl<'a> Searcher<'a> {
             last: self.last.clone(),
             first_regulariser: self.first_regulariser,
         };
-        let net = self.hypernet.clone().into_record().into_bytes().map_err(|e| anyhow::anyhow!("cannot serialise the hypernetwork: {e:?}"))?;
+        let net = self.generator.to_bytes()?;
         let opt = self.optim.into_bytes().map_err(|e| anyhow::anyhow!("cannot serialise the optimizer state: {e:?}"))?;
         checkpoint::write(path, &header, &net, &opt)?;
         tracing::debug!(step = self.steps_done, path = %path.display(), "checkpoint written");
@@ -398,25 +425,26 @@ impl<'a> Searcher<'a> {
         }
         let settings = self.settings();
         if h.settings != settings {
-            let differing: Vec<String> = settings
-                .as_object()
-                .unwrap()
-                .iter()
-                .filter(|(k, v)| h.settings.get(k.as_str()) != Some(v))
-                .map(|(k, v)| format!("{k}: checkpoint {} vs now {v}", h.settings.get(k.as_str()).unwrap_or(&json!(null))))
+            // Keys of either side: a setting recorded only when not the default (gate_source)
+            // may be missing from one of them.
+            let mut keys: Vec<&String> = settings.as_object().unwrap().keys().collect();
+            keys.extend(h.settings.as_object().into_iter().flat_map(|o| o.keys()));
+            keys.sort();
+            keys.dedup();
+            let null = json!(null);
+            let differing: Vec<String> = keys
+                .into_iter()
+                .filter_map(|k| {
+                    let (then, now) = (h.settings.get(k.as_str()).unwrap_or(&null), settings.get(k.as_str()).unwrap_or(&null));
+                    (then != now).then(|| format!("{k}: checkpoint {then} vs now {now}"))
+                })
                 .collect();
             bail!("{}: checkpoint was written with different settings ({})", path.display(), differing.join(", "));
         }
         if h.step > self.cfg.steps {
             bail!("{}: checkpoint is at step {}, beyond the {} steps asked for", path.display(), h.step, self.cfg.steps);
         }
-        let record = ModuleRecord::from_bytes(Bytes::from_bytes_vec(data.hypernet))
-            .map_err(|e| anyhow::anyhow!("{}: bad hypernetwork record: {e:?}", path.display()))?;
-        self.hypernet = self
-            .hypernet
-            .clone()
-            .try_load_record(record)
-            .map_err(|e| anyhow::anyhow!("{}: hypernetwork does not fit: {e:?}", path.display()))?;
+        self.generator.load_bytes(data.hypernet).map_err(|e| anyhow::anyhow!("{}: {e:#}", path.display()))?;
         self.optim = adamw(&self.cfg)
             .from_bytes(Bytes::from_bytes_vec(data.optimizer))
             .map_err(|e| anyhow::anyhow!("{}: bad optimizer record: {e:?}", path.display()))?;
@@ -438,7 +466,9 @@ fn adamw(cfg: &SearchConfig) -> ModuleOptimizer {
         .init()
 }
 
-fn check_windows(windows: &[Vec<u32>], model: &dyn CausalLm) -> Result<()> {
+/// Calibration windows must exist, share one length of at least 2 tokens that the model's
+/// positions cover, and hold only in-vocabulary tokens.
+pub(crate) fn check_windows(windows: &[Vec<u32>], model: &dyn CausalLm) -> Result<()> {
     let Some(first) = windows.first() else { bail!("no calibration windows (the calibration text is empty or shorter than one window)") };
     let seq = first.len();
     if seq < 2 {

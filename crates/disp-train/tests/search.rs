@@ -8,7 +8,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use disp_core::params::RatioOf;
 use disp_models::CausalLm;
 use disp_train::rng::SplitMix64;
-use disp_train::{search, SearchConfig, Searcher, StepReport};
+use disp_train::{search, DirectLogits, GateGenerator, GateSource, SearchConfig, Searcher, StepReport};
 
 fn model() -> Box<dyn CausalLm> {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/llama_gqa_tied");
@@ -246,5 +246,109 @@ fn a_non_finite_loss_stops_and_keeps_the_last_good_checkpoint() {
     assert!(err.contains("non-finite loss at step 2"), "{err}");
     assert!(err.contains(&format!("last good checkpoint kept at {}", path.display())), "{err}");
     assert_eq!(std::fs::read(&path).unwrap(), good, "the good checkpoint was overwritten");
+    assert_eq!(searcher.steps_done(), 1);
+}
+
+// ---- disp-direct: the same search with learnable logits instead of the hypernetwork ----
+
+fn direct_cfg(steps: usize) -> SearchConfig {
+    SearchConfig { gate_source: GateSource::Direct, ..cfg(steps) }
+}
+
+fn direct_logits<'s>(s: &'s Searcher<'_>) -> &'s DirectLogits {
+    match s.generator() {
+        GateGenerator::Direct(direct) => direct,
+        GateGenerator::HyperNetwork { .. } => panic!("expected direct logits"),
+    }
+}
+
+#[test]
+fn direct_gradients_reach_every_logit_vector() {
+    let model = model();
+    let data = windows(4, 24, 11);
+    let mut searcher = Searcher::new(model.as_ref(), &data, &direct_cfg(3)).unwrap();
+    let loss = searcher.step_loss(1);
+    let grads = GradientsParams::from_grads(loss.total().backward(), direct_logits(&searcher));
+    let mut collector = GradCollector { grads: &grads, path: Vec::new(), found: Vec::new() };
+    direct_logits(&searcher).visit(&mut collector);
+    assert_eq!(collector.found.len(), 5, "one stacked logit tensor per site");
+    assert_eq!(grads.len(), 5, "gradients exist only for the direct logits");
+    for (path, values, dims) in &collector.found {
+        assert_eq!(dims[0], 2, "{path}: one row per layer");
+        assert!(values.iter().all(|v| v.is_finite()), "{path}: non-finite gradient");
+        // Every (layer, site) vector must receive a gradient.
+        for (l, row) in values.chunks(dims[1]).enumerate() {
+            assert!(row.iter().any(|&v| v != 0.0), "{path}: layer {l} got no gradient");
+        }
+    }
+    // Zero-initialised: before any update every score is exactly the offset ("keep").
+    let offset = searcher.config().offset as f32;
+    assert!(searcher.scores().iter().flat_map(|l| l.iter().flatten()).all(|&s| s == offset));
+    searcher.step().unwrap();
+    assert!(searcher.scores().iter().flat_map(|l| l.iter().flatten()).any(|&s| s != offset), "the update moved no logit");
+}
+
+#[test]
+fn direct_search_is_reproducible_and_lands_on_the_target() {
+    let model = model();
+    let data = windows(8, 24, 12);
+    let steps = 25;
+    let a = search(model.as_ref(), &data, &direct_cfg(steps), |_| {}).unwrap();
+    let b = search(model.as_ref(), &data, &direct_cfg(steps), |_| {}).unwrap();
+    assert_eq!(a, b, "the same seed must give the same plan");
+    let c = search(model.as_ref(), &data, &SearchConfig { seed: 8, ..direct_cfg(steps) }, |_| {}).unwrap();
+    assert_ne!(a.layers, c.layers, "another seed (other noise and window order) should give other masks");
+    assert_eq!(a.method, "disp-direct");
+    assert_eq!(a.search["gate_source"], "direct");
+    assert!(a.search.get("hypernetwork").is_none());
+    eprintln!("disp-direct: achieved {} (raw {}, shift {})", a.achieved_ratio, a.search["raw_ratio"], a.search["threshold_shift"]);
+    assert!((a.achieved_ratio - 0.3).abs() <= 0.005, "calibrated ratio {}", a.achieved_ratio);
+    let shape = model.model_shape();
+    assert_eq!(a.pruned_params, shape.total_params(&a.widths()));
+    a.validate(&model.identity(), &shape).unwrap();
+    let pruned = model.prune(&a).unwrap();
+    assert!(pruned.stored_linear_params() < model.stored_linear_params());
+    // The hypernetwork search on the same data is a different method with other masks.
+    let disp = search(model.as_ref(), &data, &cfg(steps), |_| {}).unwrap();
+    assert_eq!(disp.method, "disp");
+    assert_ne!(disp.layers, a.layers);
+}
+
+#[test]
+fn direct_search_resumes_to_the_uninterrupted_masks_and_refuses_a_hypernetwork_checkpoint() {
+    let model = model();
+    let data = windows(5, 16, 13);
+    let steps = 6;
+    let expected = search(model.as_ref(), &data, &direct_cfg(steps), |_| {}).unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("direct.ckpt");
+    let with_ckpt = SearchConfig { checkpoint: Some(path.clone()), checkpoint_every: 2, ..direct_cfg(steps) };
+    {
+        let mut first = Searcher::new(model.as_ref(), &data, &with_ckpt).unwrap();
+        for _ in 0..3 {
+            first.step().unwrap();
+        }
+    }
+    assert_eq!(disp_train::checkpoint::read(&path).unwrap().header.step, 2);
+    let resumed = search(model.as_ref(), &data, &SearchConfig { resume: true, ..with_ckpt.clone() }, |_| {}).unwrap();
+    assert_eq!(resumed, expected, "resumed plan differs from the uninterrupted one");
+
+    // A hypernetwork run must not pick up direct logits (or the reverse).
+    let as_hypernet = SearchConfig { gate_source: GateSource::HyperNetwork, resume: true, ..with_ckpt };
+    let err = search(model.as_ref(), &data, &as_hypernet, |_| {}).unwrap_err().to_string();
+    assert!(err.contains("different settings") && err.contains("gate_source"), "{err}");
+}
+
+#[test]
+fn direct_search_stops_on_a_non_finite_loss() {
+    let model = model();
+    let data = windows(3, 16, 14);
+    let mut searcher = Searcher::new(model.as_ref(), &data, &direct_cfg(5)).unwrap();
+    searcher.step().unwrap();
+    let poisoned = GateGenerator::Direct(direct_logits(&searcher).clone().map(&mut Poison));
+    searcher.replace_generator(poisoned);
+    let err = searcher.step().unwrap_err().to_string();
+    assert!(err.contains("non-finite loss at step 2") && err.contains("no checkpoint configured"), "{err}");
     assert_eq!(searcher.steps_done(), 1);
 }

@@ -1,11 +1,13 @@
 //! GGUF (llama architecture) -> Hugging Face `LlamaForCausalLM` folder.
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use safetensors::{Dtype, View};
 use serde_json::{json, Value};
+
+use disp_core::fsutil::StagedFolder;
 
 use super::format::{GgmlType, MetadataValue};
 use super::quant::dequantize;
@@ -40,7 +42,8 @@ pub fn convert_gguf_to_hf(gguf: &Path, out_dir: &Path) -> Result<ConvertSummary>
 }
 
 fn convert(gguf_path: &Path, out_dir: &Path) -> Result<ConvertSummary> {
-    check_output_dir(out_dir)?;
+    // Fails before any work on an output folder that is in the way.
+    let staging = StagedFolder::new(out_dir)?;
     let gguf = GgufFile::open_unprefixed(gguf_path)?;
     let plan = plan_llama(&gguf)?;
     let tokenizer = build_tokenizer(&gguf, Some(plan.config.max_position_embeddings))?;
@@ -50,24 +53,6 @@ fn convert(gguf_path: &Path, out_dir: &Path) -> Result<ConvertSummary> {
         tokenizer.vocab_size,
         plan.config.vocab_size
     );
-
-    let parent = match out_dir.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    std::fs::create_dir_all(&parent).with_context(|| {
-        format!(
-            "cannot create the output parent folder {}",
-            parent.display()
-        )
-    })?;
-    let dir_name = out_dir
-        .file_name()
-        .ok_or_else(|| anyhow!("output path {} has no folder name", out_dir.display()))?;
-    let staging = tempfile::Builder::new()
-        .prefix(&format!(".{}.partial-", dir_name.to_string_lossy()))
-        .tempdir_in(&parent)
-        .with_context(|| format!("cannot create a temporary folder in {}", parent.display()))?;
 
     let config_json = config_json(&plan.config, &tokenizer);
     write_json(&staging.path().join("config.json"), &config_json)?;
@@ -94,18 +79,11 @@ fn convert(gguf_path: &Path, out_dir: &Path) -> Result<ConvertSummary> {
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
     safetensors::serialize_to_file(tensors, Some(metadata), &safetensors_path)
         .map_err(|e| anyhow!("cannot write model.safetensors: {e}"))?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        // The safetensors crate writes through a 0600 temporary file; match the other files.
-        std::fs::set_permissions(&safetensors_path, std::fs::Permissions::from_mode(0o644))
-            .context("cannot set permissions on model.safetensors")?;
-    }
     let safetensors_bytes = std::fs::metadata(&safetensors_path)
         .context("cannot stat model.safetensors")?
         .len();
 
-    publish(staging, out_dir)?;
+    staging.publish()?;
     Ok(ConvertSummary {
         architecture: "llama".to_string(),
         tensors: plan.tensors.len(),
@@ -115,63 +93,6 @@ fn convert(gguf_path: &Path, out_dir: &Path) -> Result<ConvertSummary> {
         tie_word_embeddings: plan.config.tie_word_embeddings,
         safetensors_bytes,
     })
-}
-
-fn check_output_dir(out_dir: &Path) -> Result<()> {
-    match std::fs::symlink_metadata(out_dir) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(anyhow!(
-            "cannot inspect output folder {}: {e}",
-            out_dir.display()
-        )),
-        Ok(meta) if !meta.is_dir() => {
-            bail!(
-                "output path {} already exists and is not a folder",
-                out_dir.display()
-            )
-        }
-        Ok(_) => {
-            let mut entries = std::fs::read_dir(out_dir)
-                .with_context(|| format!("cannot read output folder {}", out_dir.display()))?;
-            ensure!(
-                entries.next().is_none(),
-                "output folder {} already exists and is not empty",
-                out_dir.display()
-            );
-            Ok(())
-        }
-    }
-}
-
-/// Moves the finished staging folder to `out_dir` (replacing an empty folder there).
-fn publish(staging: tempfile::TempDir, out_dir: &Path) -> Result<()> {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        // tempdir creates 0700; a model folder should be as readable as any other output.
-        std::fs::set_permissions(staging.path(), std::fs::Permissions::from_mode(0o755))
-            .context("cannot set permissions on the staging folder")?;
-    }
-    if out_dir.is_dir() {
-        // Only reached for an empty folder (checked earlier); rename cannot replace it on
-        // every platform, so remove it first.
-        std::fs::remove_dir(out_dir).with_context(|| {
-            format!(
-                "cannot replace the empty output folder {}",
-                out_dir.display()
-            )
-        })?;
-    }
-    std::fs::rename(staging.path(), out_dir).with_context(|| {
-        format!(
-            "cannot move {} to {}",
-            staging.path().display(),
-            out_dir.display()
-        )
-    })?;
-    // The folder now lives at out_dir; stop the guard from deleting anything.
-    let _ = staging.keep();
-    Ok(())
 }
 
 fn write_json(path: &Path, value: &Value) -> Result<()> {

@@ -1,0 +1,78 @@
+//! `disp bench`: prefill and decode speed of a model, and of its pruned version side by side.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Args;
+use disp_core::device::{select_device, DeviceChoice};
+use disp_core::plan::PruningPlan;
+use disp_eval::{measure_speed, SpeedSettings};
+use disp_models::CausalLm;
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// Model folder: dense, or a pruned folder from `disp export`.
+    #[arg(long)]
+    model: PathBuf,
+    /// Also measure the model pruned by this plan (the dense model is the reference).
+    #[arg(long, conflicts_with = "dense")]
+    plan: Option<PathBuf>,
+    /// For a pruned folder: the dense folder to compare with.
+    #[arg(long)]
+    dense: Option<PathBuf>,
+    #[arg(long, default_value_t = 512)]
+    prompt_tokens: usize,
+    #[arg(long, default_value_t = 64)]
+    decode_tokens: usize,
+    /// Timed repetitions per model (medians are reported).
+    #[arg(long, default_value_t = 5)]
+    repetitions: usize,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn bench(device: DeviceChoice, args: BenchArgs) -> Result<()> {
+    let device = select_device(device)?;
+    let model = disp_models::load_model(&args.model, &device)?;
+    let mut models: Vec<(String, Box<dyn CausalLm>)> = Vec::new();
+    if let Some(dense) = &args.dense {
+        models.push(("dense".into(), disp_models::load_model(dense, &device)?));
+    }
+    let label = if model.is_pruned() { "pruned" } else { "dense" };
+    if let Some(plan_path) = &args.plan {
+        let plan = PruningPlan::load(plan_path)?;
+        let pruned = model.prune(&plan).map_err(|e| anyhow::anyhow!("{}: {e:#}", plan_path.display()))?;
+        models.push((label.into(), model));
+        models.push(("pruned".into(), pruned));
+    } else {
+        models.push((label.into(), model));
+    }
+    let settings = SpeedSettings { prompt_tokens: args.prompt_tokens, decode_tokens: args.decode_tokens, repetitions: args.repetitions };
+    let borrowed: Vec<(&str, &dyn CausalLm)> = models.iter().map(|(l, m)| (l.as_str(), m.as_ref())).collect();
+    let reports = measure_speed(&borrowed, &settings)?;
+    let params: Vec<usize> = models.iter().map(|(_, m)| m.stored_linear_params()).collect();
+    if args.json {
+        let json = serde_json::json!({ "settings": settings, "block_linear_params": params, "models": reports });
+        println!("{json}");
+        return Ok(());
+    }
+    println!(
+        "prompt {} tokens, {} decoded tokens, median of {} repetitions (after one warm-up)",
+        settings.prompt_tokens, settings.decode_tokens, settings.repetitions
+    );
+    println!("{:<8} {:>14} {:>16} {:>14} {:>16} {:>12}", "model", "prefill tok/s", "x first", "decode tok/s", "x first", "block params");
+    let first = &reports[0];
+    for (report, params) in reports.iter().zip(&params) {
+        println!(
+            "{:<8} {:>14.1} {:>16.2} {:>14.1} {:>16.2} {:>12}",
+            report.label,
+            report.prefill_tokens_per_second,
+            report.prefill_tokens_per_second / first.prefill_tokens_per_second,
+            report.decode_tokens_per_second,
+            report.decode_tokens_per_second / first.decode_tokens_per_second.max(f64::MIN_POSITIVE),
+            params
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,426 @@
+//! `disp-export` writes a pruned model to disk, so that it can be shipped and loaded like any
+//! other checkpoint instead of as masks pasted into model code.
+//!
+//! Two formats, both produced straight from the source checkpoint's stored tensors (the weights
+//! are copied byte for byte in their original dtype; no weight is changed, only selected):
+//! * [`ExportFormat::Pruned`]: the block linears keep only the rows and columns of their index
+//!   sets, the index sets themselves are stored as I64 tensors, and `config.json` gains a `disp`
+//!   section (see `disp_models::pruned_folder`). The folder is really smaller on disk, and
+//!   `disp_models::load_model` runs it with `index_select`/`index_add`.
+//! * [`ExportFormat::DenseEquivalent`]: the same function as a stock-architecture checkpoint:
+//!   dropped rows and columns (and bias entries) become zeros, so HF transformers loads it with its
+//!   ordinary class. Same size as the source; for interoperability, not for savings.
+//!
+//! Everything is written into a temporary sibling folder and renamed into place when complete.
+
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
+use std::io::Read;
+use std::path::Path;
+
+use anyhow::{anyhow, bail, Context, Result};
+use disp_core::fsutil::StagedFolder;
+use disp_core::plan::{check_index_set, LayerIndices, PruningPlan};
+use disp_core::selection::Site;
+use disp_models::layers::Linear;
+use disp_models::pruned_folder::{block_tensor, cut_axes, index_tensor_name, CutAxes, ExportManifest, LinearSlot, CONFIG_KEY};
+use disp_models::weights::{transpose, RawTensor};
+use disp_models::{CausalLm, Checkpoint, Family, RawConfig};
+use safetensors::{Dtype, View};
+use sha2::{Digest, Sha256};
+
+/// How the pruned model is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExportFormat {
+    /// Smaller tensors plus index sets; loaded by `disp`.
+    Pruned,
+    /// Stock architecture with zeros at the dropped positions; loaded by anything.
+    DenseEquivalent,
+}
+
+impl std::str::FromStr for ExportFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "pruned" => Ok(Self::Pruned),
+            "dense-equivalent" => Ok(Self::DenseEquivalent),
+            other => Err(format!("unknown export format '{other}' (expected pruned or dense-equivalent)")),
+        }
+    }
+}
+
+/// What an export wrote.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExportSummary {
+    pub tensors: usize,
+    /// Floating-point values stored (index sets not counted).
+    pub stored_params: u64,
+    /// Floating-point values of the source checkpoint.
+    pub source_params: u64,
+    /// Size of the written `model.safetensors`.
+    pub weight_bytes: u64,
+    /// SHA-256 of the source config and weight files.
+    pub source_fingerprint: String,
+}
+
+/// Files besides the weights and the config that make a model folder usable (tokenizer,
+/// generation defaults); copied when present.
+const COMPANION_FILES: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "generation_config.json",
+    "chat_template.jinja",
+];
+
+/// Writes `plan` applied to the HF folder `model_dir` into `out_dir` (which must not exist or be
+/// empty). Errors are one line; on error nothing is left at `out_dir`.
+pub fn export(model_dir: &Path, plan: &PruningPlan, format: ExportFormat, out_dir: &Path) -> Result<ExportSummary> {
+    let staged = StagedFolder::new(out_dir)?;
+    let raw = RawConfig::read(model_dir)?;
+    if raw.json.get(CONFIG_KEY).is_some() {
+        bail!("{}: already a pruned folder; export from the dense source model", raw.path.display());
+    }
+    let family = raw.family()?;
+    let ck = Checkpoint::open(model_dir)?;
+    check_plan_fits(plan, family, &ck)?;
+    let fingerprint = source_fingerprint(&raw.path, &ck.paths().collect::<Vec<_>>())?;
+    if let Some(planned) = &plan.model.fingerprint {
+        if *planned != fingerprint {
+            bail!("{}: the plan was made for different weights (fingerprint {planned}, folder has {fingerprint})", model_dir.display());
+        }
+    }
+
+    let mut names: Vec<&str> = ck.names().collect();
+    names.sort_unstable();
+    let mut outputs: Vec<(String, OutputTensor)> = Vec::with_capacity(names.len());
+    let (mut stored_params, mut source_params) = (0u64, 0u64);
+    for name in names {
+        let raw_tensor = ck.raw(name)?;
+        let cut = cut_axes(family, name).map(|axes| Cut::new(axes, &plan.layers[axes.layer]));
+        if cut.is_some() && element_size(raw_tensor.dtype).is_none() {
+            bail!("{}: tensor '{name}' has dtype {:?}; only F32, F16 and BF16 block weights can be cut", ck.describe(), raw_tensor.dtype);
+        }
+        let tensor = OutputTensor::weight(raw_tensor, cut, format);
+        if element_size(tensor.dtype).is_some() {
+            source_params += tensor.source_len() as u64;
+            stored_params += tensor.shape.iter().product::<usize>() as u64;
+        }
+        outputs.push((name.to_string(), tensor));
+    }
+
+    let mut config = raw.json.clone();
+    match format {
+        ExportFormat::Pruned => {
+            for (layer, indices) in plan.layers.iter().enumerate() {
+                for site in Site::ALL {
+                    outputs.push((index_tensor_name(layer, site), OutputTensor::indices(indices.get(site))));
+                }
+            }
+            let mut manifest = ExportManifest::of_plan(plan);
+            manifest.source.fingerprint = Some(fingerprint.clone());
+            config[CONFIG_KEY] = serde_json::to_value(&manifest).expect("manifests serialise");
+        }
+        ExportFormat::DenseEquivalent => {
+            // Provenance only: the loaders of every tool ignore unknown keys.
+            config["disp_dense_equivalent"] = serde_json::json!({
+                "method": plan.method,
+                "achieved_ratio": plan.achieved_ratio,
+                "ratio_of": plan.ratio_of,
+                "source_fingerprint": fingerprint,
+                "note": "dropped rows/columns of the block linears are zeros; pruned parameter count is in `pruned_params`",
+                "pruned_params": plan.pruned_params,
+            });
+        }
+    }
+
+    let tensor_count = outputs.len();
+    let weight_bytes = write_folder(&staged, model_dir, outputs, &config)?;
+    staged.publish()?;
+    Ok(ExportSummary { tensors: tensor_count, stored_params, source_params, weight_bytes, source_fingerprint: fingerprint })
+}
+
+/// Writes `model` — the dense model of `model_dir` with block linear weights changed in memory,
+/// e.g. zeroed by a semi-structured sparsity baseline — as a stock checkpoint: every block linear
+/// tensor comes from the model (in the source dtype), everything else is copied from the source.
+/// `provenance` is stored in `config.json` under `disp_modified_weights`.
+pub fn export_modified_weights(model_dir: &Path, model: &dyn CausalLm, provenance: serde_json::Value, out_dir: &Path) -> Result<ExportSummary> {
+    let staged = StagedFolder::new(out_dir)?;
+    if model.is_pruned() {
+        bail!("{}: the model is pruned; export its plan with `disp export` instead", model_dir.display());
+    }
+    let raw = RawConfig::read(model_dir)?;
+    let family = raw.family()?;
+    if family != model.family() {
+        bail!("{}: the checkpoint is {}, the model {}", model_dir.display(), family.model_type(), model.family().model_type());
+    }
+    let ck = Checkpoint::open(model_dir)?;
+    let fingerprint = source_fingerprint(&raw.path, &ck.paths().collect::<Vec<_>>())?;
+    let mut names: Vec<&str> = ck.names().collect();
+    names.sort_unstable();
+    let mut outputs: Vec<(String, OutputTensor)> = Vec::with_capacity(names.len());
+    let mut params = 0u64;
+    for name in names {
+        let source = ck.raw(name)?;
+        let tensor = match block_tensor(family, name) {
+            Some(block) => {
+                if element_size(source.dtype).is_none() {
+                    bail!("{}: tensor '{name}' has dtype {:?}; block weights must be F32, F16 or BF16", ck.describe(), source.dtype);
+                }
+                let linears = model.block_linears(block.axes.layer);
+                let linear: &Linear = match block.slot {
+                    LinearSlot::AttnInput(i) => linears.attn_inputs[i],
+                    LinearSlot::AttnOutput => linears.attn_output,
+                    LinearSlot::MlpInput(i) => linears.mlp_inputs[i],
+                    LinearSlot::MlpOutput => linears.mlp_output,
+                };
+                let values: Vec<f32> = if block.is_bias {
+                    let bias = linear.bias.clone().ok_or_else(|| anyhow!("{}: the model has no bias for '{name}'", ck.describe()))?;
+                    bias.into_data().convert::<f32>().try_into_vec::<f32>().map_err(|e| anyhow!("{e:?}"))?
+                } else {
+                    // Ours is [in, out]; HF stores [out, in].
+                    let [inputs, outputs] = linear.weight.dims();
+                    let ours = linear.weight.clone().into_data().convert::<f32>().try_into_vec::<f32>().map_err(|e| anyhow!("{e:?}"))?;
+                    transpose(&ours, inputs, outputs)
+                };
+                if values.len() != source.shape.iter().product::<usize>() {
+                    bail!("{}: tensor '{name}' has shape {:?}, the model's has {} values", ck.describe(), source.shape, values.len());
+                }
+                OutputTensor { dtype: source.dtype, shape: source.shape.clone(), content: Content::Owned(encode(&values, source.dtype)) }
+            }
+            None => OutputTensor::weight(source, None, ExportFormat::DenseEquivalent),
+        };
+        if element_size(tensor.dtype).is_some() {
+            params += tensor.shape.iter().product::<usize>() as u64;
+        }
+        outputs.push((name.to_string(), tensor));
+    }
+    let mut config = raw.json.clone();
+    config["disp_modified_weights"] = serde_json::json!({ "source_fingerprint": fingerprint, "how": provenance });
+    let weight_bytes = write_folder(&staged, model_dir, outputs, &config)?;
+    let tensors = ck.names().count();
+    staged.publish()?;
+    Ok(ExportSummary { tensors, stored_params: params, source_params: params, weight_bytes, source_fingerprint: fingerprint })
+}
+
+/// Values in a float dtype's little-endian bytes.
+fn encode(values: &[f32], dtype: Dtype) -> Vec<u8> {
+    match dtype {
+        Dtype::F16 => values.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect(),
+        Dtype::BF16 => values.iter().flat_map(|v| half::bf16::from_f32(*v).to_le_bytes()).collect(),
+        _ => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+    }
+}
+
+/// Writes the weights, the config and the companion files into the staging folder; returns the
+/// weight file's size.
+fn write_folder(staged: &StagedFolder, model_dir: &Path, outputs: Vec<(String, OutputTensor)>, config: &serde_json::Value) -> Result<u64> {
+    let weights_path = staged.path().join("model.safetensors");
+    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+    safetensors::serialize_to_file(outputs, Some(metadata), &weights_path)
+        .map_err(|e| anyhow!("cannot write {}: {e}", weights_path.display()))?;
+    write_json(&staged.path().join("config.json"), config)?;
+    for file in COMPANION_FILES {
+        let source = model_dir.join(file);
+        if source.is_file() {
+            std::fs::copy(&source, staged.path().join(file)).with_context(|| format!("{}: cannot copy", source.display()))?;
+        }
+    }
+    Ok(std::fs::metadata(&weights_path)?.len())
+}
+
+/// Checks the plan against the checkpoint's own tensors: family, layer count, and every index
+/// set sorted, unique and within the axis it cuts.
+fn check_plan_fits(plan: &PruningPlan, family: Family, ck: &Checkpoint) -> Result<()> {
+    let fail = |msg: String| anyhow!("{}: {msg}", ck.describe());
+    if plan.model.model_type != family.model_type() {
+        return Err(fail(format!("the plan is for a {} model, this checkpoint is {}", plan.model.model_type, family.model_type())));
+    }
+    let mut widths: BTreeMap<(usize, usize), (Site, usize)> = BTreeMap::new();
+    for name in ck.names() {
+        let Some(axes) = cut_axes(family, name) else { continue };
+        let shape = ck.shape(name)?;
+        for (site, axis) in [(axes.rows, 0), (axes.cols, 1)] {
+            if let (Some(site), Some(&width)) = (site, shape.get(axis)) {
+                widths.insert((axes.layer, site.index()), (site, width));
+            }
+        }
+    }
+    let layers = widths.keys().map(|(layer, _)| layer + 1).max().unwrap_or(0);
+    if layers != plan.layers.len() {
+        return Err(fail(format!("the plan has {} layers, the checkpoint {layers}", plan.layers.len())));
+    }
+    for ((layer, _), (site, width)) in widths {
+        check_index_set(plan.layers[layer].get(site), width)
+            .map_err(|e| fail(format!("plan layer {layer} {} ({}): {e}", site.label(), site.description())))?;
+    }
+    Ok(())
+}
+
+/// SHA-256 over the config and the weight files, in that order.
+pub fn source_fingerprint(config: &Path, weights: &[&Path]) -> Result<String> {
+    let mut hasher = Sha256::new();
+    let mut buffer = vec![0u8; 1 << 20];
+    for path in std::iter::once(config).chain(weights.iter().copied()) {
+        let mut file = std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+        loop {
+            let n = file.read(&mut buffer).with_context(|| format!("{}: cannot read", path.display()))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buffer[..n]);
+        }
+    }
+    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
+    let mut text = serde_json::to_string_pretty(value).expect("JSON values serialise");
+    text.push('\n');
+    std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
+}
+
+fn element_size(dtype: Dtype) -> Option<usize> {
+    match dtype {
+        Dtype::F32 => Some(4),
+        Dtype::F16 | Dtype::BF16 => Some(2),
+        _ => None,
+    }
+}
+
+/// The kept positions along each axis of one tensor.
+struct Cut {
+    rows: Option<Vec<u32>>,
+    cols: Option<Vec<u32>>,
+}
+
+impl Cut {
+    fn new(axes: CutAxes, layer: &LayerIndices) -> Self {
+        Self { rows: axes.rows.map(|s| layer.get(s).to_vec()), cols: axes.cols.map(|s| layer.get(s).to_vec()) }
+    }
+}
+
+/// A tensor of the output file, produced when the writer asks for it so that only one tensor's
+/// bytes are held at a time.
+struct OutputTensor<'a> {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    content: Content<'a>,
+}
+
+enum Content<'a> {
+    Copy(&'a [u8]),
+    Cut { source: RawTensor<'a>, cut: Cut, format: ExportFormat },
+    Owned(Vec<u8>),
+}
+
+impl<'a> OutputTensor<'a> {
+    fn weight(source: RawTensor<'a>, cut: Option<Cut>, format: ExportFormat) -> Self {
+        let dtype = source.dtype;
+        match cut {
+            None => Self { dtype, shape: source.shape.clone(), content: Content::Copy(source.bytes) },
+            Some(cut) => {
+                let mut shape = source.shape.clone();
+                if format == ExportFormat::Pruned {
+                    if let Some(rows) = &cut.rows {
+                        shape[0] = rows.len();
+                    }
+                    if let Some(cols) = &cut.cols {
+                        shape[1] = cols.len();
+                    }
+                }
+                Self { dtype, shape, content: Content::Cut { source, cut, format } }
+            }
+        }
+    }
+
+    fn indices(kept: &[u32]) -> Self {
+        let bytes = kept.iter().flat_map(|&i| (i as i64).to_le_bytes()).collect();
+        Self { dtype: Dtype::I64, shape: vec![kept.len()], content: Content::Owned(bytes) }
+    }
+
+    fn source_len(&self) -> usize {
+        match &self.content {
+            Content::Cut { source, .. } => source.shape.iter().product(),
+            _ => self.shape.iter().product(),
+        }
+    }
+}
+
+impl View for OutputTensor<'_> {
+    fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    fn data(&self) -> Cow<'_, [u8]> {
+        match &self.content {
+            Content::Copy(bytes) => Cow::Borrowed(bytes),
+            Content::Owned(bytes) => Cow::Borrowed(bytes),
+            Content::Cut { source, cut, format } => Cow::Owned(cut_bytes(source, cut, *format)),
+        }
+    }
+
+    fn data_len(&self) -> usize {
+        self.shape.iter().product::<usize>() * element_size(self.dtype).unwrap_or(8)
+    }
+}
+
+/// The bytes of a cut tensor: only the kept rows/columns (pruned) or zeros elsewhere
+/// (dense-equivalent). A 1-D tensor (bias) is cut along its only axis by `rows`.
+fn cut_bytes(source: &RawTensor<'_>, cut: &Cut, format: ExportFormat) -> Vec<u8> {
+    let size = element_size(source.dtype).expect("checked before cutting");
+    let rows = source.shape[0];
+    let cols = source.shape.get(1).copied().unwrap_or(1);
+    let row_bytes = cols * size;
+    let all_rows: Vec<u32>;
+    let kept_rows = match &cut.rows {
+        Some(r) => r.as_slice(),
+        None => {
+            all_rows = (0..rows as u32).collect();
+            &all_rows
+        }
+    };
+    match format {
+        ExportFormat::Pruned => {
+            let out_cols = cut.cols.as_ref().map_or(cols, Vec::len);
+            let mut out = Vec::with_capacity(kept_rows.len() * out_cols * size);
+            for &r in kept_rows {
+                let row = &source.bytes[r as usize * row_bytes..(r as usize + 1) * row_bytes];
+                match &cut.cols {
+                    None => out.extend_from_slice(row),
+                    Some(kept_cols) => {
+                        for &c in kept_cols {
+                            out.extend_from_slice(&row[c as usize * size..(c as usize + 1) * size]);
+                        }
+                    }
+                }
+            }
+            out
+        }
+        ExportFormat::DenseEquivalent => {
+            // IEEE zero is all-zero bytes in every float format.
+            let mut out = vec![0u8; source.bytes.len()];
+            for &r in kept_rows {
+                let span = r as usize * row_bytes..(r as usize + 1) * row_bytes;
+                match &cut.cols {
+                    None => out[span.clone()].copy_from_slice(&source.bytes[span]),
+                    Some(kept_cols) => {
+                        for &c in kept_cols {
+                            let at = span.start + c as usize * size;
+                            out[at..at + size].copy_from_slice(&source.bytes[at..at + size]);
+                        }
+                    }
+                }
+            }
+            out
+        }
+    }
+}

@@ -1,0 +1,378 @@
+//! `cargo xtask reproduce-table`: the paper's comparison (perplexity of every pruning method at
+//! every ratio of total parameters) on the models available here, by driving the `disp` binary.
+//!
+//! Every cell (model × method × ratio) is a small pipeline of `disp` commands — prune (or, for
+//! wanda-2:4, write the sparse model), evaluate perplexity on each held-out text, evaluate the
+//! multiple-choice tasks — and its result is cached as JSON under the cache folder together with
+//! the settings that produced it, so a rerun skips finished cells and an interrupted run
+//! resumes. The markdown table is rewritten from the cache after every cell.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+/// A pruning method as `disp prune --method` names it.
+pub const METHODS: &[&str] = &["disp", "disp-direct", "uniform-magnitude", "wanda-sp", "wanda-2:4"];
+
+/// The methods that train gates (their cost scales with the steps).
+fn is_search(method: &str) -> bool {
+    matches!(method, "disp" | "disp-direct")
+}
+
+/// Semi-structured 2:4 always removes half of the block weights: one cell, at 50 %.
+fn applies_at(method: &str, ratio: f64) -> bool {
+    method != "wanda-2:4" || (ratio - 0.5).abs() < 1e-9
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ModelSpec {
+    pub name: String,
+    pub dir: PathBuf,
+}
+
+/// Everything that determines the cells' results (a cached cell is reused only when equal).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CellSettings {
+    pub steps: usize,
+    pub seed: u64,
+    pub seq_len: usize,
+    pub calibration: Vec<PathBuf>,
+    pub calibration_windows: usize,
+    pub eval_windows: usize,
+    pub heldout: Vec<(String, PathBuf)>,
+    pub tasks: Vec<PathBuf>,
+    pub mc_limit: Option<usize>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TableSettings {
+    pub models: Vec<ModelSpec>,
+    pub ratios: Vec<f64>,
+    pub methods: Vec<String>,
+    pub cell: CellSettings,
+    pub cache: PathBuf,
+    pub out_markdown: PathBuf,
+    pub disp: PathBuf,
+    /// The command line, for the report.
+    pub command: String,
+    pub quick: bool,
+}
+
+/// The outcome of one cell.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CellResult {
+    pub model: String,
+    pub method: String,
+    pub target_ratio: f64,
+    /// Fraction of total parameters removed (for wanda-2:4: zeroed weights over all parameters).
+    pub achieved_ratio: f64,
+    /// Perplexity per held-out text.
+    pub perplexity: BTreeMap<String, f64>,
+    /// (acc, acc_norm) per task.
+    pub accuracy: BTreeMap<String, (f64, f64)>,
+    pub seconds: f64,
+    pub settings: CellSettings,
+}
+
+impl TableSettings {
+    fn cell_path(&self, model: &ModelSpec, method: &str, ratio: f64) -> PathBuf {
+        let method = method.replace(':', "-");
+        self.cache.join(&model.name).join(format!("{method}-{:02}.json", (ratio * 100.0).round() as u32))
+    }
+}
+
+/// Runs `disp` with `args`; returns stdout, or an error with the command and its last stderr line.
+fn disp(binary: &Path, args: &[String]) -> Result<String> {
+    let output = Command::new(binary).args(args).output().with_context(|| format!("cannot run {}", binary.display()))?;
+    if !output.status.success() {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let last = stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("(no message)");
+        bail!("`disp {}` failed: {last}", args.join(" "));
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+fn s(p: &Path) -> String {
+    p.display().to_string()
+}
+
+/// Model arguments of the evaluation commands for one cell.
+enum Evaluated {
+    Dense,
+    Plan(PathBuf),
+    Folder(PathBuf),
+}
+
+fn evaluate(settings: &TableSettings, model: &ModelSpec, target: &Evaluated) -> Result<(BTreeMap<String, f64>, BTreeMap<String, (f64, f64)>)> {
+    let cell = &settings.cell;
+    let model_args = match target {
+        Evaluated::Dense => vec!["--model".into(), s(&model.dir)],
+        Evaluated::Plan(plan) => vec!["--model".into(), s(&model.dir), "--plan".into(), s(plan)],
+        Evaluated::Folder(dir) => vec!["--model".into(), s(dir)],
+    };
+    let mut perplexity = BTreeMap::new();
+    for (name, text) in &cell.heldout {
+        let mut args: Vec<String> = vec!["eval".into(), "ppl".into()];
+        args.extend(model_args.iter().cloned());
+        args.extend(["--text".into(), s(text), "--seq-len".into(), cell.seq_len.to_string()]);
+        args.extend(["--max-windows".into(), cell.eval_windows.to_string(), "--json".into()]);
+        let json: serde_json::Value = serde_json::from_str(disp(&settings.disp, &args)?.trim())?;
+        let ppl = json["perplexity"].as_f64().ok_or_else(|| anyhow!("eval ppl printed no perplexity"))?;
+        perplexity.insert(name.clone(), ppl);
+    }
+    let mut accuracy = BTreeMap::new();
+    if !cell.tasks.is_empty() {
+        let mut args: Vec<String> = vec!["eval".into(), "mc".into()];
+        args.extend(model_args.iter().cloned());
+        args.push("--tasks".into());
+        args.extend(cell.tasks.iter().map(|t| s(t)));
+        if let Some(limit) = cell.mc_limit {
+            args.extend(["--limit".into(), limit.to_string()]);
+        }
+        args.push("--json".into());
+        for line in disp(&settings.disp, &args)?.lines().filter(|l| l.trim_start().starts_with('{')) {
+            let json: serde_json::Value = serde_json::from_str(line)?;
+            let task = json["task"].as_str().unwrap_or("task").to_string();
+            let acc = json["acc"].as_f64().ok_or_else(|| anyhow!("eval mc printed no acc"))?;
+            let acc_norm = json["acc_norm"].as_f64().ok_or_else(|| anyhow!("eval mc printed no acc_norm"))?;
+            accuracy.insert(task, (acc, acc_norm));
+        }
+    }
+    Ok((perplexity, accuracy))
+}
+
+/// Computes one cell (`method` "dense" for the unpruned model).
+fn run_cell(settings: &TableSettings, model: &ModelSpec, method: &str, ratio: f64) -> Result<CellResult> {
+    let start = Instant::now();
+    let cell = &settings.cell;
+    let dir = settings.cache.join(&model.name);
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let stem = format!("{}-{:02}", method.replace(':', "-"), (ratio * 100.0).round() as u32);
+    let calibration = || -> Vec<String> {
+        let mut args = vec!["--data".to_string()];
+        args.extend(cell.calibration.iter().map(|p| s(p)));
+        args
+    };
+    let (target, achieved) = match method {
+        "dense" => (Evaluated::Dense, 0.0),
+        "wanda-2:4" => {
+            let folder = dir.join(format!("{stem}.model"));
+            if folder.exists() {
+                std::fs::remove_dir_all(&folder)?;
+            }
+            let mut args: Vec<String> = vec!["prune".into(), "--model".into(), s(&model.dir), "--method".into(), method.into()];
+            args.extend(calibration());
+            args.extend(["--seq-len".into(), cell.seq_len.to_string(), "--calibration-windows".into(), cell.calibration_windows.to_string()]);
+            args.extend(["--export".into(), s(&folder)]);
+            let stdout = disp(&settings.disp, &args)?;
+            (Evaluated::Folder(folder), two_of_four_total_ratio(&stdout, &model.dir)?)
+        }
+        _ => {
+            let plan = dir.join(format!("{stem}.plan.json"));
+            let mut args: Vec<String> = vec!["prune".into(), "--model".into(), s(&model.dir), "--method".into(), method.into()];
+            args.extend(["--ratio".into(), ratio.to_string(), "--seq-len".into(), cell.seq_len.to_string()]);
+            if method != "uniform-magnitude" {
+                args.extend(calibration());
+            }
+            if is_search(method) {
+                args.extend(["--steps".into(), cell.steps.to_string(), "--seed".into(), cell.seed.to_string()]);
+            }
+            if method == "wanda-sp" {
+                args.extend(["--calibration-windows".into(), cell.calibration_windows.to_string()]);
+            }
+            args.extend(["--out".into(), s(&plan)]);
+            disp(&settings.disp, &args)?;
+            let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&plan)?)?;
+            let achieved = json["achieved_ratio"].as_f64().ok_or_else(|| anyhow!("{}: no achieved_ratio", plan.display()))?;
+            (Evaluated::Plan(plan), achieved)
+        }
+    };
+    let (perplexity, accuracy) = evaluate(settings, model, &target)?;
+    if let Evaluated::Folder(folder) = &target {
+        // A dense copy of the model; the cell's numbers are what we keep.
+        std::fs::remove_dir_all(folder)?;
+    }
+    Ok(CellResult {
+        model: model.name.clone(),
+        method: method.into(),
+        target_ratio: ratio,
+        achieved_ratio: achieved,
+        perplexity,
+        accuracy,
+        seconds: start.elapsed().as_secs_f64(),
+        settings: cell.clone(),
+    })
+}
+
+/// wanda-2:4 reports "zeroed Z of B block linear weights"; as a fraction of total parameters
+/// that is Z / total, with the total counted from the model's weight files.
+fn two_of_four_total_ratio(stdout: &str, model_dir: &Path) -> Result<f64> {
+    let zeroed: u64 = stdout
+        .split("zeroed ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| anyhow!("wanda-2:4 did not report how many weights it zeroed"))?;
+    Ok(zeroed as f64 / model_params(model_dir)? as f64)
+}
+
+/// The cached result of a cell, if it was computed with the same settings.
+fn cached(path: &Path, settings: &CellSettings) -> Option<CellResult> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let result: CellResult = serde_json::from_str(&text).ok()?;
+    (result.settings == *settings).then_some(result)
+}
+
+/// Rough seconds per cell, from the model size (measured here: a SmolLM2-135M search step of
+/// 512 tokens takes ~4.5 s, a 16-window evaluation ~30 s).
+fn estimate_seconds(settings: &TableSettings, params: u64, method: &str) -> f64 {
+    let scale = params as f64 / 135e6 * settings.cell.seq_len as f64 / 512.0;
+    let evals = settings.cell.heldout.len() as f64 * settings.cell.eval_windows as f64 * 2.0 * scale
+        + settings.cell.tasks.len() as f64 * settings.cell.mc_limit.unwrap_or(200) as f64 * 0.2 * scale;
+    let prune = match method {
+        "disp" | "disp-direct" => settings.cell.steps as f64 * 4.5 * scale,
+        "wanda-sp" | "wanda-2:4" => settings.cell.calibration_windows as f64 * 2.0 * scale,
+        _ => 2.0,
+    };
+    prune + evals + 5.0
+}
+
+fn model_params(dir: &Path) -> Result<u64> {
+    let ck = disp_models::Checkpoint::open(dir)?;
+    ck.names().map(|n| ck.shape(n).map(|s| s.iter().product::<usize>() as u64)).sum()
+}
+
+/// Runs (or resumes) the whole table and writes the markdown report.
+pub fn reproduce(settings: &TableSettings) -> Result<Vec<CellResult>> {
+    let mut plan: Vec<(ModelSpec, String, f64)> = Vec::new();
+    let mut estimate = 0.0;
+    for model in &settings.models {
+        let params = model_params(&model.dir).map_err(|e| anyhow!("model {}: {e:#}", model.name))?;
+        plan.push((model.clone(), "dense".into(), 0.0));
+        estimate += estimate_seconds(settings, params, "dense");
+        for &ratio in &settings.ratios {
+            for method in &settings.methods {
+                if applies_at(method, ratio) {
+                    plan.push((model.clone(), method.clone(), ratio));
+                    estimate += estimate_seconds(settings, params, method);
+                }
+            }
+        }
+    }
+    let todo: Vec<_> = plan.iter().filter(|(m, method, r)| cached(&settings.cell_path(m, method, *r), &settings.cell).is_none()).collect();
+    println!(
+        "reproduce-table: {} cells ({} cached), {} models, ratios {:?}, methods {}; estimated {:.1} h in all on this machine",
+        plan.len(),
+        plan.len() - todo.len(),
+        settings.models.len(),
+        settings.ratios,
+        settings.methods.join(", "),
+        estimate / 3600.0
+    );
+    let mut results = Vec::new();
+    for (index, (model, method, ratio)) in plan.iter().enumerate() {
+        let path = settings.cell_path(model, method, *ratio);
+        let result = match cached(&path, &settings.cell) {
+            Some(result) => result,
+            None => {
+                println!("[{}/{}] {} {} {:.0}% ...", index + 1, plan.len(), model.name, method, ratio * 100.0);
+                let result = run_cell(settings, model, method, *ratio).map_err(|e| anyhow!("{} {method} {ratio}: {e:#}", model.name))?;
+                let json = serde_json::to_string_pretty(&result)?;
+                disp_core::fsutil::write_atomic(&path, json.as_bytes())?;
+                println!("    done in {:.0} s: {:?}", result.seconds, result.perplexity);
+                result
+            }
+        };
+        results.push(result);
+        write_markdown(settings, &results)?;
+    }
+    Ok(results)
+}
+
+/// The report: per model, the paper's layout (methods × ratios, perplexity), then every cell.
+pub fn markdown(settings: &TableSettings, results: &[CellResult]) -> String {
+    let mut md = String::new();
+    let cell = &settings.cell;
+    writeln!(md, "# Reproduced comparison{}\n", if settings.quick { " (--quick)" } else { "" }).unwrap();
+    writeln!(md, "Command: `{}`  ", settings.command).unwrap();
+    writeln!(md, "Search steps {}, seed {}, sequence length {}, calibration: {}  ", cell.steps, cell.seed, cell.seq_len,
+        cell.calibration.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")).unwrap();
+    writeln!(md, "Perplexity over the first {} windows of each held-out text; multiple choice on {} (limit {:?}).\n",
+        cell.eval_windows, cell.tasks.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "), cell.mc_limit).unwrap();
+    let models: Vec<&str> = {
+        let mut seen = Vec::new();
+        for r in results {
+            if !seen.contains(&r.model.as_str()) {
+                seen.push(r.model.as_str());
+            }
+        }
+        seen
+    };
+    for model in models {
+        let rows: Vec<&CellResult> = results.iter().filter(|r| r.model == model).collect();
+        let texts: Vec<String> = rows.iter().flat_map(|r| r.perplexity.keys().cloned()).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+        for text in &texts {
+            writeln!(md, "## {model}: perplexity on {text}\n").unwrap();
+            let dense = rows.iter().find(|r| r.method == "dense").and_then(|r| r.perplexity.get(text));
+            write!(md, "| method | 0 %").unwrap();
+            for ratio in &settings.ratios {
+                write!(md, " | {:.0} %", ratio * 100.0).unwrap();
+            }
+            writeln!(md, " |").unwrap();
+            writeln!(md, "|---|---{}|", "|---".repeat(settings.ratios.len())).unwrap();
+            for method in &settings.methods {
+                write!(md, "| {method} | {}", dense.map_or("–".into(), |p| format!("{p:.2}"))).unwrap();
+                for ratio in &settings.ratios {
+                    let found = rows.iter().find(|r| r.method == *method && (r.target_ratio - ratio).abs() < 1e-9);
+                    match found.and_then(|r| r.perplexity.get(text)) {
+                        Some(p) => write!(md, " | {}", format_ppl(*p)).unwrap(),
+                        None => write!(md, " | –").unwrap(),
+                    }
+                }
+                writeln!(md, " |").unwrap();
+            }
+            writeln!(md).unwrap();
+        }
+    }
+    writeln!(md, "## Every cell\n").unwrap();
+    writeln!(md, "| model | method | target | achieved (of total) | perplexity | accuracy (acc / acc_norm) | seconds |").unwrap();
+    writeln!(md, "|---|---|---|---|---|---|---|").unwrap();
+    for r in results {
+        let ppl = r.perplexity.iter().map(|(k, v)| format!("{k} {}", format_ppl(*v))).collect::<Vec<_>>().join(", ");
+        let acc = r.accuracy.iter().map(|(k, (a, n))| format!("{k} {a:.3} / {n:.3}")).collect::<Vec<_>>().join(", ");
+        writeln!(md, "| {} | {} | {:.0} % | {:.2} % | {ppl} | {acc} | {:.0} |", r.model, r.method, 100.0 * r.target_ratio, 100.0 * r.achieved_ratio, r.seconds).unwrap();
+    }
+    md
+}
+
+fn format_ppl(p: f64) -> String {
+    if p >= 1000.0 {
+        format!("{p:.0}")
+    } else {
+        format!("{p:.2}")
+    }
+}
+
+fn write_markdown(settings: &TableSettings, results: &[CellResult]) -> Result<()> {
+    if let Some(parent) = settings.out_markdown.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    disp_core::fsutil::write_atomic(&settings.out_markdown, markdown(settings, results).as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn two_of_four_is_only_a_cell_at_half() {
+        assert!(applies_at("wanda-2:4", 0.5));
+        assert!(!applies_at("wanda-2:4", 0.3));
+        assert!(applies_at("disp", 0.3));
+    }
+}

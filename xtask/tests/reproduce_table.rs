@@ -1,0 +1,110 @@
+//! `cargo xtask reproduce-table --quick` on tiny random fixture models: the report has the
+//! paper's layout, every achieved ratio is within ±0.5 pt of its target, and a rerun reuses the
+//! cached cells.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// The `disp` binary of the same profile, built if needed (a no-op inside `cargo test --workspace`).
+fn disp_binary() -> PathBuf {
+    let profile = if cfg!(debug_assertions) { "dev" } else { "release" };
+    let status = Command::new(env!("CARGO")).args(["build", "-q", "--profile", profile, "-p", "disp-cli"]).current_dir(root()).status().unwrap();
+    assert!(status.success());
+    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("target"));
+    target.join(if profile == "dev" { "debug" } else { "release" }).join("disp")
+}
+
+/// A fixture model with the byte-level tokenizer its 256-entry vocabulary fits.
+fn model_with_tokenizer(dir: &Path, name: &str) -> PathBuf {
+    let out = dir.join(name);
+    std::fs::create_dir_all(&out).unwrap();
+    for entry in std::fs::read_dir(root().join("tests/fixtures").join(name)).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), out.join(entry.file_name())).unwrap();
+    }
+    std::fs::copy(root().join("tests/fixtures/byte_tokenizer.json"), out.join("tokenizer.json")).unwrap();
+    out
+}
+
+fn text(dir: &Path, name: &str, seed: usize) -> PathBuf {
+    let words = ["the", "river", "ran", "past", "a", "quiet", "house", "and", "she", "said", "nothing", "of", "it"];
+    let text: String = (0..2500).map(|i| words[(i * 7 + seed * 3 + i / 5) % words.len()]).collect::<Vec<_>>().join(" ");
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn quick_table_on_tiny_models_has_the_layout_and_hits_every_ratio() {
+    let tmp = tempfile::tempdir().unwrap();
+    let llama = model_with_tokenizer(tmp.path(), "llama_gqa_tied");
+    let phi = model_with_tokenizer(tmp.path(), "phi");
+    let calib = text(tmp.path(), "calib.txt", 1);
+    let heldout = text(tmp.path(), "heldout.txt", 2);
+    let task = tmp.path().join("task.jsonl");
+    let lines: Vec<String> = (0..6)
+        .map(|i| serde_json::json!({"context": format!("the river {i}"), "choices": [" ran past", " a house"], "gold": i % 2}).to_string())
+        .collect();
+    std::fs::write(&task, lines.join("\n")).unwrap();
+    let cache = tmp.path().join("cache");
+    let report = tmp.path().join("results.md");
+    let run = || {
+        Command::new(env!("CARGO_BIN_EXE_xtask"))
+            .args(["reproduce-table", "--quick", "--seq-len", "32", "--steps", "3", "--eval-windows", "2"])
+            .args(["--models", &format!("llama={},phi={}", llama.display(), phi.display())])
+            .args(["--calibration", calib.to_str().unwrap()])
+            .args(["--heldout", &format!("heldout={}", heldout.display())])
+            .args(["--tasks", task.to_str().unwrap()])
+            .args(["--disp", disp_binary().to_str().unwrap()])
+            .args(["--cache", cache.to_str().unwrap(), "--out", report.to_str().unwrap()])
+            .output()
+            .unwrap()
+    };
+    let first = run();
+    assert!(first.status.success(), "{}\n{}", String::from_utf8_lossy(&first.stdout), String::from_utf8_lossy(&first.stderr));
+    let md = std::fs::read_to_string(&report).unwrap();
+    for model in ["llama", "phi"] {
+        assert!(md.contains(&format!("## {model}: perplexity on heldout")), "{md}");
+    }
+    assert!(md.contains("| method | 0 % | 30 % | 50 % |"), "{md}");
+    for method in ["disp", "disp-direct", "uniform-magnitude", "wanda-sp", "wanda-2:4"] {
+        assert!(md.contains(&format!("\n| {method} | ")), "row {method} missing: {md}");
+    }
+
+    // Every cached cell: the achieved ratio within ±0.5 pt of its target (wanda-2:4 removes half
+    // of the block weights, which is less than half of all parameters), finite perplexity.
+    let mut cells = 0;
+    for model in ["llama", "phi"] {
+        for entry in std::fs::read_dir(cache.join(model)).unwrap() {
+            let path = entry.unwrap().path();
+            if !path.to_string_lossy().ends_with(".json") || path.to_string_lossy().ends_with(".plan.json") {
+                continue;
+            }
+            let cell: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+            let (method, target, achieved) =
+                (cell["method"].as_str().unwrap(), cell["target_ratio"].as_f64().unwrap(), cell["achieved_ratio"].as_f64().unwrap());
+            match method {
+                "dense" => assert_eq!(achieved, 0.0),
+                "wanda-2:4" => assert!(achieved > 0.2 && achieved < 0.5, "{path:?}: {achieved}"),
+                _ => assert!((achieved - target).abs() <= 0.005, "{path:?}: {method} {achieved} vs {target}"),
+            }
+            let ppl = cell["perplexity"]["heldout"].as_f64().unwrap();
+            assert!(ppl.is_finite() && ppl > 1.0, "{path:?}: {ppl}");
+            let (acc, _) = (cell["accuracy"]["task"][0].as_f64().unwrap(), ());
+            assert!((0.0..=1.0).contains(&acc));
+            cells += 1;
+        }
+    }
+    // dense + 4 methods × 2 ratios + wanda-2:4 once, per model.
+    assert_eq!(cells, 2 * (1 + 4 * 2 + 1));
+
+    let second = run();
+    assert!(second.status.success());
+    let stdout = String::from_utf8_lossy(&second.stdout);
+    assert!(stdout.contains("(20 cached)"), "{stdout}");
+    assert!(!stdout.contains("done in"), "nothing recomputed: {stdout}");
+}
