@@ -10,6 +10,7 @@
 pub mod activations;
 pub mod baseline;
 pub mod device;
+pub mod fastmath;
 pub mod fsutil;
 pub mod params;
 pub mod plan;

@@ -145,7 +145,14 @@ impl Selector<'_> {
                 gates.observe(if site == Site::AttnIn { ActivationPoint::AttnIn } else { ActivationPoint::MlpIn }, &normed);
                 normed * gates.get(site).clone().unsqueeze::<3>()
             }
-            Selector::Pruned(indices) => normed.select(2, indices.get(site).clone()),
+            Selector::Pruned(indices) => {
+                // As a 2-D `[B·T, d]` select: burn-flex copies whole rows' gathers there, while its
+                // N-D path computes every element's coordinates (7x slower at SmolLM2's size).
+                let [batch, seq, width] = normed.dims();
+                let kept = indices.get(site).clone();
+                let count = kept.dims()[0];
+                normed.reshape([batch * seq, width]).select(1, kept).reshape([batch, seq, count])
+            }
         }
     }
 
@@ -178,7 +185,13 @@ impl Selector<'_> {
                 residual + output * gates.get(site).clone().unsqueeze::<3>()
             }
             Selector::Pruned(indices) => {
-                residual.select_assign(2, indices.get(site).clone(), output, IndexingUpdateOp::Add)
+                // 2-D for the same reason as in `read`.
+                let [batch, seq, width] = residual.dims();
+                let count = output.dims()[2];
+                residual
+                    .reshape([batch * seq, width])
+                    .select_assign(1, indices.get(site).clone(), output.reshape([batch * seq, count]), IndexingUpdateOp::Add)
+                    .reshape([batch, seq, width])
             }
         }
     }

@@ -2,21 +2,7 @@
 //! backend evaluates `exp` with scalar libm calls, which made the vocabulary-wide logsumexp a
 //! fifth of an evaluation window on SmolLM2; a vectorisable exp and two threads make it small.
 
-/// exp(x) for x in [-87, 0], written so the compiler vectorises it:
-/// 2^(x·log2 e) split into an integer power of two (built in the exponent bits) and a degree-7
-/// polynomial for 2^f, |f| ≤ 0.5.
-#[inline(always)]
-fn exp_nonpositive(x: f32) -> f32 {
-    const ROUND: f32 = 12_582_912.0; // 1.5·2^23: adding it rounds to the nearest integer
-    let t = x.max(-87.0) * std::f32::consts::LOG2_E;
-    let n = (t + ROUND) - ROUND;
-    let f = (t - n) * std::f32::consts::LN_2;
-    let p = 1.0
-        + f * (1.0
-            + f * (0.5
-                + f * (1.0 / 6.0 + f * (1.0 / 24.0 + f * (1.0 / 120.0 + f * (1.0 / 720.0 + f * (1.0 / 5040.0)))))));
-    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
-}
+use disp_core::fastmath::exp_nonpositive;
 
 /// log Σ exp(row).
 pub fn log_sum_exp(row: &[f32]) -> f64 {
@@ -55,17 +41,6 @@ pub fn summed_nll(logits: &[f32], vocab: usize, targets: &[u32]) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn exp_matches_libm() {
-        for i in 0..=87_000 {
-            let x = -(i as f32) / 1000.0;
-            let (ours, exact) = (exp_nonpositive(x), (x as f64).exp());
-            // Rounding x·log2(e) to f32 alone costs |x|·6e-8 relative; the polynomial adds ~1e-7.
-            let tolerance = 2e-7 * (1.0 + x.abs() as f64);
-            assert!(((ours as f64 - exact) / exact).abs() < tolerance, "exp({x}) = {ours}, expected {exact}");
-        }
-    }
 
     #[test]
     fn nll_matches_the_direct_formula() {

@@ -278,6 +278,10 @@ pub fn causal_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, start: usize) 
     let [batch, heads, seq, head_dim] = q.dims();
     let [_, kv_heads, keys, _] = k.dims();
     debug_assert_eq!(keys, start + seq, "keys must cover every earlier position");
+    let device = q.device();
+    if !device.is_autodiff() && device == Device::flex() {
+        return host_causal_attention(q, k, v);
+    }
     let group = heads / kv_heads;
     let repeat = |t: Tensor<4>| {
         if group == 1 {
@@ -289,4 +293,26 @@ pub fn causal_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, start: usize) 
     let options = AttentionModuleOptions { scale: None, softcap: None, is_causal: seq > 1 };
     let out = attention(q, repeat(k), repeat(v), None, None, options);
     out.swap_dims(1, 2).reshape([batch, seq, heads * head_dim])
+}
+
+/// [`causal_attention`] on the CPU device without autodiff: the tensors are already in host
+/// memory, and [`crate::host_attention`] skips the masked half and vectorises the softmax.
+fn host_causal_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<3> {
+    let [batch, heads, queries, head_dim] = q.dims();
+    let [_, kv_heads, keys, _] = k.dims();
+    let device = q.device();
+    let host = |t: Tensor<4>| t.into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 data");
+    let (q, k, v) = (host(q), host(k), host(v));
+    let shape = crate::host_attention::AttentionShape { heads, kv_heads, queries, keys, head_dim };
+    let (q_len, kv_len) = (heads * queries * head_dim, kv_heads * keys * head_dim);
+    let mut out = Vec::with_capacity(batch * q_len);
+    for b in 0..batch {
+        out.extend(crate::host_attention::causal_attention(
+            &q[b * q_len..(b + 1) * q_len],
+            &k[b * kv_len..(b + 1) * kv_len],
+            &v[b * kv_len..(b + 1) * kv_len],
+            shape,
+        ));
+    }
+    Tensor::from_data(TensorData::new(out, [batch, queries, heads * head_dim]), &device)
 }

@@ -8,6 +8,7 @@
 pub mod bpe;
 pub mod config;
 pub mod gguf;
+pub mod host_attention;
 pub mod layers;
 pub mod llama;
 pub mod opt;

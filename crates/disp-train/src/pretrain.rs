@@ -261,6 +261,11 @@ pub struct PretrainStep {
     pub tokens: usize,
     /// Wall-clock seconds of the step.
     pub seconds: f64,
+    /// Of which: loading the model over the parameters, the forward pass and the loss (until
+    /// the loss is on the host).
+    pub forward_seconds: f64,
+    /// `backward()`.
+    pub backward_seconds: f64,
 }
 
 /// One training run: the config, the parameters and their optimizer, and the training windows.
@@ -386,12 +391,25 @@ impl Pretrainer {
         if !loss.value.is_finite() {
             bail!("non-finite training loss at step {step} ({})", loss.value);
         }
-        let mut grads = GradientsParams::from_grads(loss.surrogate.backward(), &self.params);
+        let forward_seconds = start.elapsed().as_secs_f64();
+        let backward_start = Instant::now();
+        let grads = loss.surrogate.backward();
+        let backward_seconds = backward_start.elapsed().as_secs_f64();
+        let mut grads = GradientsParams::from_grads(grads, &self.params);
         let grad_norm = clip_global_norm(&mut grads, &self.params, self.cfg.max_grad_norm);
         let learning_rate = self.cfg.learning_rate_at(step);
         self.params = self.optim.step(learning_rate, self.params.clone(), grads);
         self.steps_done = step;
-        Ok(PretrainStep { step, loss: loss.value, learning_rate, grad_norm, tokens: batch.len() * seq, seconds: start.elapsed().as_secs_f64() })
+        Ok(PretrainStep {
+            step,
+            loss: loss.value,
+            learning_rate,
+            grad_norm,
+            tokens: batch.len() * seq,
+            seconds: start.elapsed().as_secs_f64(),
+            forward_seconds,
+            backward_seconds,
+        })
     }
 
     /// The current values: (name, HF shape, row-major f32 values) per parameter.
