@@ -228,12 +228,12 @@ fn cached(path: &Path, settings: &CellSettings) -> Option<CellResult> {
     (result.settings == *settings).then_some(result)
 }
 
-/// Rough seconds per cell, from the model size (measured here: a SmolLM2-135M search step of
-/// 512 tokens takes ~4.5 s, a 16-window evaluation ~30 s).
+/// Rough seconds per cell, from the model size (measured here on SmolLM2-135M: a search step of
+/// 512 tokens ~4.5 s, an evaluation window of 512 tokens ~2 s, a four-choice question ~1 s).
 fn estimate_seconds(settings: &TableSettings, params: u64, method: &str) -> f64 {
     let scale = params as f64 / 135e6 * settings.cell.seq_len as f64 / 512.0;
     let evals = settings.cell.heldout.len() as f64 * settings.cell.eval_windows as f64 * 2.0 * scale
-        + settings.cell.tasks.len() as f64 * settings.cell.mc_limit.unwrap_or(200) as f64 * 0.2 * scale;
+        + settings.cell.tasks.len() as f64 * settings.cell.mc_limit.unwrap_or(200) as f64 * 1.0 * scale;
     let prune = match method {
         "disp" | "disp-direct" => settings.cell.steps as f64 * 4.5 * scale,
         "wanda-sp" | "wanda-2:4" => settings.cell.calibration_windows as f64 * 2.0 * scale,

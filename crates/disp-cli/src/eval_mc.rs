@@ -56,13 +56,7 @@ pub fn eval_mc(device: DeviceChoice, args: McArgs) -> Result<()> {
 
 fn print_report(report: &McReport, path: &Path, args: &McArgs) {
     if args.json {
-        let mut json = serde_json::to_value(report).expect("report serialises");
-        json["model"] = args.model.model.display().to_string().into();
-        json["file"] = path.display().to_string().into();
-        if let Some(plan) = &args.model.plan {
-            json["plan"] = plan.display().to_string().into();
-        }
-        println!("{json}");
+        println!("{}", crate::report_json(report, &args.model, "file", path));
     } else {
         println!(
             "{}  acc {:.4} ± {:.4}  acc_norm {:.4} ± {:.4}  ({} examples, {:.1} s)",

@@ -273,19 +273,24 @@ fn eval_ppl(device: DeviceChoice, args: PplArgs) -> Result<()> {
 
 fn print_ppl(report: &PerplexityReport, args: &PplArgs) {
     if args.json {
-        let mut json = serde_json::to_value(report).expect("report serialises");
-        json["model"] = args.model.model.display().to_string().into();
-        json["text"] = args.text.display().to_string().into();
-        if let Some(plan) = &args.model.plan {
-            json["plan"] = plan.display().to_string().into();
-        }
-        println!("{json}");
+        println!("{}", report_json(report, &args.model, "text", &args.text));
     } else {
         println!(
             "perplexity {:.4}  ({} windows x {} tokens, {} tokens scored of {} in the file)  {:.1} tokens/s",
             report.perplexity, report.windows, report.seq_len, report.predicted_tokens, report.file_tokens, report.tokens_per_second
         );
     }
+}
+
+/// A report as one JSON object, with the model, the plan and the input file it was made from.
+fn report_json(report: &impl serde::Serialize, model: &ModelArgs, input_key: &str, input: &Path) -> serde_json::Value {
+    let mut json = serde_json::to_value(report).expect("reports serialise");
+    json["model"] = model.model.display().to_string().into();
+    json[input_key] = input.display().to_string().into();
+    if let Some(plan) = &model.plan {
+        json["plan"] = plan.display().to_string().into();
+    }
+    json
 }
 
 fn progress_bar(len: u64, unit: &str, hidden: bool) -> indicatif::ProgressBar {

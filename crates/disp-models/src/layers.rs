@@ -279,7 +279,8 @@ pub fn causal_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, start: usize) 
     let [_, kv_heads, keys, _] = k.dims();
     debug_assert_eq!(keys, start + seq, "keys must cover every earlier position");
     let device = q.device();
-    if !device.is_autodiff() && device == Device::flex() {
+    // A single query (decoding) has nothing to skip, and its keys would be copied out of the cache.
+    if seq > 1 && !device.is_autodiff() && device == Device::flex() {
         return host_causal_attention(q, k, v);
     }
     let group = heads / kv_heads;
