@@ -9,13 +9,19 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
 }
 
-/// The `disp` binary of the same profile, built if needed (a no-op inside `cargo test --workspace`).
+/// The `disp` binary `cargo test --workspace` has built next to this test (disp-cli's own
+/// integration tests need it). Built here only when missing: a separate `cargo build -p
+/// disp-cli` unifies features differently and would rebuild burn.
 fn disp_binary() -> PathBuf {
-    let profile = if cfg!(debug_assertions) { "dev" } else { "release" };
-    let status = Command::new(env!("CARGO")).args(["build", "-q", "--profile", profile, "-p", "disp-cli"]).current_dir(root()).status().unwrap();
-    assert!(status.success());
     let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("target"));
-    target.join(if profile == "dev" { "debug" } else { "release" }).join("disp")
+    let profile_dir = if cfg!(debug_assertions) { "debug" } else { "release" };
+    let binary = target.join(profile_dir).join("disp");
+    if !binary.is_file() {
+        let profile = if cfg!(debug_assertions) { "dev" } else { "release" };
+        let status = Command::new(env!("CARGO")).args(["build", "-q", "--profile", profile, "-p", "disp-cli"]).current_dir(root()).status().unwrap();
+        assert!(status.success(), "cannot build disp-cli");
+    }
+    binary
 }
 
 /// A fixture model with the byte-level tokenizer its 256-entry vocabulary fits.
