@@ -295,7 +295,9 @@ impl Pretrainer {
         if !(cfg.learning_rate > 0.0 && cfg.learning_rate.is_finite()) {
             bail!("learning rate must be positive, got {}", cfg.learning_rate);
         }
-        if !(0.0..=1.0).contains(&cfg.final_lr_fraction) || !(cfg.weight_decay >= 0.0) || !(cfg.max_grad_norm >= 0.0) {
+        // Written so that NaN fails too.
+        let non_negative = |x: f64| x >= 0.0;
+        if !(0.0..=1.0).contains(&cfg.final_lr_fraction) || !non_negative(cfg.weight_decay) || !non_negative(cfg.max_grad_norm) {
             bail!("final_lr_fraction must be in [0, 1], weight decay and gradient clipping non-negative");
         }
         let device = device.clone().autodiff();
