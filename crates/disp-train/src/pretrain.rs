@@ -26,7 +26,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::loss::lm_loss;
-use crate::rng::{Purpose, SplitMix64};
+use crate::rng::{Purpose, ShuffledBatches, SplitMix64};
 
 /// The transformers release whose `config.json` layout [`hf_config`] reproduces.
 pub const TRANSFORMERS_VERSION: &str = "5.24.0";
@@ -281,8 +281,7 @@ pub struct Pretrainer {
     device: Device,
     steps_done: usize,
     /// The epoch whose window order is cached in `order`.
-    order_epoch: Option<usize>,
-    order: Vec<usize>,
+    batches: ShuffledBatches,
 }
 
 impl Pretrainer {
@@ -310,6 +309,7 @@ impl Pretrainer {
             AdamWConfig::new().with_beta_1(0.9).with_beta_2(cfg.beta_2 as f32).with_epsilon(1e-8).with_weight_decay(weight_decay as f32)
         };
         let optim = adamw(0.0).init().with_group(ParamGroup::from_ids(matrices), adamw(cfg.weight_decay).build(), None);
+        let windows_count = windows.len();
         let trainer = Self {
             raw,
             names,
@@ -319,8 +319,7 @@ impl Pretrainer {
             cfg: cfg.clone(),
             device,
             steps_done: 0,
-            order_epoch: None,
-            order: Vec::new(),
+            batches: ShuffledBatches::new(windows_count, cfg.seed, Purpose::PretrainShuffle),
         };
         crate::search::check_windows(&trainer.windows, trainer.model()?.as_ref())?;
         Ok(trainer)
@@ -351,20 +350,7 @@ impl Pretrainer {
     /// The indices of the windows of (1-based) step `step`: the batches walk through the windows
     /// in a seeded random order, reshuffled every epoch.
     fn batch_windows(&mut self, step: usize) -> Vec<usize> {
-        let n = self.windows.len();
-        let b = self.cfg.batch_size;
-        (0..b)
-            .map(|j| {
-                let k = (step - 1) * b + j;
-                let epoch = k / n;
-                if self.order_epoch != Some(epoch) {
-                    self.order = (0..n).collect();
-                    SplitMix64::stream(self.cfg.seed, Purpose::PretrainShuffle, epoch as u64).shuffle(&mut self.order);
-                    self.order_epoch = Some(epoch);
-                }
-                self.order[k % n]
-            })
-            .collect()
+        self.batches.batch(step, self.cfg.batch_size)
     }
 
     /// The model over the current parameters, on the autodiff device (differentiable in them).

@@ -39,6 +39,40 @@ pub enum Purpose {
     PretrainShuffle = 7,
 }
 
+/// Batches that walk through `count` windows in a seeded random order, reshuffled every epoch:
+/// the same step always gets the same windows, so runs are reproducible and resumable.
+#[derive(Debug, Clone)]
+pub struct ShuffledBatches {
+    count: usize,
+    seed: u64,
+    purpose: Purpose,
+    /// The epoch `order` belongs to.
+    epoch: Option<usize>,
+    order: Vec<usize>,
+}
+
+impl ShuffledBatches {
+    pub fn new(count: usize, seed: u64, purpose: Purpose) -> Self {
+        Self { count, seed, purpose, epoch: None, order: Vec::new() }
+    }
+
+    /// The window indices of (1-based) step `step`.
+    pub fn batch(&mut self, step: usize, batch_size: usize) -> Vec<usize> {
+        (0..batch_size)
+            .map(|j| {
+                let k = (step - 1) * batch_size + j;
+                let epoch = k / self.count;
+                if self.epoch != Some(epoch) {
+                    self.order = (0..self.count).collect();
+                    SplitMix64::stream(self.seed, self.purpose, epoch as u64).shuffle(&mut self.order);
+                    self.epoch = Some(epoch);
+                }
+                self.order[k % self.count]
+            })
+            .collect()
+    }
+}
+
 impl SplitMix64 {
     pub fn new(seed: u64) -> Self {
         Self { state: seed }

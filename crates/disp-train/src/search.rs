@@ -17,7 +17,7 @@ use crate::loss::{lm_loss, LmLoss};
 use crate::generator::{GateGenerator, GateSource};
 use crate::hypernet::{HyperNet, HyperNetShape};
 use crate::masks::{calibrate, GateScores};
-use crate::rng::{mix64, Purpose, SplitMix64};
+use crate::rng::{mix64, Purpose, ShuffledBatches, SplitMix64};
 use crate::{SearchConfig, StepReport};
 
 /// The differentiable losses of one step, before `backward`.
@@ -69,8 +69,7 @@ pub struct Searcher<'a> {
     last: Option<StepReport>,
     first_regulariser: Option<f64>,
     /// The epoch whose window order is cached in `order`.
-    order_epoch: Option<usize>,
-    order: Vec<usize>,
+    batches: ShuffledBatches,
 }
 
 impl<'a> Searcher<'a> {
@@ -120,8 +119,7 @@ impl<'a> Searcher<'a> {
             steps_done: 0,
             last: None,
             first_regulariser: None,
-            order_epoch: None,
-            order: Vec::new(),
+            batches: ShuffledBatches::new(windows.len(), cfg.seed, Purpose::Shuffle),
         })
     }
 
@@ -177,20 +175,7 @@ impl<'a> Searcher<'a> {
     /// The indices of the windows of (1-based) step `step`: the batches walk through the windows
     /// in a seeded random order, reshuffled every epoch.
     pub fn batch_windows(&mut self, step: usize) -> Vec<usize> {
-        let n = self.windows.len();
-        let b = self.cfg.batch_size;
-        (0..b)
-            .map(|j| {
-                let k = (step - 1) * b + j;
-                let epoch = k / n;
-                if self.order_epoch != Some(epoch) {
-                    self.order = (0..n).collect();
-                    SplitMix64::stream(self.cfg.seed, Purpose::Shuffle, epoch as u64).shuffle(&mut self.order);
-                    self.order_epoch = Some(epoch);
-                }
-                self.order[k % n]
-            })
-            .collect()
+        self.batches.batch(step, self.cfg.batch_size)
     }
 
     /// The gates of (1-based) step `step`, with the step's own noise.
