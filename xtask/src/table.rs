@@ -339,6 +339,8 @@ pub fn markdown(settings: &TableSettings, results: &[CellResult]) -> String {
             writeln!(md).unwrap();
         }
     }
+    writeln!(md, "{}", orderings(settings, results)).unwrap();
+    writeln!(md, "{PAPER_CONTEXT}").unwrap();
     writeln!(md, "## Every cell\n").unwrap();
     writeln!(md, "| model | method | target | achieved (of total) | perplexity | accuracy (acc / acc_norm) | seconds |").unwrap();
     writeln!(md, "|---|---|---|---|---|---|---|").unwrap();
@@ -348,6 +350,70 @@ pub fn markdown(settings: &TableSettings, results: &[CellResult]) -> String {
         writeln!(md, "| {} | {} | {:.0} % | {:.2} % | {ppl} | {acc} | {:.0} |", r.model, r.method, 100.0 * r.target_ratio, 100.0 * r.achieved_ratio, r.seconds).unwrap();
     }
     md
+}
+
+/// The paper's published numbers, for context (Gao et al., NeurIPS 2024, LLaMA-2 7B).
+const PAPER_CONTEXT: &str = "## For context: the paper's LLaMA-2 7B (WikiText-2, 4096-token windows)
+
+| method | 0 % | 20 % | 30 % | 40 % | 50 % |
+|---|---|---|---|---|---|
+| dense | 5.12 | | | | |
+| DISP-LLM | | 6.10 | 6.85 | 8.11 | 9.84 |
+| SparseGPT 2:4 | | | | | 10.17 |
+| Wanda 2:4 | | | | | 11.02 |
+
+The models here are 60–3,000 times smaller, calibrated and evaluated on public-domain books,
+so only orderings carry over, not values. A 2:4 cell removes half of the block weights, which
+is less than half of all parameters (see its achieved ratio below); the paper compares it at 50 %.
+";
+
+/// Which of the paper's orderings hold in these results, per model and held-out text.
+fn orderings(settings: &TableSettings, results: &[CellResult]) -> String {
+    let mut text = String::from("## Which orderings reproduce\n\n");
+    let mut models: Vec<&str> = Vec::new();
+    for r in results {
+        if !models.contains(&r.model.as_str()) {
+            models.push(&r.model);
+        }
+    }
+    let ppl = |model: &str, method: &str, ratio: f64, heldout: &str| {
+        results
+            .iter()
+            .find(|r| r.model == model && r.method == method && (r.target_ratio - ratio).abs() < 1e-9)
+            .and_then(|r| r.perplexity.get(heldout).copied())
+    };
+    for model in models {
+        for (heldout, _) in &settings.cell.heldout {
+            for rival in ["uniform-magnitude", "wanda-sp", "disp-direct"] {
+                let mut wins = Vec::new();
+                let mut losses = Vec::new();
+                for &ratio in &settings.ratios {
+                    if let (Some(disp), Some(other)) = (ppl(model, "disp", ratio, heldout), ppl(model, rival, ratio, heldout)) {
+                        let label = format!("{:.0} %", ratio * 100.0);
+                        if disp < other {
+                            wins.push(label)
+                        } else {
+                            losses.push(label)
+                        }
+                    }
+                }
+                if wins.is_empty() && losses.is_empty() {
+                    continue;
+                }
+                let verdict = if losses.is_empty() {
+                    format!("disp is better than {rival} at every ratio ({})", wins.join(", "))
+                } else {
+                    format!("disp is better than {rival} at {} and not at {}", if wins.is_empty() { "none".into() } else { wins.join(", ") }, losses.join(", "))
+                };
+                writeln!(text, "- {model}, {heldout}: {verdict}.").unwrap();
+            }
+            if let (Some(disp), Some(two_four)) = (ppl(model, "disp", 0.5, heldout), ppl(model, "wanda-2:4", 0.5, heldout)) {
+                let word = if disp < two_four { "better" } else { "worse" };
+                writeln!(text, "- {model}, {heldout}: disp at 50 % of total parameters is {word} than wanda-2:4 ({disp:.2} vs {two_four:.2}), which removes less.").unwrap();
+            }
+        }
+    }
+    text
 }
 
 fn format_ppl(p: f64) -> String {
@@ -368,6 +434,58 @@ fn write_markdown(settings: &TableSettings, results: &[CellResult]) -> Result<()
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn cell(method: &str, ratio: f64, ppl: f64) -> CellResult {
+        CellResult {
+            model: "m".into(),
+            method: method.into(),
+            target_ratio: ratio,
+            achieved_ratio: ratio,
+            perplexity: BTreeMap::from([("text".to_string(), ppl)]),
+            accuracy: BTreeMap::new(),
+            seconds: 0.0,
+            settings: settings().cell,
+        }
+    }
+
+    fn settings() -> TableSettings {
+        TableSettings {
+            models: vec![],
+            ratios: vec![0.3, 0.5],
+            methods: vec!["disp".into(), "uniform-magnitude".into(), "wanda-2:4".into()],
+            cell: CellSettings {
+                steps: 1,
+                seed: 0,
+                seq_len: 8,
+                calibration: vec![],
+                calibration_windows: 1,
+                eval_windows: 1,
+                heldout: vec![("text".into(), PathBuf::from("t"))],
+                tasks: vec![],
+                mc_limit: None,
+            },
+            cache: PathBuf::new(),
+            out_markdown: PathBuf::new(),
+            disp: PathBuf::new(),
+            command: String::new(),
+            quick: false,
+        }
+    }
+
+    #[test]
+    fn orderings_name_the_ratios_where_disp_wins_and_loses() {
+        let results = vec![
+            cell("disp", 0.3, 10.0),
+            cell("uniform-magnitude", 0.3, 20.0),
+            cell("disp", 0.5, 30.0),
+            cell("uniform-magnitude", 0.5, 25.0),
+            cell("wanda-2:4", 0.5, 40.0),
+        ];
+        let text = orderings(&settings(), &results);
+        assert!(text.contains("- m, text: disp is better than uniform-magnitude at 30 % and not at 50 %."), "{text}");
+        assert!(text.contains("disp at 50 % of total parameters is better than wanda-2:4 (30.00 vs 40.00)"), "{text}");
+        assert!(!text.contains("wanda-sp"), "no line for a method without cells: {text}");
+    }
 
     #[test]
     fn two_of_four_is_only_a_cell_at_half() {

@@ -77,6 +77,8 @@ fn quick_table_on_tiny_models_has_the_layout_and_hits_every_ratio() {
         assert!(md.contains(&format!("## {model}: perplexity on heldout")), "{md}");
     }
     assert!(md.contains("| method | 0 % | 30 % | 50 % |"), "{md}");
+    assert!(md.contains("## Which orderings reproduce") && md.contains("- llama, heldout: disp is better than"), "{md}");
+    assert!(md.contains("DISP-LLM | | 6.10 | 6.85 | 8.11 | 9.84"), "the paper's numbers for context");
     for method in ["disp", "disp-direct", "uniform-magnitude", "wanda-sp", "wanda-2:4"] {
         assert!(md.contains(&format!("\n| {method} | ")), "row {method} missing: {md}");
     }
