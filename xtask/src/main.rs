@@ -431,25 +431,14 @@ fn reproduce_table(args: TableArgs) -> Result<()> {
         }
     }
     let calibration = if args.calibration.is_empty() {
-        let mut files: Vec<PathBuf> = std::fs::read_dir(in_root("data/calib"))
+        util::sorted_files_with_extension(&in_root("data/calib"), "txt")
             .map_err(|e| anyhow::anyhow!("data/calib: {e} (run `cargo xtask fetch-assets`)"))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "txt"))
-            .collect();
-        files.sort();
-        files
     } else {
         args.calibration.clone()
     };
     let tasks = match &args.tasks {
         Some(tasks) => tasks.clone(),
-        None => {
-            let mut files: Vec<PathBuf> = std::fs::read_dir(in_root("tests/tasks"))
-                .map(|dir| dir.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|x| x == "jsonl")).collect())
-                .unwrap_or_default();
-            files.sort();
-            files
-        }
+        None => util::sorted_files_with_extension(&in_root("tests/tasks"), "jsonl").unwrap_or_default(),
     };
     for file in calibration.iter().chain(tasks.iter()).chain(heldout.iter().map(|(_, f)| f)) {
         if !file.is_file() {

@@ -81,9 +81,13 @@ pub struct CellResult {
 
 impl TableSettings {
     fn cell_path(&self, model: &ModelSpec, method: &str, ratio: f64) -> PathBuf {
-        let method = method.replace(':', "-");
-        self.cache.join(&model.name).join(format!("{method}-{:02}.json", (ratio * 100.0).round() as u32))
+        self.cache.join(&model.name).join(format!("{}.json", cell_stem(method, ratio)))
     }
+}
+
+/// The file name stem of a cell's cached files: `wanda-2-4-50`, `disp-30`.
+fn cell_stem(method: &str, ratio: f64) -> String {
+    format!("{}-{:02}", method.replace(':', "-"), (ratio * 100.0).round() as u32)
 }
 
 /// Runs `disp` with `args`; returns stdout, or an error with the command and its last stderr line.
@@ -152,7 +156,7 @@ fn run_cell(settings: &TableSettings, model: &ModelSpec, method: &str, ratio: f6
     let cell = &settings.cell;
     let dir = settings.cache.join(&model.name);
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let stem = format!("{}-{:02}", method.replace(':', "-"), (ratio * 100.0).round() as u32);
+    let stem = cell_stem(method, ratio);
     let calibration = || -> Vec<String> {
         let mut args = vec!["--data".to_string()];
         args.extend(cell.calibration.iter().map(|p| s(p)));

@@ -157,6 +157,16 @@ pub fn mb(n: u64) -> String {
     format!("{:.1} MB", n as f64 / 1e6)
 }
 
+/// The paths in `dir` with extension `extension`, sorted.
+pub fn sorted_files_with_extension(dir: &Path, extension: &str) -> std::io::Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == extension))
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
 /// The only file in `dir` whose name starts with `prefix` and ends with `suffix`.
 pub fn find_one(dir: &Path, prefix: &str, suffix: &str) -> Result<Option<PathBuf>> {
     let mut found = Vec::new();

@@ -36,14 +36,15 @@ impl SplitMix64 {
     }
 }
 
+/// The greedy choice: the id of the largest logit (the first one on ties).
+pub(crate) fn greedy(logits: &[f32]) -> u32 {
+    logits.iter().enumerate().fold((0, f32::NEG_INFINITY), |best, (i, &v)| if v > best.1 { (i, v) } else { best }).0 as u32
+}
+
 /// Picks the next token from last-position logits.
 fn pick(logits: Vec<f32>, opts: &GenerateOptions, rng: &mut SplitMix64) -> u32 {
     if opts.temperature <= 0.0 {
-        return logits
-            .iter()
-            .enumerate()
-            .fold((0, f32::NEG_INFINITY), |best, (i, &v)| if v > best.1 { (i, v) } else { best })
-            .0 as u32;
+        return greedy(&logits);
     }
     let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
     let mut probs: Vec<(usize, f64)> =

@@ -67,7 +67,7 @@ fn run_once(model: &dyn CausalLm, settings: &SpeedSettings) -> (f64, f64) {
 
 fn argmax(logits: Tensor<2>) -> u32 {
     let values = logits.into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 logits");
-    values.iter().enumerate().fold((0, f32::NEG_INFINITY), |best, (i, &v)| if v > best.1 { (i, v) } else { best }).0 as u32
+    crate::generate::greedy(&values)
 }
 
 /// Measures each model `settings.repetitions` times, interleaved.

@@ -201,8 +201,8 @@ pub fn export_modified_weights(model_dir: &Path, model: &dyn CausalLm, provenanc
     }
     let mut config = raw.json.clone();
     config["disp_modified_weights"] = serde_json::json!({ "source_fingerprint": fingerprint, "how": provenance });
+    let tensors = outputs.len();
     let weight_bytes = write_folder(&staged, model_dir, outputs, &config)?;
-    let tensors = ck.names().count();
     staged.publish()?;
     Ok(ExportSummary { tensors, stored_params: params, source_params: params, weight_bytes, source_fingerprint: fingerprint })
 }
