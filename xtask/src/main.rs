@@ -14,6 +14,7 @@ mod models;
 mod rds;
 mod stamp;
 mod table;
+mod table_plot;
 mod tasks;
 mod tiny;
 mod util;

@@ -77,6 +77,12 @@ pub struct CellResult {
     pub accuracy: BTreeMap<String, (f64, f64)>,
     pub seconds: f64,
     pub settings: CellSettings,
+    /// When the cell finished (UTC) and on what machine (absent in caches written before these
+    /// were recorded).
+    #[serde(default)]
+    pub finished_utc: Option<String>,
+    #[serde(default)]
+    pub machine: Option<String>,
 }
 
 impl TableSettings {
@@ -210,6 +216,8 @@ fn run_cell(settings: &TableSettings, model: &ModelSpec, method: &str, ratio: f6
         accuracy,
         seconds: start.elapsed().as_secs_f64(),
         settings: cell.clone(),
+        finished_utc: Some(crate::util::utc_now()),
+        machine: Some(crate::util::machine_description()),
     })
 }
 
@@ -304,10 +312,16 @@ pub fn markdown(settings: &TableSettings, results: &[CellResult]) -> String {
     let cell = &settings.cell;
     writeln!(md, "# Reproduced comparison{}\n", if settings.quick { " (--quick)" } else { "" }).unwrap();
     writeln!(md, "Command: `{}`  ", settings.command).unwrap();
-    writeln!(md, "Search steps {}, seed {}, sequence length {}, calibration: {}  ", cell.steps, cell.seed, cell.seq_len,
-        cell.calibration.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")).unwrap();
-    writeln!(md, "Perplexity over the first {} windows of each held-out text; multiple choice on {} (limit {:?}).\n",
-        cell.eval_windows, cell.tasks.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "), cell.mc_limit).unwrap();
+    let shown = |paths: &[PathBuf]| paths.iter().map(|p| shown_path(p)).collect::<Vec<_>>().join(", ");
+    writeln!(md, "Search steps {}, seed {}, sequence length {}, calibration: {}  ", cell.steps, cell.seed, cell.seq_len, shown(&cell.calibration)).unwrap();
+    let questions = cell.mc_limit.map_or("all questions".to_string(), |n| format!("the first {n} questions of each"));
+    writeln!(md, "Perplexity over the first {} windows of each held-out text; multiple choice on {} ({questions}).  ",
+        cell.eval_windows, shown(&cell.tasks)).unwrap();
+    writeln!(md, "{}\n", provenance(results)).unwrap();
+    let chart = crate::table_plot::chart_path(settings);
+    if let Some(name) = chart.file_name() {
+        writeln!(md, "![perplexity against the fraction of parameters removed]({})\n", name.to_string_lossy()).unwrap();
+    }
     let models: Vec<&str> = {
         let mut seen = Vec::new();
         for r in results {
@@ -428,11 +442,35 @@ fn format_ppl(p: f64) -> String {
     }
 }
 
+/// A path as the report shows it: relative to the working folder when inside it.
+fn shown_path(path: &Path) -> String {
+    let here = std::env::current_dir().unwrap_or_default();
+    path.strip_prefix(&here).unwrap_or(path).display().to_string()
+}
+
+/// When and where the cells were computed: the range of finishing dates and every machine.
+fn provenance(results: &[CellResult]) -> String {
+    let dates: Vec<&str> = results.iter().filter_map(|r| r.finished_utc.as_deref()).collect();
+    let mut machines: Vec<&str> = results.iter().filter_map(|r| r.machine.as_deref()).collect();
+    machines.sort();
+    machines.dedup();
+    let (Some(first), Some(last)) = (dates.iter().min(), dates.iter().max()) else {
+        return "Cells computed before dates and machines were recorded.".into();
+    };
+    let undated = results.len() - dates.len();
+    format!(
+        "Cells finished {first} – {last}{} on {}.",
+        if undated > 0 { format!(" ({undated} undated)") } else { String::new() },
+        machines.join("; ")
+    )
+}
+
 fn write_markdown(settings: &TableSettings, results: &[CellResult]) -> Result<()> {
     if let Some(parent) = settings.out_markdown.parent() {
         std::fs::create_dir_all(parent)?;
     }
-    disp_core::fsutil::write_atomic(&settings.out_markdown, markdown(settings, results).as_bytes())
+    disp_core::fsutil::write_atomic(&settings.out_markdown, markdown(settings, results).as_bytes())?;
+    crate::table_plot::write_chart(settings, results, &crate::table_plot::chart_path(settings))
 }
 
 #[cfg(test)]
@@ -449,6 +487,8 @@ mod tests {
             accuracy: BTreeMap::new(),
             seconds: 0.0,
             settings: settings().cell,
+            finished_utc: None,
+            machine: None,
         }
     }
 

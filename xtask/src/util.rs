@@ -275,3 +275,57 @@ pub fn move_download_into_place(
     );
     Ok(())
 }
+
+/// The current time as `YYYY-MM-DD HH:MM UTC`.
+pub fn utc_now() -> String {
+    let seconds = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    utc_from_unix(seconds)
+}
+
+fn utc_from_unix(seconds: u64) -> String {
+    let (days, of_day) = (seconds / 86_400, seconds % 86_400);
+    // Days since 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's civil_from_days).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let day_of_era = z - era * 146_097;
+    let year_of_era = (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let shifted_month = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * shifted_month + 2) / 5 + 1;
+    let month = if shifted_month < 10 { shifted_month + 3 } else { shifted_month - 9 };
+    let year = year_of_era + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02} {:02}:{:02} UTC", of_day / 3600, of_day % 3600 / 60)
+}
+
+/// The CPU model, its logical cores and the memory, e.g.
+/// `Intel(R) Xeon(R) … (2 logical cores, 23 GiB)`, from /proc (Linux); what is unknown is left out.
+pub fn machine_description() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| info.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split_once(':')).map(|(_, v)| v.trim().to_string()))
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let memory_gib = std::fs::read_to_string("/proc/meminfo").ok().and_then(|info| {
+        let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kib as f64 / (1024.0 * 1024.0))
+    });
+    match memory_gib {
+        Some(gib) => format!("{cpu} ({cores} logical cores, {gib:.0} GiB)"),
+        None => format!("{cpu} ({cores} logical cores)"),
+    }
+}
+
+#[cfg(test)]
+mod date_tests {
+    use super::utc_from_unix;
+
+    #[test]
+    fn unix_seconds_become_gregorian_dates() {
+        assert_eq!(utc_from_unix(0), "1970-01-01 00:00 UTC");
+        // 2000-02-29 (a leap day of a century leap year) 12:34.
+        assert_eq!(utc_from_unix(951_827_640), "2000-02-29 12:34 UTC");
+        // 2026-11-29 14:18.
+        assert_eq!(utc_from_unix(1_795_961_880), "2026-11-29 14:18 UTC");
+    }
+}

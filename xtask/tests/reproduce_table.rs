@@ -82,6 +82,14 @@ fn quick_table_on_tiny_models_has_the_layout_and_hits_every_ratio() {
     for method in ["disp", "disp-direct", "uniform-magnitude", "wanda-sp", "wanda-2:4"] {
         assert!(md.contains(&format!("\n| {method} | ")), "row {method} missing: {md}");
     }
+    assert!(md.contains(" on ") && md.contains("logical cores"), "when and where the cells ran: {md}");
+    // The chart beside the report and linked from it: a PNG with one panel per model (two rows)
+    // and held-out text (one column).
+    assert!(md.contains("](results.png)"), "{md}");
+    let png = std::fs::read(tmp.path().join("results.png")).expect("results.png beside the report");
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    let (width, height) = (u32::from_be_bytes(png[16..20].try_into().unwrap()), u32::from_be_bytes(png[20..24].try_into().unwrap()));
+    assert!(width >= 700 && height >= 2 * 400, "one panel per model and text: {width}×{height}");
 
     // Every cached cell: the achieved ratio within ±0.5 pt of its target (wanda-2:4 removes half
     // of the block weights, which is less than half of all parameters), finite perplexity.

@@ -8,26 +8,19 @@
 //!   keep them. (The unions S1 ∪ S3 and S2 ∪ S5 would hide most of the pruning:
 //!   at 30 % the union of two 85 % sets covers nearly every position.)
 //!
-//! Text is drawn with DejaVu Sans embedded in the binary (`assets/`, Bitstream Vera licence), so
-//! the figure looks the same on a machine without fonts. Plotters draws into an RGB buffer that
-//! is PNG-encoded here and written atomically.
+//! The canvas, the embedded font and the atomic PNG write come from `disp-plot`.
 
 use std::path::Path;
 
-use anyhow::{anyhow, Result};
+use anyhow::Result;
 use disp_core::selection::Site;
-use plotters::coord::Shift;
-use plotters::prelude::*;
-use plotters::style::{register_font, FontStyle};
+use disp_plot::plotters::prelude::*;
+use disp_plot::{whole_number, Canvas, DrawResult, FONT, OKABE_ITO};
 
 use super::{Inspection, PositionUsage, EMBEDDING_SITES};
 
 pub const WIDTH: u32 = 1600;
 pub const HEIGHT: u32 = 1000;
-
-/// The family name every text style below uses; the embedded font is registered under it.
-const FONT: &str = "sans-serif";
-static DEJAVU_SANS: &[u8] = include_bytes!("../../assets/DejaVuSans.ttf");
 
 /// Height of the kept-fraction panel; the map gets the rest below the title.
 const TOP_PANEL_HEIGHT: u32 = 330;
@@ -36,29 +29,10 @@ const LEGEND_WIDTH: u32 = 290;
 
 /// Draws the figure and writes it to `out` (via a temporary sibling and a rename).
 pub fn write_png(inspection: &Inspection, usage: &PositionUsage, out: &Path) -> Result<()> {
-    register_font(FONT, FontStyle::Normal, DEJAVU_SANS).map_err(|_| anyhow!("the embedded DejaVu Sans font is not a valid font file"))?;
-    let mut rgb = vec![0u8; WIDTH as usize * HEIGHT as usize * 3];
-    draw(inspection, usage, &mut rgb).map_err(|e| anyhow!("{}: cannot draw the figure: {e}", out.display()))?;
-    let png = encode_png(&rgb).map_err(|e| anyhow!("{}: cannot encode the figure as PNG: {e}", out.display()))?;
-    disp_core::fsutil::write_atomic(out, &png)
+    disp_plot::write_png(out, WIDTH, HEIGHT, |root| draw(inspection, usage, root))
 }
 
-fn encode_png(rgb: &[u8]) -> Result<Vec<u8>, png::EncodingError> {
-    let mut bytes = Vec::new();
-    let mut encoder = png::Encoder::new(&mut bytes, WIDTH, HEIGHT);
-    encoder.set_color(png::ColorType::Rgb);
-    encoder.set_depth(png::BitDepth::Eight);
-    let mut writer = encoder.write_header()?;
-    writer.write_image_data(rgb)?;
-    writer.finish()?;
-    Ok(bytes)
-}
-
-type DrawResult = Result<(), Box<dyn std::error::Error>>;
-
-fn draw(inspection: &Inspection, usage: &PositionUsage, rgb: &mut [u8]) -> DrawResult {
-    let root = BitMapBackend::with_buffer(rgb, (WIDTH, HEIGHT)).into_drawing_area();
-    root.fill(&WHITE)?;
+fn draw(inspection: &Inspection, usage: &PositionUsage, root: &Canvas<'_>) -> DrawResult {
     let title = format!(
         "{}: {:.1}% of {} parameters removed",
         inspection.headline(),
@@ -77,21 +51,11 @@ fn draw(inspection: &Inspection, usage: &PositionUsage, rgb: &mut [u8]) -> DrawR
     let dropped = EMBEDDING_SITES.map(|site| (format!("{} {}", site.label(), site.description()), site_colour(site), Swatch::Box));
     let kept = [("kept".to_string(), KEPT, Swatch::Box)];
     draw_legend(&map_legend, &[&heading[..], &dropped[..], &kept[..]].concat())?;
-    root.present()?;
     Ok(())
 }
 
-/// Formats only whole numbers, so that f64 axes label layers (and positions) and nothing between.
-fn whole_number(v: &f64) -> String {
-    if (v - v.round()).abs() < 1e-9 {
-        format!("{}", v.round() as i64)
-    } else {
-        String::new()
-    }
-}
-
 /// Top panel: x = layer, y = kept fraction, one line per index set.
-fn draw_kept_fractions(inspection: &Inspection, area: &DrawingArea<BitMapBackend<'_>, Shift>) -> DrawResult {
+fn draw_kept_fractions(inspection: &Inspection, area: &Canvas<'_>) -> DrawResult {
     let layers = inspection.layers.len();
     // Layer l sits at x = l; half a layer of margin on both sides.
     let x_range = -0.5..(layers as f64 - 0.5);
@@ -123,7 +87,7 @@ fn draw_kept_fractions(inspection: &Inspection, area: &DrawingArea<BitMapBackend
 
 /// Bottom panel: x = embedding position (sorted by use), y = layer; each layer is a band of one
 /// row per embedding index set (S1 at the top, S5 at the bottom), a cell per position.
-fn draw_selection_map(inspection: &Inspection, usage: &PositionUsage, area: &DrawingArea<BitMapBackend<'_>, Shift>) -> DrawResult {
+fn draw_selection_map(inspection: &Inspection, usage: &PositionUsage, area: &Canvas<'_>) -> DrawResult {
     let layers = inspection.layers.len();
     let hidden = usage.hidden();
     let order = usage.positions_by_use();
@@ -177,7 +141,7 @@ enum Swatch {
 }
 
 /// A column of colour swatches and labels, in a panel's legend area.
-fn draw_legend(area: &DrawingArea<BitMapBackend<'_>, Shift>, entries: &[(String, RGBColor, Swatch)]) -> DrawResult {
+fn draw_legend(area: &Canvas<'_>, entries: &[(String, RGBColor, Swatch)]) -> DrawResult {
     // Below the panel's caption, level with the top of its plotting area.
     let (left, mut y) = (8, 70);
     for (label, colour, swatch) in entries {
@@ -200,13 +164,13 @@ fn draw_legend(area: &DrawingArea<BitMapBackend<'_>, Shift>, entries: &[(String,
 /// tell apart from the white gaps between layers.
 const KEPT: RGBColor = RGBColor(224, 224, 224);
 
-/// Five colours that stay apart for common colour-vision deficiencies (Okabe–Ito).
+/// One colour-blind-safe colour per index set.
 fn site_colour(site: Site) -> RGBColor {
     match site {
-        Site::AttnIn => RGBColor(0, 114, 178),
-        Site::AttnOut => RGBColor(230, 159, 0),
-        Site::MlpIn => RGBColor(0, 158, 115),
-        Site::MlpInter => RGBColor(213, 94, 0),
-        Site::MlpOut => RGBColor(204, 121, 167),
+        Site::AttnIn => OKABE_ITO[0],
+        Site::AttnOut => OKABE_ITO[1],
+        Site::MlpIn => OKABE_ITO[2],
+        Site::MlpInter => OKABE_ITO[3],
+        Site::MlpOut => OKABE_ITO[4],
     }
 }
