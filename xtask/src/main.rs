@@ -97,6 +97,8 @@ struct TableArgs {
     steps: Option<usize>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Window length of the search, calibration and evaluation; a `train-tiny` model gets at most
+    /// the length it was trained at.
     #[arg(long, default_value_t = 512)]
     seq_len: usize,
     /// Calibration text (default: data/calib/*.txt).
@@ -389,6 +391,13 @@ fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask is inside the workspace").to_path_buf()
 }
 
+/// The window length a `train-tiny` model was trained at (`disp_train_tiny.seq_len` in its
+/// config.json); None for other models.
+fn trained_seq_len(dir: &Path) -> Option<usize> {
+    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).ok()?).ok()?;
+    config["disp_train_tiny"]["seq_len"].as_u64().map(|n| n as usize)
+}
+
 fn reproduce_table(args: TableArgs) -> Result<()> {
     let root = repo_root();
     let quick = args.quick;
@@ -406,13 +415,14 @@ fn reproduce_table(args: TableArgs) -> Result<()> {
         if !dir.join("config.json").is_file() {
             bail!("--models {spec}: {} has no config.json", dir.display());
         }
-        models.push(table::ModelSpec { name, dir });
+        let trained_seq_len = trained_seq_len(&dir);
+        models.push(table::ModelSpec { name, dir, trained_seq_len });
     }
     if models.is_empty() {
         for name in ["smollm2-135m-instruct", "tiny-llama", "tiny-opt", "tiny-phi"] {
             let dir = in_root(&format!("models/{name}"));
             if dir.join("config.json").is_file() {
-                models.push(table::ModelSpec { name: name.into(), dir });
+                models.push(table::ModelSpec { name: name.into(), trained_seq_len: trained_seq_len(&dir), dir });
             }
         }
         if models.is_empty() {

@@ -33,6 +33,10 @@ fn applies_at(method: &str, ratio: f64) -> bool {
 pub struct ModelSpec {
     pub name: String,
     pub dir: PathBuf,
+    /// The window length the model was trained at, when its config records it (`train-tiny`
+    /// models, `disp_train_tiny.seq_len`): its windows are never longer, since positions past it
+    /// are untrained.
+    pub trained_seq_len: Option<usize>,
 }
 
 /// Everything that determines the cells' results (a cached cell is reused only when equal).
@@ -86,6 +90,16 @@ pub struct CellResult {
 }
 
 impl TableSettings {
+    /// The settings of `model`'s cells: the common ones, with windows no longer than the model
+    /// was trained on.
+    pub fn cell_for(&self, model: &ModelSpec) -> CellSettings {
+        let mut cell = self.cell.clone();
+        if let Some(trained) = model.trained_seq_len {
+            cell.seq_len = cell.seq_len.min(trained);
+        }
+        cell
+    }
+
     fn cell_path(&self, model: &ModelSpec, method: &str, ratio: f64) -> PathBuf {
         self.cache.join(&model.name).join(format!("{}.json", cell_stem(method, ratio)))
     }
@@ -119,7 +133,7 @@ enum Evaluated {
 }
 
 fn evaluate(settings: &TableSettings, model: &ModelSpec, target: &Evaluated) -> Result<(BTreeMap<String, f64>, BTreeMap<String, (f64, f64)>)> {
-    let cell = &settings.cell;
+    let cell = &settings.cell_for(model);
     let model_args = match target {
         Evaluated::Dense => vec!["--model".into(), s(&model.dir)],
         Evaluated::Plan(plan) => vec!["--model".into(), s(&model.dir), "--plan".into(), s(plan)],
@@ -159,7 +173,7 @@ fn evaluate(settings: &TableSettings, model: &ModelSpec, target: &Evaluated) -> 
 /// Computes one cell (`method` "dense" for the unpruned model).
 fn run_cell(settings: &TableSettings, model: &ModelSpec, method: &str, ratio: f64) -> Result<CellResult> {
     let start = Instant::now();
-    let cell = &settings.cell;
+    let cell = &settings.cell_for(model);
     let dir = settings.cache.join(&model.name);
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let stem = cell_stem(method, ratio);
@@ -242,13 +256,13 @@ fn cached(path: &Path, settings: &CellSettings) -> Option<CellResult> {
 
 /// Rough seconds per cell, from the model size (measured here on SmolLM2-135M: a search step of
 /// 512 tokens ~4.5 s, an evaluation window of 512 tokens ~2 s, a four-choice question ~1 s).
-fn estimate_seconds(settings: &TableSettings, params: u64, method: &str) -> f64 {
-    let scale = params as f64 / 135e6 * settings.cell.seq_len as f64 / 512.0;
-    let evals = settings.cell.heldout.len() as f64 * settings.cell.eval_windows as f64 * 2.0 * scale
-        + settings.cell.tasks.len() as f64 * settings.cell.mc_limit.unwrap_or(200) as f64 * 1.0 * scale;
+fn estimate_seconds(cell: &CellSettings, params: u64, method: &str) -> f64 {
+    let scale = params as f64 / 135e6 * cell.seq_len as f64 / 512.0;
+    let evals = cell.heldout.len() as f64 * cell.eval_windows as f64 * 2.0 * scale
+        + cell.tasks.len() as f64 * cell.mc_limit.unwrap_or(200) as f64 * 1.0 * scale;
     let prune = match method {
-        "disp" | "disp-direct" => settings.cell.steps as f64 * 4.5 * scale,
-        "wanda-sp" | "wanda-2:4" => settings.cell.calibration_windows as f64 * 2.0 * scale,
+        "disp" | "disp-direct" => cell.steps as f64 * 4.5 * scale,
+        "wanda-sp" | "wanda-2:4" => cell.calibration_windows as f64 * 2.0 * scale,
         _ => 2.0,
     };
     prune + evals + 5.0
@@ -266,17 +280,17 @@ pub fn reproduce(settings: &TableSettings) -> Result<Vec<CellResult>> {
     for model in &settings.models {
         let params = model_params(&model.dir).map_err(|e| anyhow!("model {}: {e:#}", model.name))?;
         plan.push((model.clone(), "dense".into(), 0.0));
-        estimate += estimate_seconds(settings, params, "dense");
+        estimate += estimate_seconds(&settings.cell_for(model), params, "dense");
         for &ratio in &settings.ratios {
             for method in &settings.methods {
                 if applies_at(method, ratio) {
                     plan.push((model.clone(), method.clone(), ratio));
-                    estimate += estimate_seconds(settings, params, method);
+                    estimate += estimate_seconds(&settings.cell_for(model), params, method);
                 }
             }
         }
     }
-    let todo: Vec<_> = plan.iter().filter(|(m, method, r)| cached(&settings.cell_path(m, method, *r), &settings.cell).is_none()).collect();
+    let todo: Vec<_> = plan.iter().filter(|(m, method, r)| cached(&settings.cell_path(m, method, *r), &settings.cell_for(m)).is_none()).collect();
     println!(
         "reproduce-table: {} cells ({} cached), {} models, ratios {:?}, methods {}; estimated {:.1} h in all on this machine",
         plan.len(),
@@ -289,7 +303,7 @@ pub fn reproduce(settings: &TableSettings) -> Result<Vec<CellResult>> {
     let mut results = Vec::new();
     for (index, (model, method, ratio)) in plan.iter().enumerate() {
         let path = settings.cell_path(model, method, *ratio);
-        let result = match cached(&path, &settings.cell) {
+        let result = match cached(&path, &settings.cell_for(model)) {
             Some(result) => result,
             None => {
                 println!("[{}/{}] {} {} {:.0}% ...", index + 1, plan.len(), model.name, method, ratio * 100.0);
@@ -313,7 +327,20 @@ pub fn markdown(settings: &TableSettings, results: &[CellResult]) -> String {
     writeln!(md, "# Reproduced comparison{}\n", if settings.quick { " (--quick)" } else { "" }).unwrap();
     writeln!(md, "Command: `{}`  ", settings.command).unwrap();
     let shown = |paths: &[PathBuf]| paths.iter().map(|p| shown_path(p)).collect::<Vec<_>>().join(", ");
-    writeln!(md, "Search steps {}, seed {}, sequence length {}, calibration: {}  ", cell.steps, cell.seed, cell.seq_len, shown(&cell.calibration)).unwrap();
+    let shorter: Vec<String> = settings
+        .models
+        .iter()
+        .filter_map(|m| {
+            let seq_len = settings.cell_for(m).seq_len;
+            (seq_len != cell.seq_len).then(|| format!("{} {seq_len}", m.name))
+        })
+        .collect();
+    let seq_len = if shorter.is_empty() {
+        cell.seq_len.to_string()
+    } else {
+        format!("{} ({}: the length they were trained at)", cell.seq_len, shorter.join(", "))
+    };
+    writeln!(md, "Search steps {}, seed {}, sequence length {seq_len}, calibration: {}  ", cell.steps, cell.seed, shown(&cell.calibration)).unwrap();
     let questions = cell.mc_limit.map_or("all questions".to_string(), |n| format!("the first {n} questions of each"));
     writeln!(md, "Perplexity over the first {} windows of each held-out text; multiple choice on {} ({questions}).  ",
         cell.eval_windows, shown(&cell.tasks)).unwrap();
@@ -529,6 +556,17 @@ mod tests {
         assert!(text.contains("- m, text: disp is better than uniform-magnitude at 30 % and not at 50 %."), "{text}");
         assert!(text.contains("disp at 50 % of total parameters is better than wanda-2:4 (30.00 vs 40.00)"), "{text}");
         assert!(!text.contains("wanda-sp"), "no line for a method without cells: {text}");
+    }
+
+    #[test]
+    fn windows_are_never_longer_than_a_model_was_trained_at() {
+        let mut settings = settings();
+        let spec = |trained| ModelSpec { name: "m".into(), dir: PathBuf::new(), trained_seq_len: trained };
+        assert_eq!(settings.cell_for(&spec(None)).seq_len, 8);
+        assert_eq!(settings.cell_for(&spec(Some(4))).seq_len, 4);
+        assert_eq!(settings.cell_for(&spec(Some(16))).seq_len, 8);
+        settings.models = vec![spec(Some(4))];
+        assert!(markdown(&settings, &[]).contains("sequence length 8 (m 4: the length they were trained at)"));
     }
 
     #[test]
