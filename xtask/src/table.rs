@@ -349,16 +349,7 @@ pub fn markdown(settings: &TableSettings, results: &[CellResult]) -> String {
     if let Some(name) = chart.file_name() {
         writeln!(md, "![perplexity against the fraction of parameters removed]({})\n", name.to_string_lossy()).unwrap();
     }
-    let models: Vec<&str> = {
-        let mut seen = Vec::new();
-        for r in results {
-            if !seen.contains(&r.model.as_str()) {
-                seen.push(r.model.as_str());
-            }
-        }
-        seen
-    };
-    for model in models {
+    for model in models_in_order(results) {
         let rows: Vec<&CellResult> = results.iter().filter(|r| r.model == model).collect();
         let texts: Vec<String> = rows.iter().flat_map(|r| r.perplexity.keys().cloned()).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
         for text in &texts {
@@ -415,19 +406,13 @@ is less than half of all parameters (see its achieved ratio below); the paper co
 /// Which of the paper's orderings hold in these results, per model and held-out text.
 fn orderings(settings: &TableSettings, results: &[CellResult]) -> String {
     let mut text = String::from("## Which orderings reproduce\n\n");
-    let mut models: Vec<&str> = Vec::new();
-    for r in results {
-        if !models.contains(&r.model.as_str()) {
-            models.push(&r.model);
-        }
-    }
     let ppl = |model: &str, method: &str, ratio: f64, heldout: &str| {
         results
             .iter()
             .find(|r| r.model == model && r.method == method && (r.target_ratio - ratio).abs() < 1e-9)
             .and_then(|r| r.perplexity.get(heldout).copied())
     };
-    for model in models {
+    for model in models_in_order(results) {
         for (heldout, _) in &settings.cell.heldout {
             for rival in ["uniform-magnitude", "wanda-sp", "disp-direct"] {
                 let mut wins = Vec::new();
@@ -467,6 +452,17 @@ fn format_ppl(p: f64) -> String {
     } else {
         format!("{p:.2}")
     }
+}
+
+/// The models of `results`, in the order their first cell appears.
+pub fn models_in_order(results: &[CellResult]) -> Vec<&str> {
+    let mut models: Vec<&str> = Vec::new();
+    for r in results {
+        if !models.contains(&r.model.as_str()) {
+            models.push(&r.model);
+        }
+    }
+    models
 }
 
 /// A path as the report shows it: relative to the working folder when inside it.

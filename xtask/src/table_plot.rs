@@ -12,7 +12,7 @@ use disp_plot::plotters::prelude::*;
 use disp_plot::plotters::series::DashedLineSeries;
 use disp_plot::{Canvas, DrawResult, FONT, OKABE_ITO};
 
-use crate::table::{CellResult, TableSettings};
+use crate::table::{models_in_order, CellResult, TableSettings};
 
 const PANEL_WIDTH: u32 = 780;
 const PANEL_HEIGHT: u32 = 480;
@@ -42,16 +42,6 @@ pub fn write_chart(settings: &TableSettings, results: &[CellResult], out: &Path)
         }
         Ok(())
     })
-}
-
-fn models_in_order(results: &[CellResult]) -> Vec<&str> {
-    let mut models: Vec<&str> = Vec::new();
-    for r in results {
-        if !models.contains(&r.model.as_str()) {
-            models.push(&r.model);
-        }
-    }
-    models
 }
 
 /// A method's colour (colour-blind safe), the same in every panel.
