@@ -96,6 +96,9 @@ struct TableArgs {
     /// Search steps of disp and disp-direct.
     #[arg(long)]
     steps: Option<usize>,
+    /// AdamW learning rate of the disp and disp-direct searches (the paper's 1e-3 by default).
+    #[arg(long, default_value_t = table::paper_learning_rate())]
+    learning_rate: f64,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Window length of the search, calibration and evaluation; a `train-tiny` model gets at most
@@ -489,6 +492,7 @@ fn reproduce_table(args: TableArgs) -> Result<()> {
         },
         cell: table::CellSettings {
             steps: args.steps.unwrap_or(if quick { 20 } else { 200 }),
+            learning_rate: args.learning_rate,
             seed: args.seed,
             seq_len: args.seq_len,
             calibration,

@@ -39,10 +39,18 @@ pub struct ModelSpec {
     pub trained_seq_len: Option<usize>,
 }
 
+/// The paper's learning rate for the hypernetwork, `disp prune`'s default.
+pub fn paper_learning_rate() -> f64 {
+    1e-3
+}
+
 /// Everything that determines the cells' results (a cached cell is reused only when equal).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct CellSettings {
     pub steps: usize,
+    /// AdamW learning rate of the search (caches from before it was recorded used 1e-3).
+    #[serde(default = "paper_learning_rate")]
+    pub learning_rate: f64,
     pub seed: u64,
     pub seq_len: usize,
     pub calibration: Vec<PathBuf>,
@@ -205,6 +213,7 @@ fn run_cell(settings: &TableSettings, model: &ModelSpec, method: &str, ratio: f6
             }
             if is_search(method) {
                 args.extend(["--steps".into(), cell.steps.to_string(), "--seed".into(), cell.seed.to_string()]);
+                args.extend(["--learning-rate".into(), cell.learning_rate.to_string()]);
             }
             if method == "wanda-sp" {
                 args.extend(["--calibration-windows".into(), cell.calibration_windows.to_string()]);
@@ -340,7 +349,7 @@ pub fn markdown(settings: &TableSettings, results: &[CellResult]) -> String {
     } else {
         format!("{} ({}: the length they were trained at)", cell.seq_len, shorter.join(", "))
     };
-    writeln!(md, "Search steps {}, seed {}, sequence length {seq_len}, calibration: {}  ", cell.steps, cell.seed, shown(&cell.calibration)).unwrap();
+    writeln!(md, "Search steps {}, learning rate {}, seed {}, sequence length {seq_len}, calibration: {}  ", cell.steps, cell.learning_rate, cell.seed, shown(&cell.calibration)).unwrap();
     let questions = cell.mc_limit.map_or("all questions".to_string(), |n| format!("the first {n} questions of each"));
     writeln!(md, "Perplexity over the first {} windows of each held-out text; multiple choice on {} ({questions}).  ",
         cell.eval_windows, shown(&cell.tasks)).unwrap();
@@ -432,8 +441,10 @@ fn orderings(settings: &TableSettings, results: &[CellResult]) -> String {
                 }
                 let verdict = if losses.is_empty() {
                     format!("disp is better than {rival} at every ratio ({})", wins.join(", "))
+                } else if wins.is_empty() {
+                    format!("disp is worse than {rival} at every ratio ({})", losses.join(", "))
                 } else {
-                    format!("disp is better than {rival} at {} and not at {}", if wins.is_empty() { "none".into() } else { wins.join(", ") }, losses.join(", "))
+                    format!("disp is better than {rival} at {} and not at {}", wins.join(", "), losses.join(", "))
                 };
                 writeln!(text, "- {model}, {heldout}: {verdict}.").unwrap();
             }
@@ -522,6 +533,7 @@ mod tests {
             methods: vec!["disp".into(), "uniform-magnitude".into(), "wanda-2:4".into()],
             cell: CellSettings {
                 steps: 1,
+                learning_rate: 1e-3,
                 seed: 0,
                 seq_len: 8,
                 calibration: vec![],
@@ -552,6 +564,8 @@ mod tests {
         assert!(text.contains("- m, text: disp is better than uniform-magnitude at 30 % and not at 50 %."), "{text}");
         assert!(text.contains("disp at 50 % of total parameters is better than wanda-2:4 (30.00 vs 40.00)"), "{text}");
         assert!(!text.contains("wanda-sp"), "no line for a method without cells: {text}");
+        let all_lost = orderings(&settings(), &[cell("disp", 0.3, 30.0), cell("uniform-magnitude", 0.3, 20.0)]);
+        assert!(all_lost.contains("- m, text: disp is worse than uniform-magnitude at every ratio (30 %)."), "{all_lost}");
     }
 
     #[test]
