@@ -256,11 +256,18 @@ fn two_of_four_total_ratio(stdout: &str, model_dir: &Path) -> Result<f64> {
     Ok(zeroed as f64 / model_params(model_dir)? as f64)
 }
 
-/// The cached result of a cell, if it was computed with the same settings.
-fn cached(path: &Path, settings: &CellSettings) -> Option<CellResult> {
+/// The cached result of a cell, if it was computed with the same settings: all of them for the
+/// searches, all but the search's own (steps, learning rate) for the other methods, so that a
+/// new search setting recomputes only the search cells.
+fn cached(path: &Path, settings: &CellSettings, method: &str) -> Option<CellResult> {
     let text = std::fs::read_to_string(path).ok()?;
     let result: CellResult = serde_json::from_str(&text).ok()?;
-    (result.settings == *settings).then_some(result)
+    let mut wanted = settings.clone();
+    if !is_search(method) {
+        wanted.steps = result.settings.steps;
+        wanted.learning_rate = result.settings.learning_rate;
+    }
+    (result.settings == wanted).then_some(result)
 }
 
 /// Rough seconds per cell, from the model size (measured here on SmolLM2-135M: a search step of
@@ -299,7 +306,7 @@ pub fn reproduce(settings: &TableSettings) -> Result<Vec<CellResult>> {
             }
         }
     }
-    let todo: Vec<_> = plan.iter().filter(|(m, method, r)| cached(&settings.cell_path(m, method, *r), &settings.cell_for(m)).is_none()).collect();
+    let todo: Vec<_> = plan.iter().filter(|(m, method, r)| cached(&settings.cell_path(m, method, *r), &settings.cell_for(m), method).is_none()).collect();
     println!(
         "reproduce-table: {} cells ({} cached), {} models, ratios {:?}, methods {}; estimated {:.1} h in all on this machine",
         plan.len(),
@@ -312,7 +319,7 @@ pub fn reproduce(settings: &TableSettings) -> Result<Vec<CellResult>> {
     let mut results = Vec::new();
     for (index, (model, method, ratio)) in plan.iter().enumerate() {
         let path = settings.cell_path(model, method, *ratio);
-        let result = match cached(&path, &settings.cell_for(model)) {
+        let result = match cached(&path, &settings.cell_for(model), method) {
             Some(result) => result,
             None => {
                 println!("[{}/{}] {} {} {:.0}% ...", index + 1, plan.len(), model.name, method, ratio * 100.0);
@@ -577,6 +584,21 @@ mod tests {
         assert_eq!(settings.cell_for(&spec(Some(16))).seq_len, 8);
         settings.models = vec![spec(Some(4))];
         assert!(markdown(&settings, &[]).contains("sequence length 8 (m 4: the length they were trained at)"));
+    }
+
+    #[test]
+    fn a_new_search_setting_recomputes_only_the_search_cells() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = settings().cell;
+        for method in ["disp", "uniform-magnitude"] {
+            let path = dir.path().join(format!("{method}.json"));
+            std::fs::write(&path, serde_json::to_string(&CellResult { method: method.into(), ..cell(method, 0.3, 1.0) }).unwrap()).unwrap();
+            assert!(cached(&path, &base, method).is_some(), "{method}: same settings");
+            let longer = CellSettings { steps: base.steps + 1, learning_rate: 1e-2, ..base.clone() };
+            assert_eq!(cached(&path, &longer, method).is_some(), method == "uniform-magnitude", "{method}: other search settings");
+            let other_text = CellSettings { eval_windows: base.eval_windows + 1, ..base.clone() };
+            assert!(cached(&path, &other_text, method).is_none(), "{method}: other evaluation settings");
+        }
     }
 
     #[test]
