@@ -146,6 +146,9 @@ struct PruneArgs {
     /// Weight of the parameter regulariser.
     #[arg(long, default_value_t = 6.0)]
     lambda: f64,
+    /// AdamW learning rate of the gate generator. The paper's 1e-3 needs several hundred steps
+    /// before the gates follow the target; for a short search (~100 steps) 1e-2 gets there
+    /// (docs/results-smollm2.md).
     #[arg(long, default_value_t = 1e-3)]
     learning_rate: f64,
     #[arg(long, default_value_t = 0)]
