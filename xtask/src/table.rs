@@ -291,33 +291,37 @@ fn model_params(dir: &Path) -> Result<u64> {
 
 /// Runs (or resumes) the whole table and writes the markdown report.
 pub fn reproduce(settings: &TableSettings) -> Result<Vec<CellResult>> {
-    let mut plan: Vec<(ModelSpec, String, f64)> = Vec::new();
-    let mut estimate = 0.0;
+    // Every cell with its estimated seconds.
+    let mut plan: Vec<(ModelSpec, String, f64, f64)> = Vec::new();
     for model in &settings.models {
         let params = model_params(&model.dir).map_err(|e| anyhow!("model {}: {e:#}", model.name))?;
-        plan.push((model.clone(), "dense".into(), 0.0));
-        estimate += estimate_seconds(&settings.cell_for(model), params, "dense");
+        let cell = settings.cell_for(model);
+        plan.push((model.clone(), "dense".into(), 0.0, estimate_seconds(&cell, params, "dense")));
         for &ratio in &settings.ratios {
             for method in &settings.methods {
                 if applies_at(method, ratio) {
-                    plan.push((model.clone(), method.clone(), ratio));
-                    estimate += estimate_seconds(&settings.cell_for(model), params, method);
+                    plan.push((model.clone(), method.clone(), ratio, estimate_seconds(&cell, params, method)));
                 }
             }
         }
     }
-    let todo: Vec<_> = plan.iter().filter(|(m, method, r)| cached(&settings.cell_path(m, method, *r), &settings.cell_for(m), method).is_none()).collect();
+    let is_cached = |(m, method, r, _): &&(ModelSpec, String, f64, f64)| cached(&settings.cell_path(m, method, *r), &settings.cell_for(m), method).is_some();
+    let cached_count = plan.iter().filter(is_cached).count();
+    let remaining: f64 = plan.iter().filter(|c| !is_cached(c)).map(|c| c.3).sum();
+    let total: f64 = plan.iter().map(|c| c.3).sum();
     println!(
-        "reproduce-table: {} cells ({} cached), {} models, ratios {:?}, methods {}; estimated {:.1} h in all on this machine",
+        "reproduce-table: {} cells ({} cached), {} models, ratios {:?}, methods {}; estimated {:.1} h on this machine for the {} cells to compute ({:.1} h for all)",
         plan.len(),
-        plan.len() - todo.len(),
+        cached_count,
         settings.models.len(),
         settings.ratios,
         settings.methods.join(", "),
-        estimate / 3600.0
+        remaining / 3600.0,
+        plan.len() - cached_count,
+        total / 3600.0
     );
     let mut results = Vec::new();
-    for (index, (model, method, ratio)) in plan.iter().enumerate() {
+    for (index, (model, method, ratio, _)) in plan.iter().enumerate() {
         let path = settings.cell_path(model, method, *ratio);
         let result = match cached(&path, &settings.cell_for(model), method) {
             Some(result) => result,
