@@ -305,9 +305,11 @@ pub fn reproduce(settings: &TableSettings) -> Result<Vec<CellResult>> {
             }
         }
     }
-    let is_cached = |(m, method, r, _): &&(ModelSpec, String, f64, f64)| cached(&settings.cell_path(m, method, *r), &settings.cell_for(m), method).is_some();
-    let cached_count = plan.iter().filter(is_cached).count();
-    let remaining: f64 = plan.iter().filter(|c| !is_cached(c)).map(|c| c.3).sum();
+    // Each cell file is read once for the estimate; the loop below reads it again only to reuse it.
+    let is_cached: Vec<bool> = plan.iter().map(|(m, method, r, _)| cached(&settings.cell_path(m, method, *r), &settings.cell_for(m), method).is_some()).collect();
+    let cached_count = is_cached.iter().filter(|&&c| c).count();
+    // `+ 0.0`: an empty f64 sum is -0.0, which would print as "-0.0 h".
+    let remaining: f64 = plan.iter().zip(&is_cached).filter(|(_, &c)| !c).map(|(cell, _)| cell.3).sum::<f64>() + 0.0;
     let total: f64 = plan.iter().map(|c| c.3).sum();
     println!(
         "reproduce-table: {} cells ({} cached), {} models, ratios {:?}, methods {}; estimated {:.1} h on this machine for the {} cells to compute ({:.1} h for all)",
