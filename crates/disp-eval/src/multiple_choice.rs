@@ -83,7 +83,17 @@ pub fn encode_pair(encode: impl Fn(&str) -> Result<Vec<u32>>, context: &str, con
 /// Rows are padded on the right to equal length; the model is causal, so a padding position is
 /// never seen by the real positions before it, and its logits are never read. A pair longer than
 /// the model's positions loses context tokens from the left, as in lm-eval.
+///
+/// The choices of a question share their context: the leading tokens common to every row, up to
+/// the first position whose logits are read, run once with batch 1 into a KV cache, and only the
+/// rest runs batched (`share_prefix = false` runs every row whole, the reference this is tested
+/// against).
 pub fn score_continuations(model: &dyn CausalLm, pairs: &[(Vec<u32>, Vec<u32>)]) -> Result<Vec<f64>> {
+    score_continuations_with(model, pairs, true)
+}
+
+/// [`score_continuations`], choosing whether the shared prefix is computed once.
+pub fn score_continuations_with(model: &dyn CausalLm, pairs: &[(Vec<u32>, Vec<u32>)], share_prefix: bool) -> Result<Vec<f64>> {
     if pairs.is_empty() {
         return Ok(Vec::new());
     }
@@ -109,17 +119,37 @@ pub fn score_continuations(model: &dyn CausalLm, pairs: &[(Vec<u32>, Vec<u32>)])
         let first_prediction = input.len() - continuation.len();
         rows.push((input, continuation.as_slice(), first_prediction));
     }
-    let seq = rows.iter().map(|(input, _, _)| input.len()).max().expect("at least one row");
     let batch = rows.len();
+    let first = rows.iter().map(|(_, _, p)| *p).min().expect("at least one row");
+    // Positions before `shared` hold the same token in every row and none of their logits is read.
+    let shared = if share_prefix && batch > 1 {
+        let (head, rest) = rows.split_first().expect("at least one row");
+        let common = rest.iter().map(|(input, _, _)| head.0.iter().zip(input).take_while(|(a, b)| a == b).count()).min().unwrap_or(0);
+        common.min(first)
+    } else {
+        0
+    };
+    let mut cache = None;
+    if shared > 0 {
+        let mut prefix_cache = model.new_cache();
+        let prefix: Vec<i64> = rows[0].0[..shared].iter().map(|&t| t as i64).collect();
+        let prefix = Tensor::<2, Int>::from_data(TensorData::new(prefix, [1, shared]), model.device());
+        // Only the keys and values are wanted; the hidden states are dropped unprojected.
+        drop(model.hidden_states(prefix, None, Some(&mut prefix_cache)));
+        prefix_cache.repeat_batch(batch);
+        cache = Some(prefix_cache);
+    }
+    // From here on, positions count from `shared`.
+    let seq = rows.iter().map(|(input, _, _)| input.len()).max().expect("at least one row") - shared;
     let flat: Vec<i64> = rows
         .iter()
-        .flat_map(|(input, _, _)| input.iter().map(|&t| t as i64).chain(std::iter::repeat_n(0, seq - input.len())))
+        .flat_map(|(input, _, _)| input[shared..].iter().map(|&t| t as i64).chain(std::iter::repeat_n(0, seq + shared - input.len())))
         .collect();
     let tokens = Tensor::<2, Int>::from_data(TensorData::new(flat, [batch, seq]), model.device());
-    let logits = model.forward(tokens, None, None);
+    let logits = model.forward(tokens, None, cache.as_mut());
     let vocab = logits.dims()[2];
     // Only the positions from the earliest prediction on come to the host.
-    let first = rows.iter().map(|(_, _, p)| *p).min().expect("at least one row");
+    let first = first - shared;
     let span = seq - first;
     let values = logits.narrow(1, first, span).into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 logits");
     let scores: Vec<f64> = rows
@@ -127,7 +157,7 @@ pub fn score_continuations(model: &dyn CausalLm, pairs: &[(Vec<u32>, Vec<u32>)])
         .enumerate()
         .map(|(row, (_, continuation, start))| {
             // A row's predictions are consecutive positions, hence one contiguous slice.
-            let offset = row * span + (start - first);
+            let offset = row * span + (start - shared - first);
             let logits = &values[offset * vocab..(offset + continuation.len()) * vocab];
             -crate::host_nll::summed_nll(logits, vocab, continuation)
         })

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use disp_eval::multiple_choice::{accuracy, encode_pair, load_tasks, score_continuations, score_example, ScoredExample};
+use disp_eval::multiple_choice::{accuracy, encode_pair, load_tasks, score_continuations, score_continuations_with, score_example, ScoredExample};
 use disp_eval::perplexity::sequence_nll;
 use disp_eval::{evaluate_multiple_choice, McExample};
 use disp_models::{CausalLm, TextTokenizer};
@@ -78,6 +78,40 @@ fn choice_score_matches_the_independent_computation_on_every_family() {
             let expected = independent_score(model.as_ref(), context, continuation);
             assert!(close(*score, expected), "{name}: {score} vs {expected}");
             assert!(*score < 0.0, "{name}: a log-likelihood is negative, got {score}");
+        }
+    }
+}
+
+#[test]
+fn a_context_computed_once_gives_the_scores_of_whole_rows_on_every_family() {
+    // Short enough for OPT's 64 positions, so that no row is cut.
+    let context = tokens("He had been lucky, but");
+    let shared_with = |choice: &str| (context.clone(), tokens(choice));
+    let question = vec![
+        shared_with(" he spent freely"),
+        // One token: the row's input is the context alone.
+        shared_with("!"),
+        shared_with(" he was sure to be rich"),
+        shared_with(" nothing"),
+    ];
+    // Rows that agree only on their first tokens share just those.
+    let diverging = vec![(tokens("Captain Wentworth smiled"), tokens(" warmly")), (tokens("Captain Harville"), tokens(" limped"))];
+    // Near the position limit the rows lose different numbers of tokens on the left and share
+    // no prefix at all.
+    let max_context: Vec<u32> = (0..200).map(|i| 32 + (i * 11 % 90) as u32).collect();
+    let truncated = vec![(max_context.clone(), tokens(" a")), (max_context, tokens(" a much longer ending"))];
+    for name in ["llama_gqa_tied", "llama_mha_untied", "opt_pre_ln", "phi"] {
+        let model = load(name);
+        for pairs in [&question, &diverging, &truncated] {
+            let shared = score_continuations_with(model.as_ref(), pairs, true).unwrap();
+            let whole = score_continuations_with(model.as_ref(), pairs, false).unwrap();
+            for (shared, whole) in shared.iter().zip(&whole) {
+                assert!((shared - whole).abs() < 1e-4 * (1.0 + whole.abs()), "{name}: shared prefix {shared}, whole rows {whole}");
+            }
+        }
+        for ((context, continuation), score) in question.iter().zip(score_continuations(model.as_ref(), &question).unwrap()) {
+            let expected = independent_score(model.as_ref(), context, continuation);
+            assert!(close(score, expected), "{name}: {score} vs {expected}");
         }
     }
 }

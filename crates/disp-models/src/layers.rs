@@ -260,6 +260,16 @@ impl KvCache {
     pub fn advance(&mut self, added: usize) {
         self.len += added;
     }
+
+    /// Turns a cache of batch 1 into one of batch `n`, every row a copy: several continuations
+    /// of one prompt then attend to a prompt computed once.
+    pub fn repeat_batch(&mut self, n: usize) {
+        for (k, v) in self.layers.iter_mut().flatten() {
+            assert_eq!(k.dims()[0], 1, "only a cache of batch 1 can be repeated");
+            *k = k.clone().repeat_dim(0, n);
+            *v = v.clone().repeat_dim(0, n);
+        }
+    }
 }
 
 /// Splits `[B, T, heads·hd]` into `[B, heads, T, hd]`.
