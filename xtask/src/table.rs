@@ -271,11 +271,11 @@ fn cached(path: &Path, settings: &CellSettings, method: &str) -> Option<CellResu
 }
 
 /// Rough seconds per cell, from the model size (measured here on SmolLM2-135M: a search step of
-/// 512 tokens ~4.5 s, an evaluation window of 512 tokens ~2 s, a four-choice question ~1 s).
+/// 512 tokens ~4.5 s, an evaluation window of 512 tokens ~2 s, a four-choice question ~0.5 s).
 fn estimate_seconds(cell: &CellSettings, params: u64, method: &str) -> f64 {
     let scale = params as f64 / 135e6 * cell.seq_len as f64 / 512.0;
     let evals = cell.heldout.len() as f64 * cell.eval_windows as f64 * 2.0 * scale
-        + cell.tasks.len() as f64 * cell.mc_limit.unwrap_or(200) as f64 * 1.0 * scale;
+        + cell.tasks.len() as f64 * cell.mc_limit.unwrap_or(200) as f64 * 0.5 * scale;
     let prune = match method {
         "disp" | "disp-direct" => cell.steps as f64 * 4.5 * scale,
         "wanda-sp" | "wanda-2:4" => cell.calibration_windows as f64 * 2.0 * scale,
