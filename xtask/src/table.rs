@@ -277,7 +277,7 @@ fn estimate_seconds(cell: &CellSettings, params: u64, method: &str) -> f64 {
     let evals = cell.heldout.len() as f64 * cell.eval_windows as f64 * 2.0 * scale
         + cell.tasks.len() as f64 * cell.mc_limit.unwrap_or(200) as f64 * 0.5 * scale;
     let prune = match method {
-        "disp" | "disp-direct" => cell.steps as f64 * 4.5 * scale,
+        search if is_search(search) => cell.steps as f64 * 4.5 * scale,
         "wanda-sp" | "wanda-2:4" => cell.calibration_windows as f64 * 2.0 * scale,
         _ => 2.0,
     };
@@ -305,11 +305,11 @@ pub fn reproduce(settings: &TableSettings) -> Result<Vec<CellResult>> {
             }
         }
     }
-    // Each cell file is read once for the estimate; the loop below reads it again only to reuse it.
-    let is_cached: Vec<bool> = plan.iter().map(|(m, method, r, _)| cached(&settings.cell_path(m, method, *r), &settings.cell_for(m), method).is_some()).collect();
-    let cached_count = is_cached.iter().filter(|&&c| c).count();
+    // Each cell file is read once: for the estimate, and kept for the loop below to reuse.
+    let reusable: Vec<Option<CellResult>> = plan.iter().map(|(m, method, r, _)| cached(&settings.cell_path(m, method, *r), &settings.cell_for(m), method)).collect();
+    let cached_count = reusable.iter().filter(|c| c.is_some()).count();
     // `+ 0.0`: an empty f64 sum is -0.0, which would print as "-0.0 h".
-    let remaining: f64 = plan.iter().zip(&is_cached).filter(|(_, &c)| !c).map(|(cell, _)| cell.3).sum::<f64>() + 0.0;
+    let remaining: f64 = plan.iter().zip(&reusable).filter(|(_, c)| c.is_none()).map(|(cell, _)| cell.3).sum::<f64>() + 0.0;
     let total: f64 = plan.iter().map(|c| c.3).sum();
     println!(
         "reproduce-table: {} cells ({} cached), {} models, ratios {:?}, methods {}; estimated {:.1} h on this machine for the {} cells to compute ({:.1} h for all)",
@@ -323,11 +323,11 @@ pub fn reproduce(settings: &TableSettings) -> Result<Vec<CellResult>> {
         total / 3600.0
     );
     let mut results = Vec::new();
-    for (index, (model, method, ratio, _)) in plan.iter().enumerate() {
-        let path = settings.cell_path(model, method, *ratio);
-        let result = match cached(&path, &settings.cell_for(model), method) {
+    for (index, ((model, method, ratio, _), reusable)) in plan.iter().zip(reusable).enumerate() {
+        let result = match reusable {
             Some(result) => result,
             None => {
+                let path = settings.cell_path(model, method, *ratio);
                 println!("[{}/{}] {} {} {:.0}% ...", index + 1, plan.len(), model.name, method, ratio * 100.0);
                 let result = run_cell(settings, model, method, *ratio).map_err(|e| anyhow!("{} {method} {ratio}: {e:#}", model.name))?;
                 let json = serde_json::to_string_pretty(&result)?;
