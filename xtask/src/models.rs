@@ -173,12 +173,12 @@ pub fn fetch(ctx: &mut Ctx, m: &Manifest) -> Result<()> {
         ),
     );
     let t = Instant::now();
-    let summary = match disp_models::gguf::convert_gguf_to_hf(&weights, &partial) {
+    let summary = match disp_io::gguf::convert_gguf_to_hf(&weights, &partial) {
         Ok(s) => s,
         Err(e) => {
             remove_any(&partial)?;
             bail!(
-                "converting {} -> {}/ (disp_models::gguf::convert_gguf_to_hf): {}",
+                "converting {} -> {}/ (disp_io::gguf::convert_gguf_to_hf): {}",
                 rel(&ctx.root, &weights),
                 rel(&ctx.root, &out),
                 format!("{e:#}").replace('\n', " ")

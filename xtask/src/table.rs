@@ -16,17 +16,30 @@ use std::time::Instant;
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-/// A pruning method as `disp prune --method` names it.
-pub const METHODS: &[&str] = &["disp", "disp-direct", "uniform-magnitude", "wanda-sp", "wanda-2:4"];
-
-/// The methods that train gates (their cost scales with the steps).
-fn is_search(method: &str) -> bool {
-    matches!(method, "disp" | "disp-direct")
+/// A pruning method as `disp methods --json` describes it: the registry lives in `disp-train`,
+/// and the table asks the binary it drives.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct MethodInfo {
+    pub name: String,
+    /// Trains gates (its cost scales with the steps; steps and learning rate are its settings).
+    pub searches: bool,
+    pub uses_calibration: bool,
+    pub uses_activation_statistics: bool,
+    /// Produces index sets; a method that does not zeroes half of the block weights instead
+    /// (wanda-2:4), so it is one cell, at 50 %.
+    pub makes_plan: bool,
 }
 
-/// Semi-structured 2:4 always removes half of the block weights: one cell, at 50 %.
-fn applies_at(method: &str, ratio: f64) -> bool {
-    method != "wanda-2:4" || (ratio - 0.5).abs() < 1e-9
+impl MethodInfo {
+    fn applies_at(&self, ratio: f64) -> bool {
+        self.makes_plan || (ratio - 0.5).abs() < 1e-9
+    }
+}
+
+/// The methods `disp` offers, in its order.
+pub fn methods_of(binary: &Path) -> Result<Vec<MethodInfo>> {
+    let out = disp(binary, &["methods".into(), "--json".into()])?;
+    serde_json::from_str(out.trim()).map_err(|e| anyhow!("`disp methods --json` printed no method list: {e}"))
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -65,7 +78,10 @@ pub struct CellSettings {
 pub struct TableSettings {
     pub models: Vec<ModelSpec>,
     pub ratios: Vec<f64>,
+    /// The methods of the table, a subset of `registry` in its order.
     pub methods: Vec<String>,
+    /// What the `disp` binary says about every method it offers.
+    pub registry: Vec<MethodInfo>,
     pub cell: CellSettings,
     pub cache: PathBuf,
     pub out_markdown: PathBuf,
@@ -106,6 +122,15 @@ impl TableSettings {
             cell.seq_len = cell.seq_len.min(trained);
         }
         cell
+    }
+
+    /// The registry entry of `method`; none for "dense".
+    fn info(&self, method: &str) -> Option<&MethodInfo> {
+        self.registry.iter().find(|m| m.name == method)
+    }
+
+    fn searches(&self, method: &str) -> bool {
+        self.info(method).is_some_and(|m| m.searches)
     }
 
     fn cell_path(&self, model: &ModelSpec, method: &str, ratio: f64) -> PathBuf {
@@ -190,39 +215,40 @@ fn run_cell(settings: &TableSettings, model: &ModelSpec, method: &str, ratio: f6
         args.extend(cell.calibration.iter().map(|p| s(p)));
         args
     };
-    let (target, achieved) = match method {
-        "dense" => (Evaluated::Dense, 0.0),
-        "wanda-2:4" => {
-            let folder = dir.join(format!("{stem}.model"));
-            if folder.exists() {
-                std::fs::remove_dir_all(&folder)?;
-            }
+    let (target, achieved) = match settings.info(method) {
+        None => (Evaluated::Dense, 0.0),
+        Some(info) => {
             let mut args: Vec<String> = vec!["prune".into(), "--model".into(), s(&model.dir), "--method".into(), method.into()];
-            args.extend(calibration());
-            args.extend(["--seq-len".into(), cell.seq_len.to_string(), "--calibration-windows".into(), cell.calibration_windows.to_string()]);
-            args.extend(["--export".into(), s(&folder)]);
-            let stdout = disp(&settings.disp, &args)?;
-            (Evaluated::Folder(folder), two_of_four_total_ratio(&stdout, &model.dir)?)
-        }
-        _ => {
-            let plan = dir.join(format!("{stem}.plan.json"));
-            let mut args: Vec<String> = vec!["prune".into(), "--model".into(), s(&model.dir), "--method".into(), method.into()];
-            args.extend(["--ratio".into(), ratio.to_string(), "--seq-len".into(), cell.seq_len.to_string()]);
-            if method != "uniform-magnitude" {
+            args.extend(["--seq-len".into(), cell.seq_len.to_string(), "--json".into()]);
+            if info.uses_calibration {
                 args.extend(calibration());
             }
-            if is_search(method) {
+            if info.searches {
                 args.extend(["--steps".into(), cell.steps.to_string(), "--seed".into(), cell.seed.to_string()]);
                 args.extend(["--learning-rate".into(), cell.learning_rate.to_string()]);
             }
-            if method == "wanda-sp" {
+            if info.uses_activation_statistics {
                 args.extend(["--calibration-windows".into(), cell.calibration_windows.to_string()]);
             }
-            args.extend(["--out".into(), s(&plan)]);
-            disp(&settings.disp, &args)?;
-            let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&plan)?)?;
-            let achieved = json["achieved_ratio"].as_f64().ok_or_else(|| anyhow!("{}: no achieved_ratio", plan.display()))?;
-            (Evaluated::Plan(plan), achieved)
+            let target = if info.makes_plan {
+                let plan = dir.join(format!("{stem}.plan.json"));
+                args.extend(["--ratio".into(), ratio.to_string(), "--out".into(), s(&plan)]);
+                Evaluated::Plan(plan)
+            } else {
+                let folder = dir.join(format!("{stem}.model"));
+                if folder.exists() {
+                    std::fs::remove_dir_all(&folder)?;
+                }
+                args.extend(["--export".into(), s(&folder)]);
+                Evaluated::Folder(folder)
+            };
+            let stdout = disp(&settings.disp, &args)?;
+            let report: serde_json::Value =
+                serde_json::from_str(stdout.trim()).map_err(|e| anyhow!("`disp prune --json` printed no report: {e}"))?;
+            // Plans are judged by their fraction of total parameters removed (the table's
+            // ratios are of total); wanda-2:4 by its zeroed weights over all parameters.
+            let achieved = report["removed_fraction_of_total"].as_f64().ok_or_else(|| anyhow!("`disp prune --json` reported no removed_fraction_of_total"))?;
+            (target, achieved)
         }
     };
     let (perplexity, accuracy) = evaluate(settings, model, &target)?;
@@ -244,26 +270,14 @@ fn run_cell(settings: &TableSettings, model: &ModelSpec, method: &str, ratio: f6
     })
 }
 
-/// wanda-2:4 reports "zeroed Z of B block linear weights"; as a fraction of total parameters
-/// that is Z / total, with the total counted from the model's weight files.
-fn two_of_four_total_ratio(stdout: &str, model_dir: &Path) -> Result<f64> {
-    let zeroed: u64 = stdout
-        .split("zeroed ")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .ok_or_else(|| anyhow!("wanda-2:4 did not report how many weights it zeroed"))?;
-    Ok(zeroed as f64 / model_params(model_dir)? as f64)
-}
-
 /// The cached result of a cell, if it was computed with the same settings: all of them for the
 /// searches, all but the search's own (steps, learning rate) for the other methods, so that a
 /// new search setting recomputes only the search cells.
-fn cached(path: &Path, settings: &CellSettings, method: &str) -> Option<CellResult> {
+fn cached(path: &Path, settings: &CellSettings, searches: bool) -> Option<CellResult> {
     let text = std::fs::read_to_string(path).ok()?;
     let result: CellResult = serde_json::from_str(&text).ok()?;
     let mut wanted = settings.clone();
-    if !is_search(method) {
+    if !searches {
         wanted.steps = result.settings.steps;
         wanted.learning_rate = result.settings.learning_rate;
     }
@@ -272,21 +286,20 @@ fn cached(path: &Path, settings: &CellSettings, method: &str) -> Option<CellResu
 
 /// Rough seconds per cell, from the model size (measured here on SmolLM2-135M: a search step of
 /// 512 tokens ~4.5 s, an evaluation window of 512 tokens ~2 s, a four-choice question ~0.5 s).
-fn estimate_seconds(cell: &CellSettings, params: u64, method: &str) -> f64 {
+fn estimate_seconds(cell: &CellSettings, params: u64, method: Option<&MethodInfo>) -> f64 {
     let scale = params as f64 / 135e6 * cell.seq_len as f64 / 512.0;
     let evals = cell.heldout.len() as f64 * cell.eval_windows as f64 * 2.0 * scale
         + cell.tasks.len() as f64 * cell.mc_limit.unwrap_or(200) as f64 * 0.5 * scale;
     let prune = match method {
-        search if is_search(search) => cell.steps as f64 * 4.5 * scale,
-        "wanda-sp" | "wanda-2:4" => cell.calibration_windows as f64 * 2.0 * scale,
+        Some(m) if m.searches => cell.steps as f64 * 4.5 * scale,
+        Some(m) if m.uses_activation_statistics => cell.calibration_windows as f64 * 2.0 * scale,
         _ => 2.0,
     };
     prune + evals + 5.0
 }
 
 fn model_params(dir: &Path) -> Result<u64> {
-    let ck = disp_models::Checkpoint::open(dir)?;
-    ck.names().map(|n| ck.shape(n).map(|s| s.iter().product::<usize>() as u64)).sum()
+    disp_io::hf_folder::parameter_count(dir)
 }
 
 /// Runs (or resumes) the whole table and writes the markdown report.
@@ -296,17 +309,18 @@ pub fn reproduce(settings: &TableSettings) -> Result<Vec<CellResult>> {
     for model in &settings.models {
         let params = model_params(&model.dir).map_err(|e| anyhow!("model {}: {e:#}", model.name))?;
         let cell = settings.cell_for(model);
-        plan.push((model.clone(), "dense".into(), 0.0, estimate_seconds(&cell, params, "dense")));
+        plan.push((model.clone(), "dense".into(), 0.0, estimate_seconds(&cell, params, None)));
         for &ratio in &settings.ratios {
             for method in &settings.methods {
-                if applies_at(method, ratio) {
-                    plan.push((model.clone(), method.clone(), ratio, estimate_seconds(&cell, params, method)));
+                let info = settings.info(method).ok_or_else(|| anyhow!("{}: offers no method '{method}'", settings.disp.display()))?;
+                if info.applies_at(ratio) {
+                    plan.push((model.clone(), method.clone(), ratio, estimate_seconds(&cell, params, Some(info))));
                 }
             }
         }
     }
     // Each cell file is read once: for the estimate, and kept for the loop below to reuse.
-    let reusable: Vec<Option<CellResult>> = plan.iter().map(|(m, method, r, _)| cached(&settings.cell_path(m, method, *r), &settings.cell_for(m), method)).collect();
+    let reusable: Vec<Option<CellResult>> = plan.iter().map(|(m, method, r, _)| cached(&settings.cell_path(m, method, *r), &settings.cell_for(m), settings.searches(method))).collect();
     let cached_count = reusable.iter().filter(|c| c.is_some()).count();
     // `+ 0.0`: an empty f64 sum is -0.0, which would print as "-0.0 h".
     let remaining: f64 = plan.iter().zip(&reusable).filter(|(_, c)| c.is_none()).map(|(cell, _)| cell.3).sum::<f64>() + 0.0;
@@ -331,7 +345,7 @@ pub fn reproduce(settings: &TableSettings) -> Result<Vec<CellResult>> {
                 println!("[{}/{}] {} {} {:.0}% ...", index + 1, plan.len(), model.name, method, ratio * 100.0);
                 let result = run_cell(settings, model, method, *ratio).map_err(|e| anyhow!("{} {method} {ratio}: {e:#}", model.name))?;
                 let json = serde_json::to_string_pretty(&result)?;
-                disp_core::fsutil::write_atomic(&path, json.as_bytes())?;
+                disp_io::fsutil::write_atomic(&path, json.as_bytes())?;
                 println!("    done in {:.0} s: {:?}", result.seconds, result.perplexity);
                 result
             }
@@ -516,7 +530,7 @@ fn write_markdown(settings: &TableSettings, results: &[CellResult]) -> Result<()
     if let Some(parent) = settings.out_markdown.parent() {
         std::fs::create_dir_all(parent)?;
     }
-    disp_core::fsutil::write_atomic(&settings.out_markdown, markdown(settings, results).as_bytes())?;
+    disp_io::fsutil::write_atomic(&settings.out_markdown, markdown(settings, results).as_bytes())?;
     crate::table_plot::write_chart(settings, results, &crate::table_plot::chart_path(settings))
 }
 
@@ -539,11 +553,16 @@ mod tests {
         }
     }
 
+    fn info(name: &str, searches: bool, makes_plan: bool) -> MethodInfo {
+        MethodInfo { name: name.into(), searches, uses_calibration: true, uses_activation_statistics: false, makes_plan }
+    }
+
     fn settings() -> TableSettings {
         TableSettings {
             models: vec![],
             ratios: vec![0.3, 0.5],
             methods: vec!["disp".into(), "uniform-magnitude".into(), "wanda-2:4".into()],
+            registry: vec![info("disp", true, true), info("uniform-magnitude", false, true), info("wanda-2:4", false, false)],
             cell: CellSettings {
                 steps: 1,
                 learning_rate: 1e-3,
@@ -599,18 +618,22 @@ mod tests {
         for method in ["disp", "uniform-magnitude"] {
             let path = dir.path().join(format!("{method}.json"));
             std::fs::write(&path, serde_json::to_string(&CellResult { method: method.into(), ..cell(method, 0.3, 1.0) }).unwrap()).unwrap();
-            assert!(cached(&path, &base, method).is_some(), "{method}: same settings");
+            let searches = settings().searches(method);
+            assert!(cached(&path, &base, searches).is_some(), "{method}: same settings");
             let longer = CellSettings { steps: base.steps + 1, learning_rate: 1e-2, ..base.clone() };
-            assert_eq!(cached(&path, &longer, method).is_some(), method == "uniform-magnitude", "{method}: other search settings");
+            assert_eq!(cached(&path, &longer, searches).is_some(), method == "uniform-magnitude", "{method}: other search settings");
             let other_text = CellSettings { eval_windows: base.eval_windows + 1, ..base.clone() };
-            assert!(cached(&path, &other_text, method).is_none(), "{method}: other evaluation settings");
+            assert!(cached(&path, &other_text, searches).is_none(), "{method}: other evaluation settings");
         }
     }
 
     #[test]
-    fn two_of_four_is_only_a_cell_at_half() {
-        assert!(applies_at("wanda-2:4", 0.5));
-        assert!(!applies_at("wanda-2:4", 0.3));
-        assert!(applies_at("disp", 0.3));
+    fn a_method_without_a_plan_is_only_a_cell_at_half() {
+        let settings = settings();
+        let at = |method: &str, ratio| settings.info(method).unwrap().applies_at(ratio);
+        assert!(at("wanda-2:4", 0.5));
+        assert!(!at("wanda-2:4", 0.3));
+        assert!(at("disp", 0.3));
+        assert!(settings.info("dense").is_none() && !settings.searches("dense"));
     }
 }

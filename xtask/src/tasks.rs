@@ -13,6 +13,8 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
+use disp_io::rng::SplitMix64;
+
 use crate::util::{secs, write_if_changed};
 use crate::Ctx;
 
@@ -28,31 +30,6 @@ const DISTRACTORS: usize = 3;
 /// Distractors come from at least this many sentences away from the example's own.
 const MIN_DISTANCE: usize = 10;
 const SEED: u64 = 20_240_601;
-
-/// SplitMix64: tiny, fast, and fully specified, so the task files never depend on a crate's
-/// generator changing between versions.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in 0..n (multiply-shift; the bias is below 2^-40 for the sizes used here).
-    fn below(&mut self, n: usize) -> usize {
-        ((self.next_u64() as u128 * n as u128) >> 64) as usize
-    }
-
-    fn shuffle<T>(&mut self, items: &mut [T]) {
-        for i in (1..items.len()).rev() {
-            items.swap(i, self.below(i + 1));
-        }
-    }
-}
 
 /// One line of a task file; the field order is the one the README documents.
 #[derive(Serialize, Debug, Clone, PartialEq)]
@@ -309,7 +286,7 @@ fn make_tasks(ctx: &mut Ctx) -> Result<()> {
         let text = std::fs::read_to_string(&text_path).with_context(|| format!("{}: cannot read", source.text))?;
         let runs = (source.parse)(&text).with_context(|| source.text.to_string())?;
         // One generator per task, so adding a source never changes another task's file.
-        let mut rng = SplitMix64(SEED + index as u64);
+        let mut rng = SplitMix64::new(SEED + index as u64);
         let examples = build_examples(&runs, &mut rng).with_context(|| source.text.to_string())?;
         let relative = format!("tests/tasks/{}.jsonl", source.task);
         let sentences: usize = runs.iter().map(Vec::len).sum();
@@ -363,9 +340,9 @@ mod tests {
     #[test]
     fn examples_are_deterministic_and_well_formed() {
         let runs = book();
-        let examples = build_examples(&runs, &mut SplitMix64(SEED)).unwrap();
-        assert_eq!(examples, build_examples(&runs, &mut SplitMix64(SEED)).unwrap());
-        assert_ne!(examples, build_examples(&runs, &mut SplitMix64(SEED + 1)).unwrap());
+        let examples = build_examples(&runs, &mut SplitMix64::new(SEED)).unwrap();
+        assert_eq!(examples, build_examples(&runs, &mut SplitMix64::new(SEED)).unwrap());
+        assert_ne!(examples, build_examples(&runs, &mut SplitMix64::new(SEED + 1)).unwrap());
         assert_eq!(examples.len(), EXAMPLES);
         let flat: Vec<&String> = runs.iter().flatten().collect();
         let mut golds = [0; DISTRACTORS + 1];
@@ -394,7 +371,7 @@ mod tests {
     #[test]
     fn too_short_a_book_is_an_error() {
         let runs: Runs = vec![book()[0][..30].to_vec()];
-        let err = build_examples(&runs, &mut SplitMix64(SEED)).unwrap_err();
+        let err = build_examples(&runs, &mut SplitMix64::new(SEED)).unwrap_err();
         assert!(err.to_string().contains("usable examples"), "{err}");
     }
 }

@@ -1,7 +1,7 @@
 //! Small helpers: hashing, atomic writes, running programs, printing.
 
 use std::fs;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
@@ -45,20 +45,12 @@ pub fn partial_path(path: &Path) -> PathBuf {
     path.with_file_name(name)
 }
 
-/// Writes `bytes` to `path` via `path.partial` and a rename, creating the parent folder.
+/// [`disp_io::fsutil::write_atomic`] after creating the parent folder.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     if let Some(dir) = path.parent() {
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    let tmp = partial_path(path);
-    let mut f = fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    f.write_all(bytes)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    f.sync_all()
-        .with_context(|| format!("syncing {}", tmp.display()))?;
-    drop(f);
-    fs::rename(&tmp, path)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
+    disp_io::fsutil::write_atomic(path, bytes)
 }
 
 /// Writes `bytes` unless the file already holds exactly them; returns whether it wrote.
@@ -140,17 +132,7 @@ pub fn secs(t: Instant) -> String {
 }
 
 /// 1234567 -> "1,234,567".
-pub fn thousands(n: u64) -> String {
-    let s = n.to_string();
-    let mut out = String::new();
-    for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
-}
+pub use disp_io::fmt::thousands;
 
 /// Size in MB (10^6), for messages.
 pub fn mb(n: u64) -> String {

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Result;
 use clap::Args;
 use disp_core::plan::PruningPlan;
-use disp_export::ExportFormat;
+use disp_export::{ExportFormat, ExportSummary};
 
 #[derive(Args)]
 pub struct ExportArgs {
@@ -32,8 +32,13 @@ pub fn export(args: ExportArgs) -> Result<()> {
 pub fn export_plan(model: &Path, plan: &PruningPlan, format: ExportFormat, out: &Path) -> Result<()> {
     let start = std::time::Instant::now();
     let summary = disp_export::export(model, plan, format, out)?;
+    print_export_summary(model, plan, out, &summary, start.elapsed().as_secs_f64());
+    Ok(())
+}
+
+pub fn print_export_summary(model: &Path, plan: &PruningPlan, out: &Path, summary: &ExportSummary, seconds: f64) {
     println!(
-        "exported {} ({}, {:.2}% of {} parameters removed) to {}: {} tensors, {} of {} values stored, model.safetensors {:.1} MB, {:.1} s",
+        "exported {} ({}, {:.2}% of {} parameters removed) to {}: {} tensors, {} of {} values stored, model.safetensors {:.1} MB, {seconds:.1} s",
         model.display(),
         plan.method,
         100.0 * plan.achieved_ratio,
@@ -43,7 +48,5 @@ pub fn export_plan(model: &Path, plan: &PruningPlan, format: ExportFormat, out: 
         summary.stored_params,
         summary.source_params,
         summary.weight_bytes as f64 / 1e6,
-        start.elapsed().as_secs_f64()
     );
-    Ok(())
 }

@@ -15,6 +15,7 @@ use disp_core::device::{select_device, DeviceChoice};
 use disp_core::params::{BlockWidths, ModelShape, RatioOf};
 use disp_core::plan::{check_index_set, LayerIndices, ModelIdentity, PruningPlan, PLAN_FORMAT_VERSION};
 use disp_core::selection::Site;
+use disp_io::fmt::thousands;
 
 #[derive(Args)]
 pub struct InspectArgs {
@@ -360,21 +361,10 @@ fn column_title(site: Site) -> String {
 }
 
 fn describe_count(count: ParamCount) -> String {
-    format!("{} -> {} ({:.2}% kept)", grouped(count.before), grouped(count.after), 100.0 * count.kept_fraction())
+    format!("{} -> {} ({:.2}% kept)", thousands(count.before), thousands(count.after), 100.0 * count.kept_fraction())
 }
 
 /// `1234567` as `1,234,567`.
-fn grouped(n: u64) -> String {
-    let digits = n.to_string();
-    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
-}
 
 /// The index sets over the embedding dimension d: S1 and S3 read it, S2 and S5 write it (S4
 /// indexes the MLP intermediate width instead).
@@ -553,13 +543,5 @@ mod tests {
         // Layer 1 keeps everything, so only layer 0 decides: it reads 0 and 1, writes 1 and 2.
         assert!(text.contains("read (S1 or S3) by every block 2, by some 2, by none 0"), "{text}");
         assert!(text.contains("written (S2 or S5) by every block 2, by some 2, by none 0"), "{text}");
-    }
-
-    #[test]
-    fn counts_are_grouped_by_thousands() {
-        assert_eq!(grouped(0), "0");
-        assert_eq!(grouped(999), "999");
-        assert_eq!(grouped(1000), "1,000");
-        assert_eq!(grouped(134_515_008), "134,515,008");
     }
 }

@@ -6,16 +6,18 @@ mod eval_mc;
 mod bench;
 mod export;
 mod inspect;
+mod train_tiny;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 use disp_core::device::{select_device, DeviceChoice};
 use disp_core::params::{BlockWidths, RatioOf};
 use disp_core::plan::PruningPlan;
 use disp_eval::{GenerateOptions, PerplexityReport};
+use disp_train::{Method, PruneOutcome, PruneRequest};
 use disp_models::{CausalLm, TextTokenizer};
 
 #[derive(Parser)]
@@ -40,6 +42,8 @@ enum Command {
     Generate(GenerateArgs),
     /// Learn per-block index sets (DISP-LLM) or build a baseline plan; writes a pruning plan.
     Prune(PruneArgs),
+    /// List the pruning methods `prune --method` takes and what each needs.
+    Methods(MethodsArgs),
     /// Write a model pruned by a plan to a folder: smaller tensors plus index sets (default), or
     /// a dense-equivalent stock checkpoint any HF loader reads.
     Export(export::ExportArgs),
@@ -48,6 +52,9 @@ enum Command {
     Inspect(inspect::InspectArgs),
     /// Prefill and decode tokens/s of a model, dense vs pruned, medians over repetitions.
     Bench(bench::BenchArgs),
+    /// Train a small LLaMA, OPT or Phi model from scratch on text files (a byte-level BPE, then
+    /// the model) and write it as an HF folder; reports the perplexity on a held-out text.
+    TrainTiny(train_tiny::TrainTinyArgs),
     /// Convert a llama.cpp GGUF file into a Hugging Face folder.
     ConvertGguf {
         /// The .gguf file.
@@ -92,26 +99,11 @@ struct PplArgs {
     json: bool,
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-enum Method {
-    /// The hypernetwork search of DISP-LLM.
-    Disp,
-    /// Regular structural pruning: one embedding subset for all blocks, by weight magnitude.
-    UniformMagnitude,
-    /// DISP-LLM's ablation: the same search, learning the gate logits directly (no hypernetwork).
-    DispDirect,
-    /// Structured Wanda: |W|·‖X‖ scores on calibration data, uniform width like uniform-magnitude.
-    WandaSp,
-    /// Semi-structured Wanda: 2 of every 4 input weights zeroed in every block linear (no plan).
-    #[value(name = "wanda-2:4")]
-    Wanda24,
-}
-
-impl Method {
-    /// Methods that score activations on a sample of the calibration windows.
-    fn uses_activation_statistics(self) -> bool {
-        matches!(self, Method::WandaSp | Method::Wanda24)
-    }
+/// `--method`: the names of the registry in `disp_train::prune`, listed in `--help`.
+fn method_parser() -> impl clap::builder::TypedValueParser<Value = Method> {
+    use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
+    PossibleValuesParser::new(Method::ALL.map(|m| PossibleValue::new(m.name()).help(m.description())))
+        .map(|name| Method::from_name(&name).expect("only registered names parse"))
 }
 
 #[derive(Args)]
@@ -126,7 +118,7 @@ struct PruneArgs {
     /// What the ratio is a fraction of: total (the paper's convention) or blocks.
     #[arg(long, default_value = "total")]
     ratio_of: RatioOf,
-    #[arg(long, value_enum, default_value_t = Method::Disp)]
+    #[arg(long, value_parser = method_parser(), default_value = "disp")]
     method: Method,
     /// Calibration text files (disp, disp-direct, wanda-sp and wanda-2:4 need them).
     #[arg(long, num_args = 1..)]
@@ -169,6 +161,16 @@ struct PruneArgs {
     export: Option<PathBuf>,
     #[arg(long, default_value = "pruned")]
     export_format: disp_export::ExportFormat,
+    /// Print one JSON object (method, ratios, parameter counts, paths) instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct MethodsArgs {
+    /// One JSON array of the methods and what each needs.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -234,9 +236,14 @@ fn run(cli: Cli) -> Result<()> {
         Command::Eval(EvalCommand::Mc(args)) => eval_mc::eval_mc(cli.device, args),
         Command::Generate(args) => generate(cli.device, args),
         Command::Prune(args) => prune(cli.device, args),
+        Command::Methods(args) => {
+            methods(args);
+            Ok(())
+        }
         Command::Export(args) => export::export(args),
         Command::Inspect(args) => inspect::inspect(cli.device, args),
         Command::Bench(args) => bench::bench(cli.device, args),
+        Command::TrainTiny(args) => train_tiny::run(cli.device, args),
     }
 }
 
@@ -253,17 +260,9 @@ fn load(device: DeviceChoice, args: &ModelArgs) -> Result<Box<dyn CausalLm>> {
     }
 }
 
-fn read_text(path: &Path) -> Result<String> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read text", path.display()))?;
-    if text.trim().is_empty() {
-        anyhow::bail!("{}: empty text file", path.display());
-    }
-    Ok(text)
-}
-
 fn eval_ppl(device: DeviceChoice, args: PplArgs) -> Result<()> {
     let tokenizer = TextTokenizer::load(&args.model.model)?;
-    let text = read_text(&args.text)?;
+    let text = disp_eval::read_text(&args.text)?;
     let tokens = tokenizer.encode(&text)?;
     let windows = disp_eval::token_windows(&tokens, args.seq_len, args.max_windows, &args.text)?;
     let model = load(device, &args.model)?;
@@ -337,153 +336,93 @@ fn generate(device: DeviceChoice, args: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
-/// Tokenises each calibration file into windows of `seq_len` tokens.
-fn calibration_windows(tokenizer: &TextTokenizer, files: &[PathBuf], seq_len: usize) -> Result<Vec<Vec<u32>>> {
-    if files.is_empty() {
-        anyhow::bail!("--data: this method needs at least one calibration text file");
+fn methods(args: MethodsArgs) {
+    if args.json {
+        let all: Vec<_> = Method::ALL.iter().map(|m| m.info()).collect();
+        println!("{}", serde_json::to_string(&all).expect("method infos serialise"));
+        return;
     }
-    let mut windows = Vec::new();
-    for file in files {
-        let tokens = tokenizer.encode(&read_text(file)?)?;
-        windows.extend(disp_eval::token_windows(&tokens, seq_len, None, file)?);
+    for m in Method::ALL {
+        println!("{:<18} {}", m.name(), m.description());
     }
-    Ok(windows)
-}
-
-/// `count` windows spread evenly over `windows` (all of them if there are fewer), so a small
-/// sample still covers every calibration file.
-fn evenly_spaced(windows: Vec<Vec<u32>>, count: usize) -> Vec<Vec<u32>> {
-    let total = windows.len();
-    if count >= total {
-        return windows;
-    }
-    windows.into_iter().enumerate().filter(|(i, _)| (i * count) % total < count).map(|(_, w)| w).collect()
-}
-
-/// `wanda-2:4` on the dense `model`: computes the activation norms on `windows`, zeroes 2 of
-/// every 4 input weights of every block linear, and returns the sparse model. A plan cannot hold
-/// zeroed weights, so the result has to be written as a model folder (exporter to be wired in).
-fn prune_two_of_four(
-    mut model: Box<dyn CausalLm>,
-    windows: &[Vec<u32>],
-) -> Result<(Box<dyn CausalLm>, disp_train::wanda::SparsityReport)> {
-    let report = disp_train::wanda::apply_wanda_2_4(model.as_mut(), windows)?;
-    Ok((model, report))
-}
-
-/// The plan-making methods need a ratio and a plan path; wanda-2:4 needs neither.
-fn ratio_and_plan_path(args: &PruneArgs) -> Result<(f64, PathBuf)> {
-    let ratio = args.ratio.ok_or_else(|| anyhow::anyhow!("--ratio is required for this method"))?;
-    if !(ratio > 0.0 && ratio < 1.0) {
-        anyhow::bail!("--ratio must be strictly between 0 and 1, got {ratio}");
-    }
-    let out = args.out.clone().ok_or_else(|| anyhow::anyhow!("--out PLAN.json is required for this method"))?;
-    Ok((ratio, out))
 }
 
 fn prune(device: DeviceChoice, args: PruneArgs) -> Result<()> {
-    if args.method == Method::Wanda24 && args.export.is_none() {
-        anyhow::bail!("wanda-2:4 produces zeroed weights, not index sets: use --export DIR");
-    }
-    let (ratio, plan_path) = if args.method == Method::Wanda24 {
-        if args.ratio.is_some() || args.out.is_some() {
-            anyhow::bail!("wanda-2:4 zeroes half of the block weights and writes no plan: drop --ratio and --out");
-        }
-        (0.5, PathBuf::new())
-    } else {
-        ratio_and_plan_path(&args)?
+    let request = PruneRequest {
+        model_dir: args.model.clone(),
+        method: args.method,
+        ratio: args.ratio,
+        ratio_of: args.ratio_of,
+        data: args.data.clone(),
+        calibration_windows: args.calibration_windows,
+        seq_len: args.seq_len,
+        search: disp_train::SearchConfig {
+            steps: args.steps,
+            lambda: args.lambda,
+            learning_rate: args.learning_rate,
+            seed: args.seed,
+            batch_size: args.batch_size,
+            checkpoint: args.checkpoint.clone(),
+            checkpoint_every: args.checkpoint_every,
+            resume: args.resume,
+            ..Default::default()
+        },
+        plan_out: args.out.clone(),
+        export: args.export.clone().map(|folder| (folder, args.export_format)),
     };
-    if matches!(args.method, Method::Disp | Method::DispDirect) && args.steps == 0 {
-        anyhow::bail!("--steps must be at least 1");
+    request.check()?;
+    let device = select_device(device)?;
+    let bar = progress_bar(if args.method.searches() { args.steps as u64 } else { 0 }, "steps", args.json || !args.method.searches());
+    let start = std::time::Instant::now();
+    let outcome = disp_train::prune(&request, &device, |report| {
+        bar.set_position(report.step as u64);
+        bar.set_message(format!("CE {:.3}  reg {:.3}  removed {:.1}%", report.lm_loss, report.regulariser, 100.0 * report.achieved_ratio));
+    })?;
+    bar.finish_and_clear();
+    if args.json {
+        println!("{}", prune_json(&request, &outcome, start.elapsed().as_secs_f64()));
+        return Ok(());
     }
-    if args.method.uses_activation_statistics() && args.calibration_windows == 0 {
-        anyhow::bail!("--calibration-windows must be at least 1");
-    }
-    let model = load(device, &ModelArgs { model: args.model.clone(), plan: None })?;
-    if args.method == Method::Wanda24 {
-        let tokenizer = TextTokenizer::load(&args.model)?;
-        let windows = evenly_spaced(calibration_windows(&tokenizer, &args.data, args.seq_len)?, args.calibration_windows);
-        let (sparse, report) = prune_two_of_four(model, &windows)?;
+    if let Some(report) = &outcome.sparsity {
         println!(
-            "wanda-2:4: zeroed {} of {} block linear weights ({:.2}%) using {} calibration tokens",
+            "{}: zeroed {} of {} block linear weights ({:.2}%) using {} calibration tokens",
+            args.method.name(),
             report.zeroed,
             report.total,
             100.0 * report.fraction,
             report.calibration_tokens
         );
-        let folder = args.export.as_deref().expect("checked above");
-        let provenance = serde_json::json!({
-            "method": "wanda-2:4",
-            "zeroed_block_weights": report.zeroed,
-            "block_weights": report.total,
-            "calibration_tokens": report.calibration_tokens,
-            "data": args.data.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
-        });
-        let summary = disp_export::export_modified_weights(&args.model, sparse.as_ref(), provenance, folder)?;
-        println!("wrote {} ({:.1} MB, zeros stored densely)", folder.display(), summary.weight_bytes as f64 / 1e6);
-        return Ok(());
     }
-    // Fails early, before any tokenising or training, on a ratio the model cannot reach.
-    model.model_shape().kept_block_fraction(ratio, args.ratio_of)?;
-    let plan = match args.method {
-        Method::UniformMagnitude => disp_train::uniform::uniform_magnitude_plan(model.as_ref(), ratio, args.ratio_of)?,
-        Method::Wanda24 => unreachable!("handled above: no plan"),
-        Method::WandaSp => {
-            let tokenizer = TextTokenizer::load(&args.model)?;
-            let all = calibration_windows(&tokenizer, &args.data, args.seq_len)?;
-            let available = all.len();
-            let windows = evenly_spaced(all, args.calibration_windows);
-            let mut plan = disp_train::wanda::wanda_sp_plan(model.as_ref(), &windows, ratio, args.ratio_of)?;
-            plan.search["data"] = args.data.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().into();
-            plan.search["windows_available"] = available.into();
-            plan
+    if let (Some(plan), Some(path)) = (&outcome.plan, &request.plan_out) {
+        print_plan_summary(plan);
+        println!("wrote {}", path.display());
+    }
+    if let (Some((summary, seconds)), Some((folder, _))) = (&outcome.export, &request.export) {
+        match &outcome.plan {
+            Some(plan) => export::print_export_summary(&request.model_dir, plan, folder, summary, *seconds),
+            None => println!("wrote {} ({:.1} MB, zeros stored densely)", folder.display(), summary.weight_bytes as f64 / 1e6),
         }
-        Method::Disp | Method::DispDirect => {
-            let tokenizer = TextTokenizer::load(&args.model)?;
-            let windows = calibration_windows(&tokenizer, &args.data, args.seq_len)?;
-            let cfg = disp_train::SearchConfig {
-                target_ratio: ratio,
-                ratio_of: args.ratio_of,
-                steps: args.steps,
-                lambda: args.lambda,
-                learning_rate: args.learning_rate,
-                seed: args.seed,
-                batch_size: args.batch_size,
-                checkpoint: args.checkpoint.clone(),
-                checkpoint_every: args.checkpoint_every,
-                resume: args.resume,
-                gate_source: if args.method == Method::DispDirect {
-                    disp_train::GateSource::Direct
-                } else {
-                    disp_train::GateSource::HyperNetwork
-                },
-                ..Default::default()
-            };
-            let bar = progress_bar(args.steps as u64, "steps", false);
-            let plan = disp_train::search(model.as_ref(), &windows, &cfg, |report| {
-                bar.set_position(report.step as u64);
-                bar.set_message(format!(
-                    "CE {:.3}  reg {:.3}  removed {:.1}%",
-                    report.lm_loss,
-                    report.regulariser,
-                    100.0 * report.achieved_ratio
-                ));
-            })?;
-            bar.finish_and_clear();
-            let mut plan = plan;
-            plan.search["seq_len"] = args.seq_len.into();
-            plan.search["data"] = args.data.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().into();
-            plan.search["windows"] = windows.len().into();
-            plan
-        }
-    };
-    plan.save(&plan_path)?;
-    print_plan_summary(&plan);
-    println!("wrote {}", plan_path.display());
-    if let Some(folder) = &args.export {
-        export::export_plan(&args.model, &plan, args.export_format, folder)?;
     }
     Ok(())
+}
+
+/// `disp prune --json`: what the run produced, in the fields the table driver reads.
+fn prune_json(request: &PruneRequest, outcome: &PruneOutcome, seconds: f64) -> serde_json::Value {
+    let plan = outcome.plan.as_ref();
+    serde_json::json!({
+        "method": request.method.name(),
+        "model": request.model_dir.display().to_string(),
+        "target_ratio": plan.map(|p| p.target_ratio),
+        "achieved_ratio": plan.map(|p| p.achieved_ratio),
+        "ratio_of": plan.map(|p| p.ratio_of.name()),
+        "dense_params": plan.map(|p| p.dense_params),
+        "pruned_params": plan.map(|p| p.pruned_params),
+        "removed_fraction_of_total": outcome.removed_fraction_of_total,
+        "sparsity": outcome.sparsity,
+        "plan": request.plan_out.as_ref().map(|p| p.display().to_string()),
+        "export": request.export.as_ref().map(|(folder, _)| folder.display().to_string()),
+        "seconds": seconds,
+    })
 }
 
 fn print_plan_summary(plan: &PruningPlan) {
@@ -500,20 +439,5 @@ fn print_plan_summary(plan: &PruningPlan) {
     for (i, w) in plan.widths().iter().enumerate() {
         let BlockWidths { attn_in, attn_out, mlp_in, mlp_inter, mlp_out } = *w;
         println!("{i:>5} {attn_in:>6}{attn_out:>6}{mlp_in:>6}{mlp_inter:>6}{mlp_out:>6}");
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::evenly_spaced;
-
-    #[test]
-    fn evenly_spaced_windows_cover_the_whole_range() {
-        let windows: Vec<Vec<u32>> = (0..10).map(|i| vec![i]).collect();
-        let picked: Vec<u32> = evenly_spaced(windows.clone(), 4).into_iter().map(|w| w[0]).collect();
-        assert_eq!(picked, vec![0, 3, 5, 8]);
-        assert_eq!(evenly_spaced(windows.clone(), 10), windows);
-        assert_eq!(evenly_spaced(windows.clone(), 50).len(), 10);
-        assert_eq!(evenly_spaced(windows, 1), vec![vec![0]]);
     }
 }

@@ -11,7 +11,6 @@ pub mod activations;
 pub mod baseline;
 pub mod device;
 pub mod fastmath;
-pub mod fsutil;
 pub mod params;
 pub mod plan;
 pub mod selection;
@@ -20,3 +19,6 @@ pub use device::{select_device, DeviceChoice};
 pub use params::{BlockShape, BlockWidths, MlpKind, ModelShape, RatioOf};
 pub use plan::{LayerIndices, PruningPlan};
 pub use selection::{BlockGates, BlockIndices, Selector, Site};
+
+/// Atomic files and staged folders live in the tensor-free `disp-io`; re-exported for callers.
+pub use disp_io::fsutil;

@@ -5,6 +5,7 @@ use std::time::Instant;
 
 use burn::tensor::{Int, Tensor, TensorData};
 use disp_models::CausalLm;
+use disp_io::rng::SplitMix64;
 
 #[derive(Debug, Clone)]
 pub struct GenerateOptions {
@@ -21,19 +22,6 @@ pub struct Generation {
     pub tokens: Vec<u32>,
     pub prefill_seconds: f64,
     pub decode_seconds: f64,
-}
-
-/// SplitMix64: tiny, seedable, good enough to draw one token at a time.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next_f64(&mut self) -> f64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
-    }
 }
 
 /// The greedy choice: the id of the largest logit (the first one on ties).
@@ -64,7 +52,7 @@ fn pick(logits: Vec<f32>, opts: &GenerateOptions, rng: &mut SplitMix64) -> u32 {
     }
     let kept = &probs[..keep];
     let norm: f64 = kept.iter().map(|p| p.1).sum();
-    let mut draw = rng.next_f64() * norm;
+    let mut draw = rng.unit() * norm;
     for &(i, p) in kept {
         draw -= p;
         if draw <= 0.0 {
@@ -84,7 +72,7 @@ pub fn generate(model: &dyn CausalLm, prompt: &[u32], opts: &GenerateOptions) ->
     }
     let device = model.device();
     let mut cache = model.new_cache();
-    let mut rng = SplitMix64(opts.seed);
+    let mut rng = SplitMix64::new(opts.seed);
     let vocab = model.vocab_size();
     let last_logits = |logits: Tensor<2>| -> Vec<f32> {
         logits.reshape([vocab]).into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 logits")

@@ -11,5 +11,5 @@ pub mod speed;
 
 pub use generate::{generate, GenerateOptions, Generation};
 pub use multiple_choice::{evaluate_multiple_choice, load_tasks, McExample, McReport};
-pub use perplexity::{perplexity, token_windows, PerplexityReport};
+pub use perplexity::{perplexity, read_text, token_windows, PerplexityReport};
 pub use speed::{measure_speed, SpeedReport, SpeedSettings};

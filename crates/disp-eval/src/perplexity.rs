@@ -6,7 +6,7 @@
 use std::path::Path;
 use std::time::Instant;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use burn::tensor::{Int, Tensor, TensorData};
 use disp_models::CausalLm;
 use serde::Serialize;
@@ -24,6 +24,15 @@ pub struct PerplexityReport {
     pub seconds: f64,
     /// Window tokens processed per second.
     pub tokens_per_second: f64,
+}
+
+/// A text file's contents; an unreadable, non-UTF-8 or blank file is a one-line error naming it.
+pub fn read_text(path: &Path) -> Result<String> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read text", path.display()))?;
+    if text.trim().is_empty() {
+        bail!("{}: empty text file", path.display());
+    }
+    Ok(text)
 }
 
 /// Cuts `tokens` into at most `max_windows` non-overlapping windows of `seq_len`.

@@ -14,12 +14,13 @@
 //! Everything is written into a temporary sibling folder and renamed into place when complete.
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::Path;
 
 use anyhow::{anyhow, bail, Context, Result};
-use disp_core::fsutil::StagedFolder;
+use disp_io::fsutil::StagedFolder;
+use disp_io::hf_folder::{write_json, write_weights};
 use disp_core::plan::{check_index_set, LayerIndices, PruningPlan};
 use disp_core::selection::Site;
 use disp_models::layers::Linear;
@@ -219,10 +220,7 @@ fn encode(values: &[f32], dtype: Dtype) -> Vec<u8> {
 /// Writes the weights, the config and the companion files into the staging folder; returns the
 /// weight file's size.
 fn write_folder(staged: &StagedFolder, model_dir: &Path, outputs: Vec<(String, OutputTensor)>, config: &serde_json::Value) -> Result<u64> {
-    let weights_path = staged.path().join("model.safetensors");
-    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-    safetensors::serialize_to_file(outputs, Some(metadata), &weights_path)
-        .map_err(|e| anyhow!("cannot write {}: {e}", weights_path.display()))?;
+    let weight_bytes = write_weights(staged.path(), outputs)?;
     write_json(&staged.path().join("config.json"), config)?;
     for file in COMPANION_FILES {
         let source = model_dir.join(file);
@@ -230,7 +228,7 @@ fn write_folder(staged: &StagedFolder, model_dir: &Path, outputs: Vec<(String, O
             std::fs::copy(&source, staged.path().join(file)).with_context(|| format!("{}: cannot copy", source.display()))?;
         }
     }
-    Ok(std::fs::metadata(&weights_path)?.len())
+    Ok(weight_bytes)
 }
 
 /// Checks the plan against the checkpoint's own tensors: family, layer count, and every index
@@ -276,12 +274,6 @@ pub fn source_fingerprint(config: &Path, weights: &[&Path]) -> Result<String> {
         }
     }
     Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
-}
-
-fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
-    let mut text = serde_json::to_string_pretty(value).expect("JSON values serialise");
-    text.push('\n');
-    std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
 }
 
 fn element_size(dtype: Dtype) -> Option<usize> {

@@ -7,7 +7,6 @@
 
 pub mod bpe;
 pub mod config;
-pub mod gguf;
 pub mod host_attention;
 pub mod layers;
 pub mod llama;
@@ -25,6 +24,8 @@ use disp_core::params::ModelShape;
 use disp_core::plan::{ModelIdentity, PruningPlan};
 use disp_core::selection::{BlockGates, BlockIndices, Selector};
 
+/// GGUF import lives in the tensor-free `disp-io` (so `cargo xtask fetch-assets` needs no burn).
+pub use disp_io::gguf;
 pub use config::{Family, RawConfig};
 pub use layers::KvCache;
 pub use tokenizer::TextTokenizer;

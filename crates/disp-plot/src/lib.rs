@@ -4,7 +4,7 @@
 //! Text is drawn with DejaVu Sans embedded in the binary (`assets/`, Bitstream Vera licence,
 //! registered under [`FONT`]), so a figure looks the same on a machine without system fonts.
 //! Plotters draws into an RGB buffer; the `png` crate encodes it, and the bytes go through
-//! [`disp_core::fsutil::write_atomic`], so a failed draw never leaves a partial file.
+//! [`disp_io::fsutil::write_atomic`], so a failed draw never leaves a partial file.
 
 use std::path::Path;
 
@@ -28,7 +28,7 @@ pub type DrawResult = Result<(), Box<dyn std::error::Error>>;
 /// `out` (via a temporary sibling and a rename).
 pub fn write_png(out: &Path, width: u32, height: u32, draw: impl FnOnce(&Canvas<'_>) -> DrawResult) -> Result<()> {
     let png = render_png(width, height, draw).map_err(|e| anyhow!("{}: {e}", out.display()))?;
-    disp_core::fsutil::write_atomic(out, &png)
+    disp_io::fsutil::write_atomic(out, &png)
 }
 
 /// Draws a figure and returns the encoded PNG bytes.

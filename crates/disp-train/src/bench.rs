@@ -7,7 +7,7 @@ use disp_core::params::RatioOf;
 use disp_models::CausalLm;
 use serde::Serialize;
 
-use crate::rng::{Purpose, SplitMix64};
+use crate::rng::Purpose;
 use crate::search::{Searcher, StepTimes};
 use crate::SearchConfig;
 
@@ -29,7 +29,7 @@ pub struct BenchReport {
 /// tokens on `model`.
 pub fn bench_step(model: &dyn CausalLm, seq_len: usize, steps: usize, seed: u64) -> Result<BenchReport> {
     anyhow::ensure!(steps >= 1, "benchmark needs at least one timed step");
-    let mut rng = SplitMix64::stream(seed, Purpose::Bench, 0);
+    let mut rng = crate::rng::stream(seed, Purpose::Bench, 0);
     let vocab = model.vocab_size();
     let windows: Vec<Vec<u32>> = (0..=steps).map(|_| (0..seq_len).map(|_| rng.below(vocab) as u32).collect()).collect();
     let cfg = SearchConfig {

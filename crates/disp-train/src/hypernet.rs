@@ -78,7 +78,7 @@ impl HyperNet {
                 .map(|&w| Param::from_tensor(Tensor::zeros([shape.layers, feature, w], device)))
                 .collect(),
         };
-        net.map(&mut SeededInit { rng: SplitMix64::stream(seed, Purpose::Init, 0), path: Vec::new() })
+        net.map(&mut SeededInit { rng: crate::rng::stream(seed, Purpose::Init, 0), path: Vec::new() })
     }
 
     /// Logits per site, `[layers, width_s]`, for the fixed `inputs` `[1, 5·layers, INPUT_WIDTH]`.
@@ -99,7 +99,7 @@ impl HyperNet {
 /// The hypernetwork's fixed inputs `[1, 5·layers, INPUT_WIDTH]`, standard normal, drawn from
 /// `seed`; they are not trained.
 pub fn fixed_inputs(shape: HyperNetShape, seed: u64, device: &Device) -> Tensor<3> {
-    let mut rng = SplitMix64::stream(seed, Purpose::Inputs, 0);
+    let mut rng = crate::rng::stream(seed, Purpose::Inputs, 0);
     let n = shape.positions() * INPUT_WIDTH;
     let values: Vec<f32> = (0..n).map(|_| rng.normal() as f32).collect();
     Tensor::from_data(TensorData::new(values, [1, shape.positions(), INPUT_WIDTH]), device)

@@ -19,6 +19,7 @@ pub mod hypernet;
 pub mod loss;
 pub mod masks;
 pub mod pretrain;
+pub mod prune;
 pub mod rng;
 pub mod search;
 pub mod uniform;
@@ -35,6 +36,7 @@ pub use bench::{bench_step, BenchReport};
 pub use generator::{DirectLogits, GateGenerator, GateSource};
 pub use hypernet::{HyperNet, HyperNetShape};
 pub use masks::{calibrate, final_indices, Calibration, GateScores};
+pub use prune::{prune, Method, PruneOutcome, PruneRequest};
 pub use search::Searcher;
 
 /// Settings of one search. [`Default`] holds the paper's values.

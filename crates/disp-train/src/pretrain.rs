@@ -26,7 +26,8 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::loss::lm_loss;
-use crate::rng::{Purpose, ShuffledBatches, SplitMix64};
+use crate::rng::{Purpose, ShuffledBatches};
+use disp_io::hf_folder::{write_json, write_weights};
 
 /// The transformers release whose `config.json` layout [`hf_config`] reproduces.
 pub const TRANSFORMERS_VERSION: &str = "5.24.0";
@@ -435,9 +436,8 @@ impl Pretrainer {
                 Ok((name.clone(), view))
             })
             .collect::<Result<Vec<_>>>()?;
-        let path = dir.join("model.safetensors");
-        let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-        safetensors::serialize_to_file(views, Some(metadata), &path).map_err(|e| anyhow!("{}: cannot write: {e}", path.display()))
+        write_weights(dir, views)?;
+        Ok(())
     }
 }
 
@@ -448,7 +448,7 @@ fn initial_tensor(name: &str, shape: &[usize], index: usize, cfg: &PretrainConfi
         Init::Zeros => vec![0.0; n],
         Init::Ones => vec![1.0; n],
         Init::Normal => {
-            let mut rng = SplitMix64::stream(cfg.seed, Purpose::PretrainInit, index as u64);
+            let mut rng = crate::rng::stream(cfg.seed, Purpose::PretrainInit, index as u64);
             (0..n).map(|_| (rng.normal() * cfg.init_std) as f32).collect()
         }
     };
@@ -469,12 +469,6 @@ fn clip_global_norm(grads: &mut GradientsParams, params: &FlatParameters, max_no
         grads.register(id, if scale < 1.0 { g.mul_scalar(scale) } else { g });
     }
     norm
-}
-
-fn write_json(path: &Path, value: &Value) -> Result<()> {
-    let mut text = serde_json::to_string_pretty(value).expect("JSON values always serialise");
-    text.push('\n');
-    std::fs::write(path, text).map_err(|e| anyhow!("{}: cannot write: {e}", path.display()))
 }
 
 #[cfg(test)]

@@ -17,7 +17,7 @@ use crate::loss::{lm_loss, LmLoss};
 use crate::generator::{GateGenerator, GateSource};
 use crate::hypernet::{HyperNet, HyperNetShape};
 use crate::masks::{calibrate, GateScores};
-use crate::rng::{mix64, Purpose, ShuffledBatches, SplitMix64};
+use crate::rng::{mix64, Purpose, ShuffledBatches};
 use crate::{SearchConfig, StepReport};
 
 /// The differentiable losses of one step, before `backward`.
@@ -181,7 +181,7 @@ impl<'a> Searcher<'a> {
     /// The gates of (1-based) step `step`, with the step's own noise.
     pub fn sample_gates(&self, step: usize) -> SampledGates {
         let logits = self.generator.logits();
-        let mut rng = SplitMix64::stream(self.cfg.seed, Purpose::Noise, step as u64);
+        let mut rng = crate::rng::stream(self.cfg.seed, Purpose::Noise, step as u64);
         let noise = gates::logistic_noise(&mut rng, self.net_shape.layers, self.net_shape.widths);
         gates::sample(logits, noise, self.cfg.offset, self.cfg.temperature)
     }

@@ -1,7 +1,7 @@
 //! A small GGUF writer, mainly for tests that need tiny model files.
 //!
 //! ```no_run
-//! use disp_models::gguf::{writer::GgufWriter, GgmlType};
+//! use disp_io::gguf::{writer::GgufWriter, GgmlType};
 //! let mut w = GgufWriter::new();
 //! w.metadata("general.architecture", "llama");
 //! // ne is innermost first: 64 columns (inputs), 32 rows (outputs).

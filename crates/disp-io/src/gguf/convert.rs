@@ -1,13 +1,14 @@
 //! GGUF (llama architecture) -> Hugging Face `LlamaForCausalLM` folder.
 use std::borrow::Cow;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::Path;
 
-use anyhow::{anyhow, bail, ensure, Context, Result};
+use anyhow::{anyhow, bail, ensure, Result};
 use safetensors::{Dtype, View};
 use serde_json::{json, Value};
 
-use disp_core::fsutil::StagedFolder;
+use crate::fsutil::StagedFolder;
+use crate::hf_folder::{write_json, write_weights};
 
 use super::format::{GgmlType, MetadataValue};
 use super::quant::dequantize;
@@ -69,19 +70,13 @@ fn convert(gguf_path: &Path, out_dir: &Path) -> Result<ConvertSummary> {
     tokenizers::Tokenizer::from_file(&tokenizer_path)
         .map_err(|e| anyhow!("the written tokenizer.json does not load: {e}"))?;
 
-    let safetensors_path = staging.path().join("model.safetensors");
     let tensors: Vec<(String, OutputTensor<'_>)> = plan
         .tensors
         .iter()
         .map(|t| (t.hf_name.clone(), OutputTensor::new(&gguf, t)))
         .collect();
     let parameters = plan.tensors.iter().map(|t| t.element_count() as u64).sum();
-    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-    safetensors::serialize_to_file(tensors, Some(metadata), &safetensors_path)
-        .map_err(|e| anyhow!("cannot write model.safetensors: {e}"))?;
-    let safetensors_bytes = std::fs::metadata(&safetensors_path)
-        .context("cannot stat model.safetensors")?
-        .len();
+    let safetensors_bytes = write_weights(staging.path(), tensors)?;
 
     staging.publish()?;
     Ok(ConvertSummary {
@@ -93,12 +88,6 @@ fn convert(gguf_path: &Path, out_dir: &Path) -> Result<ConvertSummary> {
         tie_word_embeddings: plan.config.tie_word_embeddings,
         safetensors_bytes,
     })
-}
-
-fn write_json(path: &Path, value: &Value) -> Result<()> {
-    let mut text = serde_json::to_string_pretty(value).expect("JSON values always serialise");
-    text.push('\n');
-    std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// The HF config values taken from `llama.*` metadata.
