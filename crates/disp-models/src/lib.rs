@@ -6,6 +6,7 @@
 //! `index_select`/`index_add` against the full-width residual).
 
 pub mod bpe;
+pub mod chat;
 pub mod config;
 pub mod gguf;
 pub mod host_attention;
