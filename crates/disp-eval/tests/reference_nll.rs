@@ -96,18 +96,26 @@ fn smollm2_perplexity_on_persuasion_matches_transformers() {
 
     let model = disp_models::load_model(&model_dir, &Device::flex()).unwrap();
     let sums = floats(&expected["window_nll_sums"]);
+    let mut total = 0.0;
     for (i, (window, &reference_sum)) in windows.iter().zip(&sums).enumerate() {
         let ours = window_nll(model.as_ref(), std::slice::from_ref(window));
         // disp and transformers differ by ~1e-5 relative (accumulation order in f32); a wrong
         // detail of the model (a norm epsilon, RoPE, a dequantised scale) moves a window's sum
         // by far more than 1e-4 of it.
         assert!((ours - reference_sum).abs() <= 1e-4 * reference_sum, "window {i}: {ours} vs transformers {reference_sum}");
+        total += ours;
     }
-    let report = perplexity(model.as_ref(), &windows, tokens.len(), |_| {}).unwrap();
+    let predicted = expected["predicted_tokens"].as_u64().unwrap() as usize;
+    assert_eq!(predicted, windows.len() * (seq_len - 1));
+    let ours = (total / predicted as f64).exp();
     let reference_ppl = expected["perplexity"].as_f64().unwrap();
-    println!("SmolLM2 perplexity on Persuasion: disp {:.4}, transformers {reference_ppl:.4}", report.perplexity);
-    assert_eq!(report.predicted_tokens as u64, expected["predicted_tokens"].as_u64().unwrap());
-    // Measured: 36.6214 vs 36.6211 (8e-6 relative); 1e-4 of the perplexity is 1e-4 of a nat in
-    // mean NLL.
-    assert!((report.perplexity - reference_ppl).abs() <= 1e-4 * reference_ppl, "disp {} vs transformers {reference_ppl}", report.perplexity);
+    println!("SmolLM2 perplexity on Persuasion: disp {ours:.6}, transformers {reference_ppl:.6}, relative difference {:.1e}", (ours - reference_ppl).abs() / reference_ppl);
+    // Measured: 36.6214 for both; 1e-4 of the perplexity is 1e-4 of a nat in mean NLL.
+    assert!((ours - reference_ppl).abs() <= 1e-4 * reference_ppl, "disp {ours} vs transformers {reference_ppl}");
+
+    // `perplexity` (what `disp eval ppl` prints) aggregates the same sums; two windows suffice.
+    let report = perplexity(model.as_ref(), &windows[..2], tokens.len(), |_| {}).unwrap();
+    let two = ((sums[0] + sums[1]) / (2 * (seq_len - 1)) as f64).exp();
+    assert_eq!((report.windows, report.predicted_tokens, report.file_tokens), (2, 2 * (seq_len - 1), tokens.len()));
+    assert!((report.perplexity - two).abs() <= 1e-4 * two, "perplexity() {} vs transformers {two}", report.perplexity);
 }
