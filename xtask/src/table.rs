@@ -661,7 +661,7 @@ mod tests {
             }
             let digits: Vec<char> = plain.chars().collect();
             digits.iter().enumerate().fold(String::new(), |mut out, (i, c)| {
-                if i > 0 && (digits.len() - i) % 3 == 0 {
+                if i > 0 && (digits.len() - i).is_multiple_of(3) {
                     out.push(',');
                 }
                 out.push(*c);
