@@ -147,6 +147,11 @@ fn sampling_flags_reach_the_sampler() {
     for seed in ["0", "7"] {
         assert_eq!(run(&["--temperature", "1.5", "--top-p", "1e-9", "--seed", seed]), byte_text(&greedy));
     }
+    // A temperature of 1e-4 over the whole vocabulary: the top-2 margins (≥ 0.027) become ≥ 270
+    // nats, so the argmax again; at temperature 1 the same seeds give other texts.
+    for seed in ["0", "7"] {
+        assert_eq!(run(&["--temperature", "1e-4", "--top-p", "1", "--seed", seed]), byte_text(&greedy));
+    }
     // The full distribution: the seed decides, the same seed the same text.
     let sampled: Vec<String> = (0..4).map(|seed| run(&["--temperature", "1", "--top-p", "1", "--seed", &seed.to_string()])).collect();
     assert_eq!(sampled[2], run(&["--temperature", "1", "--top-p", "1", "--seed", "2"]));
