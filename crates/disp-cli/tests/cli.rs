@@ -91,28 +91,99 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
-#[test]
-fn eval_ppl_runs_and_reports_json() {
-    let (tmp, model) = model_copy("llama_gqa_tied");
-    let text = text_file(tmp.path(), 2000);
-    let out = disp(&["eval", "ppl", "--model", s(&model), "--text", s(&text), "--seq-len", "64", "--max-windows", "3", "--json"]);
-    assert_eq!(out.code, 0, "{}", out.stderr);
-    let json: serde_json::Value = serde_json::from_str(out.stdout.trim()).expect("one JSON object");
-    assert_eq!(json["windows"], 3);
-    assert_eq!(json["predicted_tokens"], 3 * 63);
-    let ppl = json["perplexity"].as_f64().unwrap();
-    // A random model over 256 bytes is roughly uniform: perplexity near the vocab size, far
-    // from 1 and finite.
-    assert!(ppl > 20.0 && ppl < 5000.0, "perplexity {ppl}");
+fn read_json(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
 #[test]
-fn generate_is_deterministic_when_greedy() {
+fn eval_ppl_reports_transformers_perplexity_as_json() {
+    // transformers' perplexity of the same fixture, text and windows (make_eval_reference.py).
+    let reference = read_json(&fixture("eval_reference/cli_ppl.json"));
+    let (tmp, model) = model_copy(reference["fixture"].as_str().unwrap());
+    let text = text_file(tmp.path(), reference["text_bytes"].as_u64().unwrap() as usize);
+    let out = disp(&["eval", "ppl", "--model", s(&model), "--text", s(&text), "--seq-len", "64", "--max-windows", "3", "--json"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let json: serde_json::Value = serde_json::from_str(out.stdout.trim()).expect("one JSON object");
+    assert_eq!(json["windows"], reference["windows"]);
+    assert_eq!(json["predicted_tokens"], reference["predicted_tokens"]);
+    let (ppl, expected) = (json["perplexity"].as_f64().unwrap(), reference["perplexity"].as_f64().unwrap());
+    // disp's logits match transformers' to 1e-4 on the fixtures; the mean NLL then to ~1e-5.
+    assert!((ppl - expected).abs() <= 1e-4 * expected, "perplexity {ppl}, transformers {expected}");
+}
+
+/// What `disp generate` prints for `ids` with the byte tokenizer: the bytes, invalid UTF-8
+/// replaced as the byte-level decoder does.
+fn byte_text(ids: &[u64]) -> String {
+    String::from_utf8_lossy(&ids.iter().map(|&b| b as u8).collect::<Vec<u8>>()).into_owned() + "\n"
+}
+
+#[test]
+fn greedy_generation_prints_transformers_argmax_continuation() {
+    let reference = read_json(&fixture("eval_reference/greedy.json"));
+    let (_tmp, model) = model_copy(reference["fixture"].as_str().unwrap());
+    let prompt = reference["prompt"].as_str().unwrap();
+    let expected: Vec<u64> = reference["greedy_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+    let eos = reference["eos_token_id"].as_u64().unwrap();
+    assert!(!expected.contains(&eos), "the reference continuation does not stop early");
+    let out = disp(&["generate", "--model", s(&model), "--prompt", prompt, "--max-tokens", "12"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(out.stdout, byte_text(&expected));
+    let short = disp(&["generate", "--model", s(&model), "--prompt", prompt, "--max-tokens", "5"]);
+    assert_eq!(short.stdout, byte_text(&expected[..5]));
+}
+
+#[test]
+fn sampling_flags_reach_the_sampler() {
+    let reference = read_json(&fixture("eval_reference/greedy.json"));
+    let (_tmp, model) = model_copy(reference["fixture"].as_str().unwrap());
+    let prompt = reference["prompt"].as_str().unwrap();
+    let greedy: Vec<u64> = reference["greedy_ids"].as_array().unwrap().iter().take(6).map(|v| v.as_u64().unwrap()).collect();
+    let run = |extra: &[&str]| {
+        let out = disp(&[&["generate", "--model", s(&model), "--prompt", prompt, "--max-tokens", "6"][..], extra].concat());
+        assert_eq!(out.code, 0, "{}", out.stderr);
+        out.stdout
+    };
+    // A nucleus of one token is the argmax, whatever the temperature and seed.
+    for seed in ["0", "7"] {
+        assert_eq!(run(&["--temperature", "1.5", "--top-p", "1e-9", "--seed", seed]), byte_text(&greedy));
+    }
+    // A temperature of 1e-4 over the whole vocabulary: the top-2 margins (≥ 0.027) become ≥ 270
+    // nats, so the argmax again; at temperature 1 the same seeds give other texts.
+    for seed in ["0", "7"] {
+        assert_eq!(run(&["--temperature", "1e-4", "--top-p", "1", "--seed", seed]), byte_text(&greedy));
+    }
+    // The full distribution: the seed decides, the same seed the same text.
+    let sampled: Vec<String> = (0..4).map(|seed| run(&["--temperature", "1", "--top-p", "1", "--seed", &seed.to_string()])).collect();
+    assert_eq!(sampled[2], run(&["--temperature", "1", "--top-p", "1", "--seed", "2"]));
+    assert!(sampled.iter().any(|t| *t != sampled[0]), "four seeds, one text: {sampled:?}");
+    assert!(sampled.iter().all(|t| *t != byte_text(&greedy)), "sampling at temperature 1 repeated the greedy text: {sampled:?}");
+}
+
+#[test]
+fn chat_renders_the_model_template_then_generates() {
+    // SmolLM2's template as transformers read it from the GGUF, and its rendering of one user turn.
+    let chat = read_json(&fixture("smollm2/chat.json"));
+    let conversation = &chat["conversations"][0];
+    let question = conversation["messages"][0]["content"].as_str().unwrap();
+    let rendered = conversation["rendered"].as_str().unwrap();
     let (_tmp, model) = model_copy("llama_mha_untied");
-    let args = ["generate", "--model", s(&model), "--prompt", "Emma Woodhouse", "--max-tokens", "8"];
-    let first = disp(&args);
-    assert_eq!(first.code, 0, "{}", first.stderr);
-    assert_eq!(first.stdout, disp(&args).stdout);
+    let no_template = disp(&["generate", "--model", s(&model), "--prompt", question, "--chat"]);
+    assert_one_line_error(&no_template, &["has no chat template"]);
+    std::fs::write(model.join("tokenizer_config.json"), serde_json::json!({"chat_template": chat["chat_template"]}).to_string()).unwrap();
+    // The rendered prompt is 150 bytes, past the fixture's 128 positions; default RoPE computes
+    // the same function at any length, so only the limit is raised.
+    let config = model.join("config.json");
+    let mut json = read_json(&config);
+    json["max_position_embeddings"] = 512.into();
+    std::fs::write(&config, json.to_string()).unwrap();
+    let run = |args: &[&str]| {
+        let out = disp(&[&["generate", "--model", s(&model), "--max-tokens", "6"][..], args].concat());
+        assert_eq!(out.code, 0, "{}", out.stderr);
+        out.stdout
+    };
+    let with_chat = run(&["--prompt", question, "--chat"]);
+    assert_eq!(with_chat, run(&["--prompt", rendered]), "--chat generates from transformers' rendering");
+    assert_ne!(with_chat, run(&["--prompt", question]));
 }
 
 #[test]
@@ -181,11 +252,22 @@ fn empty_or_short_text_is_reported() {
 }
 
 #[test]
-fn device_without_its_feature_is_an_error() {
-    let (_tmp, model) = model_copy("llama_gqa_tied");
-    let out = disp(&["--device", "cuda", "generate", "--model", s(&model), "--prompt", "x"]);
-    if cfg!(not(feature = "cuda")) {
-        assert_one_line_error(&out, &["device 'cuda' is not compiled into this build"]);
+fn each_device_runs_when_compiled_in_and_is_a_one_line_error_otherwise() {
+    let (_tmp, model) = model_copy("llama_mha_untied");
+    let run = |device: &str| disp(&["--device", device, "generate", "--model", s(&model), "--prompt", "Emma Woodhouse", "--max-tokens", "4"]);
+    let cpu = run("cpu");
+    assert_eq!(cpu.code, 0, "{}", cpu.stderr);
+    for (device, compiled_in) in [("cuda", cfg!(feature = "cuda")), ("wgpu", cfg!(feature = "wgpu"))] {
+        let out = run(device);
+        if compiled_in {
+            // The top-2 logit margins of these 4 steps are at least 0.039 (greedy.json): GPU rounding
+            // cannot change the text.
+            assert_eq!(out.code, 0, "{device}: {}", out.stderr);
+            assert_eq!(out.stdout, cpu.stdout, "{device} and cpu generate the same text");
+        } else {
+            assert_one_line_error(&out, &[&format!("device '{device}' is not compiled into this build"), &format!("--features {device}")]);
+            assert!(out.stdout.is_empty());
+        }
     }
 }
 
@@ -210,7 +292,7 @@ fn prune_then_evaluate_the_plan() {
     assert_eq!(out.code, 0, "{}", out.stderr);
     let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&uniform).unwrap()).unwrap();
     let achieved = json["achieved_ratio"].as_f64().unwrap();
-    assert!((achieved - 0.2).abs() < 0.05, "uniform plan removed {achieved}");
+    assert!((achieved - 0.2).abs() <= 0.005, "uniform plan removed {achieved} of the total, target 0.2");
 }
 
 #[test]

@@ -34,9 +34,16 @@ fn pick(logits: Vec<f32>, opts: &GenerateOptions, rng: &mut SplitMix64) -> u32 {
     if opts.temperature <= 0.0 {
         return greedy(&logits);
     }
+    sample_token(&logits, opts.temperature, opts.top_p, rng.unit())
+}
+
+/// The token that `uniform` (in [0, 1)) selects from the softmax of `logits / temperature`
+/// truncated to its nucleus, the smallest set of most likely tokens whose mass reaches `top_p`
+/// (transformers' temperature then top-p warpers); `temperature` must be positive.
+pub fn sample_token(logits: &[f32], temperature: f64, top_p: f64, uniform: f64) -> u32 {
     let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
     let mut probs: Vec<(usize, f64)> =
-        logits.iter().enumerate().map(|(i, &v)| (i, ((v as f64 - max) / opts.temperature).exp())).collect();
+        logits.iter().enumerate().map(|(i, &v)| (i, ((v as f64 - max) / temperature).exp())).collect();
     let total: f64 = probs.iter().map(|p| p.1).sum();
     probs.iter_mut().for_each(|p| p.1 /= total);
     probs.sort_by(|a, b| b.1.total_cmp(&a.1));
@@ -45,14 +52,14 @@ fn pick(logits: Vec<f32>, opts: &GenerateOptions, rng: &mut SplitMix64) -> u32 {
     let mut keep = probs.len();
     for (i, p) in probs.iter().enumerate() {
         mass += p.1;
-        if mass >= opts.top_p {
+        if mass >= top_p {
             keep = i + 1;
             break;
         }
     }
     let kept = &probs[..keep];
     let norm: f64 = kept.iter().map(|p| p.1).sum();
-    let mut draw = rng.unit() * norm;
+    let mut draw = uniform * norm;
     for &(i, p) in kept {
         draw -= p;
         if draw <= 0.0 {

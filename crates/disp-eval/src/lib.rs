@@ -9,7 +9,7 @@ pub mod multiple_choice;
 pub mod perplexity;
 pub mod speed;
 
-pub use generate::{generate, GenerateOptions, Generation};
+pub use generate::{generate, sample_token, GenerateOptions, Generation};
 pub use multiple_choice::{evaluate_multiple_choice, load_tasks, McExample, McReport};
 pub use perplexity::{perplexity, read_text, token_windows, PerplexityReport};
 pub use speed::{measure_speed, SpeedReport, SpeedSettings};

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use disp_eval::multiple_choice::{accuracy, encode_pair, load_tasks, score_continuations, score_continuations_with, score_example, ScoredExample};
+use disp_eval::multiple_choice::{encode_pair, load_tasks, score_continuations, score_continuations_with, score_example};
 use disp_eval::perplexity::sequence_nll;
 use disp_eval::{evaluate_multiple_choice, McExample};
 use disp_models::{CausalLm, TextTokenizer};
@@ -186,23 +186,32 @@ fn evaluation_judges_the_scores_it_computes() {
     assert_eq!(progress, (1..=16).collect::<Vec<_>>());
     assert_eq!((report.task.as_str(), report.examples), ("weather", 16));
 
-    // Each example's scores match the independent computation, and the report judges exactly
-    // those scores.
-    let scored: Vec<ScoredExample> = examples.iter().map(|example| score_example(model.as_ref(), &tokenizer, example).unwrap()).collect();
-    for (example, scored) in examples.iter().zip(&scored) {
+    // Each example's scores match the independent computation, and the report's accuracies are
+    // what those independent scores give: argmax of the log-likelihood (acc) and of the
+    // log-likelihood per byte of the choice (acc_norm), first choice on ties; standard error of
+    // a mean of 0/1 outcomes with the n − 1 sample deviation, sqrt(p (1 − p) / (n − 1)).
+    let (mut hits, mut norm_hits) = (0usize, 0usize);
+    for example in &examples {
+        let scored = score_example(model.as_ref(), &tokenizer, example).unwrap();
         assert_eq!(scored.gold, example.gold);
         assert_eq!(scored.choice_bytes, example.choices.iter().map(String::len).collect::<Vec<_>>());
+        let mut independent = Vec::new();
         for (choice, score) in example.choices.iter().zip(&scored.log_likelihoods) {
             let (context, continuation) = encode_pair(|t| tokenizer.encode(t), &example.context, choice).unwrap();
             let expected = independent_score(model.as_ref(), &context, &continuation);
             assert!(close(*score, expected), "{:?} + {choice:?}: {score} vs {expected}", example.context);
+            independent.push((expected, expected / choice.len() as f64));
         }
+        let best = |key: fn(&(f64, f64)) -> f64| (0..independent.len()).fold(0, |b, i| if key(&independent[i]) > key(&independent[b]) { i } else { b });
+        hits += usize::from(best(|s| s.0) == example.gold);
+        norm_hits += usize::from(best(|s| s.1) == example.gold);
     }
-    let expected = accuracy(&scored);
-    assert_eq!(report.acc, expected.acc);
-    assert_eq!(report.acc_norm, expected.acc_norm);
-    assert_eq!(report.acc_stderr, expected.acc_stderr);
-    assert!((0.0..=1.0).contains(&report.acc) && (0.0..=1.0).contains(&report.acc_norm));
+    let n = examples.len() as f64;
+    let stderr = |p: f64| (p * (1.0 - p) / (n - 1.0)).sqrt();
+    let (acc, acc_norm) = (hits as f64 / n, norm_hits as f64 / n);
+    assert_eq!((report.acc, report.acc_norm), (acc, acc_norm));
+    assert!((report.acc_stderr - stderr(acc)).abs() < 1e-12, "{} vs {}", report.acc_stderr, stderr(acc));
+    assert!((report.acc_norm_stderr - stderr(acc_norm)).abs() < 1e-12);
     let _ = std::fs::remove_dir_all(dir);
 }
 

@@ -55,7 +55,31 @@ fn pruned_export_reloads_to_the_same_function_and_is_smaller_by_the_removed_para
         let back = read_plan(&out).unwrap().expect("a pruned folder has a plan");
         assert_eq!(back.layers, plan.layers, "{name}");
         assert_eq!(back.model.fingerprint.as_deref(), Some(summary.source_fingerprint.as_str()));
-        assert!(out.join("tokenizer.json").is_file() || !fixture(name).join("tokenizer.json").is_file());
+        let companion = |dir: &Path| std::fs::read(dir.join("generation_config.json")).unwrap();
+        assert_eq!(companion(&out), companion(&fixture(name)), "{name}: generation_config.json copied as is");
+    }
+}
+
+#[test]
+fn both_formats_copy_the_tokenizer_files_byte_for_byte() {
+    // The fixtures have no tokenizer: give a copy of one the byte tokenizer and a chat template.
+    let tmp = tempfile::tempdir().unwrap();
+    let source = tmp.path().join("source");
+    std::fs::create_dir(&source).unwrap();
+    for entry in std::fs::read_dir(fixture("llama_gqa_tied")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), source.join(entry.file_name())).unwrap();
+    }
+    std::fs::copy(fixture("byte_tokenizer.json"), source.join("tokenizer.json")).unwrap();
+    std::fs::write(source.join("chat_template.jinja"), "{% for m in messages %}{{ m['content'] }}{% endfor %}").unwrap();
+    let (model, _) = load("llama_gqa_tied");
+    let plan = random_plan(model.as_ref(), 3);
+    for (format, folder) in [(ExportFormat::Pruned, "pruned"), (ExportFormat::DenseEquivalent, "dense")] {
+        let out = tmp.path().join(folder);
+        export(&source, &plan, format, &out).unwrap();
+        for file in ["tokenizer.json", "chat_template.jinja", "generation_config.json"] {
+            assert_eq!(std::fs::read(out.join(file)).unwrap(), std::fs::read(source.join(file)).unwrap(), "{folder}: {file}");
+        }
     }
 }
 

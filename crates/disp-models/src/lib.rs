@@ -1,11 +1,12 @@
 //! `disp-models` holds the model families `disp` prunes — LLaMA (incl. grouped-query attention),
 //! OPT and Phi — written against burn's device-agnostic tensors, loaded from Hugging Face
-//! folders (`config.json`, safetensors, `tokenizer.json`) or converted from GGUF. Every family
+//! folders (`config.json`, safetensors, `tokenizer.json`, the chat template) or converted from GGUF. Every family
 //! implements [`CausalLm`], whose forward pass runs dense, masked (gates from `disp-core` multiply
 //! the block's index sets; used during the search) or pruned (weights cut to the index sets,
 //! `index_select`/`index_add` against the full-width residual).
 
 pub mod bpe;
+pub mod chat;
 pub mod config;
 pub mod host_attention;
 pub mod layers;
