@@ -364,8 +364,6 @@ fn describe_count(count: ParamCount) -> String {
     format!("{} -> {} ({:.2}% kept)", thousands(count.before), thousands(count.after), 100.0 * count.kept_fraction())
 }
 
-/// `1234567` as `1,234,567`.
-
 /// The index sets over the embedding dimension d: S1 and S3 read it, S2 and S5 write it (S4
 /// indexes the MLP intermediate width instead).
 const EMBEDDING_SITES: [Site; 4] = [Site::AttnIn, Site::AttnOut, Site::MlpIn, Site::MlpOut];
