@@ -12,6 +12,7 @@ pub mod baseline;
 pub mod device;
 pub mod fastmath;
 pub mod fsutil;
+pub mod memory;
 pub mod params;
 pub mod plan;
 pub mod selection;
