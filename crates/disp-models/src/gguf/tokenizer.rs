@@ -1,5 +1,7 @@
 //! Rebuilds a Hugging Face `tokenizer.json` / `tokenizer_config.json` pair from the
 //! `tokenizer.*` metadata of a GGUF file (byte-level BPE, `tokenizer.ggml.model = gpt2`).
+// Reads untrusted input: no panicking shortcuts (issue 12).
+#![warn(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 use std::collections::HashSet;
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
@@ -206,6 +208,8 @@ pub(crate) fn build_tokenizer(
         tracing::warn!("{duplicates} duplicated GGUF tokens keep only their first id");
     }
 
+    check_bpe_merges(|token| vocab.contains_key(token), merges.iter().map(|(a, b)| (a.as_str(), b.as_str())), "")
+        .map_err(|e| anyhow!("tokenizer.ggml.merges: {e}"))?;
     let mut bpe = BPE::builder()
         .vocab_and_merges(vocab, merges)
         .byte_fallback(false)
@@ -312,6 +316,30 @@ pub(crate) fn build_tokenizer(
         eos_token_id: eos,
         pad_token_id: pad,
     })
+}
+
+/// Checks what the `tokenizers` BPE builder assumes but does not check (it panics instead): both
+/// parts of every merge and the token they make are in the vocabulary, and the second part starts
+/// with the continuing-subword `prefix`.
+pub fn check_bpe_merges<'a>(
+    in_vocab: impl Fn(&str) -> bool,
+    merges: impl Iterator<Item = (&'a str, &'a str)>,
+    prefix: &str,
+) -> Result<()> {
+    for (i, (a, b)) in merges.enumerate() {
+        for part in [a, b] {
+            ensure!(in_vocab(part), "merge #{i} {a:?} + {b:?}: {part:?} is not in the vocabulary");
+        }
+        let Some(rest) = b.strip_prefix(prefix) else {
+            bail!("merge #{i} {a:?} + {b:?}: {b:?} does not start with the subword prefix {prefix:?}");
+        };
+        let merged = format!("{a}{rest}");
+        ensure!(
+            in_vocab(&merged),
+            "merge #{i} {a:?} + {b:?} makes {merged:?}, which is not in the vocabulary"
+        );
+    }
+    Ok(())
 }
 
 /// `<bos> $A <eos>` style post-processing for GGUFs that ask for BOS/EOS to be added.
