@@ -2,8 +2,9 @@
 //! arguments, picks the device, and prints results; the work happens in `disp-models`,
 //! `disp-eval`, `disp-train` and `disp-core`.
 
-mod eval_mc;
 mod bench;
+mod checks;
+mod eval_mc;
 mod export;
 mod inspect;
 
@@ -121,7 +122,7 @@ struct PruneArgs {
     model: PathBuf,
     /// Fraction of parameters to remove, strictly between 0 and 1 (wanda-2:4 always zeroes half
     /// of the block weights and takes none).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     ratio: Option<f64>,
     /// What the ratio is a fraction of: total (the paper's convention) or blocks.
     #[arg(long, default_value = "total")]
@@ -144,12 +145,12 @@ struct PruneArgs {
     #[arg(long, default_value_t = 1)]
     batch_size: usize,
     /// Weight of the parameter regulariser.
-    #[arg(long, default_value_t = 6.0)]
+    #[arg(long, default_value_t = 6.0, allow_negative_numbers = true)]
     lambda: f64,
     /// AdamW learning rate of the gate generator. The paper's 1e-3 needs several hundred steps
     /// before the gates follow the target; for a short search (~100 steps) 1e-2 gets there
     /// (docs/results-smollm2.md).
-    #[arg(long, default_value_t = 1e-3)]
+    #[arg(long, default_value_t = 1e-3, allow_negative_numbers = true)]
     learning_rate: f64,
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -180,9 +181,10 @@ struct GenerateArgs {
     #[arg(long, default_value_t = 64)]
     max_tokens: usize,
     /// 0 means greedy.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     temperature: f64,
-    #[arg(long, default_value_t = 0.9)]
+    /// Nucleus sampling: the smallest set of tokens whose probability reaches this, in (0, 1].
+    #[arg(long, default_value_t = 0.9, allow_negative_numbers = true)]
     top_p: f64,
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -262,6 +264,7 @@ fn read_text(path: &Path) -> Result<String> {
 }
 
 fn eval_ppl(device: DeviceChoice, args: PplArgs) -> Result<()> {
+    checks::seq_len(args.seq_len)?;
     let tokenizer = TextTokenizer::load(&args.model.model)?;
     let text = read_text(&args.text)?;
     let tokens = tokenizer.encode(&text)?;
@@ -309,6 +312,7 @@ fn progress_bar(len: u64, unit: &str, hidden: bool) -> indicatif::ProgressBar {
 }
 
 fn generate(device: DeviceChoice, args: GenerateArgs) -> Result<()> {
+    checks::generation(args.max_tokens, args.temperature, args.top_p)?;
     let tokenizer = TextTokenizer::load(&args.model.model)?;
     let prompt = if args.chat {
         format!("<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n", args.prompt)
@@ -374,9 +378,7 @@ fn prune_two_of_four(
 /// The plan-making methods need a ratio and a plan path; wanda-2:4 needs neither.
 fn ratio_and_plan_path(args: &PruneArgs) -> Result<(f64, PathBuf)> {
     let ratio = args.ratio.ok_or_else(|| anyhow::anyhow!("--ratio is required for this method"))?;
-    if !(ratio > 0.0 && ratio < 1.0) {
-        anyhow::bail!("--ratio must be strictly between 0 and 1, got {ratio}");
-    }
+    checks::ratio(ratio)?;
     let out = args.out.clone().ok_or_else(|| anyhow::anyhow!("--out PLAN.json is required for this method"))?;
     Ok((ratio, out))
 }
@@ -399,7 +401,14 @@ fn prune(device: DeviceChoice, args: PruneArgs) -> Result<()> {
     if args.method.uses_activation_statistics() && args.calibration_windows == 0 {
         anyhow::bail!("--calibration-windows must be at least 1");
     }
+    checks::seq_len(args.seq_len)?;
+    checks::resume(args.resume, args.checkpoint.as_deref())?;
+    checks::export_folder(args.export.as_deref())?;
     let model = load(device, &ModelArgs { model: args.model.clone(), plan: None })?;
+    if matches!(args.method, Method::Disp | Method::DispDirect) {
+        disp_train::search::check_search_memory(model.as_ref(), args.batch_size, args.seq_len)
+            .map_err(|e| anyhow::anyhow!("--batch-size {}: {e:#}", args.batch_size))?;
+    }
     if args.method == Method::Wanda24 {
         let tokenizer = TextTokenizer::load(&args.model)?;
         let windows = evenly_spaced(calibration_windows(&tokenizer, &args.data, args.seq_len)?, args.calibration_windows);
