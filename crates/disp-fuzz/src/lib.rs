@@ -27,15 +27,36 @@ use mutate::{anchors_after_names, mutate, Rng};
 pub use targets::{Harness, Target};
 
 /// Input number `index` of a run with `seed`: which seed it mutates, and its bytes.
-pub fn make_input(harness: &Harness, anchors: &[Vec<usize>], seed: u64, index: u64) -> (usize, Vec<u8>) {
+pub fn make_input(
+    harness: &Harness,
+    anchors: &[Vec<usize>],
+    seed: u64,
+    index: u64,
+) -> (usize, Vec<u8>) {
     let mut rng = Rng::new(seed, index);
     let which = rng.below(harness.seeds.len());
-    let input = mutate(&mut rng, &harness.seeds[which], &harness.seeds, harness.target.is_json(), &anchors[which]);
+    let input = mutate(
+        &mut rng,
+        &harness.seeds[which],
+        &harness.seeds,
+        harness.target.is_json(),
+        &anchors[which],
+    );
     (which, input)
 }
 
 fn anchors_of(harness: &Harness) -> Vec<Vec<usize>> {
-    harness.seeds.iter().map(|s| if harness.target.is_json() { Vec::new() } else { anchors_after_names(s) }).collect()
+    harness
+        .seeds
+        .iter()
+        .map(|s| {
+            if harness.target.is_json() {
+                Vec::new()
+            } else {
+                anchors_after_names(s)
+            }
+        })
+        .collect()
 }
 
 /// Peak resident memory of this process in KiB (`VmHWM`), where the platform says.
@@ -56,7 +77,14 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
 /// The worker: runs inputs `from..from + count`, writing `case I` before each and then `ok I`,
 /// `error I [multiline]` or `panic I MESSAGE`; `rss I KIB` (and stop) when the peak RSS passes
 /// `rss_limit_kib`; `peak KIB` at the end.
-pub fn run_worker(target: Target, seed: u64, from: u64, count: u64, rss_limit_kib: u64, out: &mut impl Write) -> Result<()> {
+pub fn run_worker(
+    target: Target,
+    seed: u64,
+    from: u64,
+    count: u64,
+    rss_limit_kib: u64,
+    out: &mut impl Write,
+) -> Result<()> {
     let harness = Harness::new(target)?;
     let anchors = anchors_of(&harness);
     // Panics are counted and reported by the parent; the default hook would print each one.
@@ -68,10 +96,18 @@ pub fn run_worker(target: Target, seed: u64, from: u64, count: u64, rss_limit_ki
         match catch_unwind(AssertUnwindSafe(|| harness.run(which, &input))) {
             Ok(Ok(())) => writeln!(out, "ok {index}")?,
             Ok(Err(e)) => {
-                let multiline = if format!("{e:#}").contains('\n') { " multiline" } else { "" };
+                let multiline = if format!("{e:#}").contains('\n') {
+                    " multiline"
+                } else {
+                    ""
+                };
                 writeln!(out, "error {index}{multiline}")?
             }
-            Err(payload) => writeln!(out, "panic {index} {}", panic_message(payload.as_ref()).replace('\n', " "))?,
+            Err(payload) => writeln!(
+                out,
+                "panic {index} {}",
+                panic_message(payload.as_ref()).replace('\n', " ")
+            )?,
         }
         if let Some(rss) = peak_rss_kib().filter(|&rss| rss > rss_limit_kib) {
             writeln!(out, "rss {index} {rss}")?;
@@ -130,9 +166,19 @@ const CHUNK: u64 = 1000;
 
 /// Runs `target` through workers started from `exe` (this binary) until `budget` is spent.
 /// Failing inputs are written to `failures` as `TARGET-SEED-INDEX.bin`.
-pub fn fuzz(exe: &Path, target: Target, seed: u64, budget: Budget, rss_limit_mib: u64, failures: &Path) -> Result<Report> {
+pub fn fuzz(
+    exe: &Path,
+    target: Target,
+    seed: u64,
+    budget: Budget,
+    rss_limit_mib: u64,
+    failures: &Path,
+) -> Result<Report> {
     let start = Instant::now();
-    let mut report = Report { target: target.name().into(), ..Default::default() };
+    let mut report = Report {
+        target: target.name().into(),
+        ..Default::default()
+    };
     let mut next = 0u64;
     loop {
         let count = match budget {
@@ -142,8 +188,21 @@ pub fn fuzz(exe: &Path, target: Target, seed: u64, budget: Budget, rss_limit_mib
             Budget::Time(_) => CHUNK,
         };
         let mut child = Command::new(exe)
-            .args(["--worker", "--target", target.name(), "--seed", &seed.to_string()])
-            .args(["--from", &next.to_string(), "--count", &count.to_string(), "--rss-limit-mib", &rss_limit_mib.to_string()])
+            .args([
+                "--worker",
+                "--target",
+                target.name(),
+                "--seed",
+                &seed.to_string(),
+            ])
+            .args([
+                "--from",
+                &next.to_string(),
+                "--count",
+                &count.to_string(),
+                "--rss-limit-mib",
+                &rss_limit_mib.to_string(),
+            ])
             .stdout(Stdio::piped())
             .spawn()
             .with_context(|| format!("cannot start the worker {}", exe.display()))?;
@@ -153,7 +212,10 @@ pub fn fuzz(exe: &Path, target: Target, seed: u64, budget: Budget, rss_limit_mib
         for line in BufReader::new(stdout).lines() {
             let line = line?;
             let mut words = line.splitn(3, ' ');
-            let (kind, index) = (words.next().unwrap_or(""), words.next().and_then(|w| w.parse::<u64>().ok()));
+            let (kind, index) = (
+                words.next().unwrap_or(""),
+                words.next().and_then(|w| w.parse::<u64>().ok()),
+            );
             match (kind, index) {
                 ("case", Some(i)) => current = Some(i),
                 ("ok", Some(_)) => report.ok += 1,
@@ -164,12 +226,18 @@ pub fn fuzz(exe: &Path, target: Target, seed: u64, budget: Budget, rss_limit_mib
                 ("panic", Some(i)) => {
                     report.panics += 1;
                     let saved = save_input(exe, target, seed, i, failures);
-                    report.failures.push(format!("panic on input {i} ({saved}): {}", words.next().unwrap_or("")));
+                    report.failures.push(format!(
+                        "panic on input {i} ({saved}): {}",
+                        words.next().unwrap_or("")
+                    ));
                 }
                 ("rss", Some(i)) => {
                     report.rss_exceeded += 1;
                     let saved = save_input(exe, target, seed, i, failures);
-                    report.failures.push(format!("peak RSS {} KiB after input {i} ({saved})", words.next().unwrap_or("?")));
+                    report.failures.push(format!(
+                        "peak RSS {} KiB after input {i} ({saved})",
+                        words.next().unwrap_or("?")
+                    ));
                 }
                 ("peak", Some(kib)) => {
                     report.max_rss_mib = report.max_rss_mib.max(kib as f64 / 1024.0);
@@ -190,7 +258,9 @@ pub fn fuzz(exe: &Path, target: Target, seed: u64, budget: Budget, rss_limit_mib
                 report.aborts += 1;
                 report.inputs += 1;
                 let saved = save_input(exe, target, seed, at, failures);
-                report.failures.push(format!("worker died ({status}) on input {at} ({saved})"));
+                report
+                    .failures
+                    .push(format!("worker died ({status}) on input {at} ({saved})"));
                 next = at + 1;
             }
         }

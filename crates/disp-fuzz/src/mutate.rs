@@ -11,11 +11,11 @@ pub struct Rng(u64);
 impl Rng {
     pub fn new(seed: u64, index: u64) -> Self {
         let mut rng = Self(seed ^ index.wrapping_mul(0xD1B5_4A32_D192_ED03));
-        rng.next();
+        rng.next_u64();
         rng
     }
 
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -25,7 +25,7 @@ impl Rng {
 
     /// Uniform in `0..n` (`n` > 0).
     pub fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
+        (self.next_u64() % n.max(1) as u64) as usize
     }
 
     fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
@@ -57,13 +57,39 @@ const INTERESTING: &[u64] = &[
 
 /// Numbers for JSON values: the same edges plus fractions, negatives and huge magnitudes.
 const INTERESTING_JSON: &[&str] = &[
-    "0", "-1", "1", "2", "3", "0.5", "-0.1", "1e-30", "1e7", "2147483648", "4294967296", "1e19", "18446744073709551615",
-    "1e300", "-1e300", "null", "true", "\"\"", "\"x\"", "[]", "{}", "[0]",
+    "0",
+    "-1",
+    "1",
+    "2",
+    "3",
+    "0.5",
+    "-0.1",
+    "1e-30",
+    "1e7",
+    "2147483648",
+    "4294967296",
+    "1e19",
+    "18446744073709551615",
+    "1e300",
+    "-1e300",
+    "null",
+    "true",
+    "\"\"",
+    "\"x\"",
+    "[]",
+    "{}",
+    "[0]",
 ];
 
 /// `seed` mutated 1 to 4 times, using `others` for splices. `json` enables tree mutations;
 /// `anchors` are offsets just after key names, for header-aware integer writes.
-pub fn mutate(rng: &mut Rng, seed: &[u8], others: &[Vec<u8>], json: bool, anchors: &[usize]) -> Vec<u8> {
+pub fn mutate(
+    rng: &mut Rng,
+    seed: &[u8],
+    others: &[Vec<u8>],
+    json: bool,
+    anchors: &[usize],
+) -> Vec<u8> {
     let mut data = seed.to_vec();
     let rounds = 1 + rng.below(4);
     for _ in 0..rounds {
@@ -96,7 +122,7 @@ fn write_integer(rng: &mut Rng, data: &mut [u8], at: usize) {
 
 fn mutate_bytes(rng: &mut Rng, data: &mut Vec<u8>, others: &[Vec<u8>]) {
     if data.is_empty() {
-        data.push(rng.next() as u8);
+        data.push(rng.next_u64() as u8);
         return;
     }
     let len = data.len();
@@ -167,8 +193,8 @@ fn change_node(value: &mut Value, target: usize, seen: &mut usize, rng: &mut Rng
     *seen += 1;
     match value {
         Value::Array(items) => {
-            for i in 0..items.len() {
-                if change_node(&mut items[i], target, seen, rng) {
+            for item in items.iter_mut() {
+                if change_node(item, target, seen, rng) {
                     return true;
                 }
             }
@@ -201,7 +227,11 @@ fn replace_value(value: &mut Value, rng: &mut Rng) {
             }
         }
         Value::Object(map) if !map.is_empty() && rng.below(2) == 0 => {
-            let key = map.keys().nth(rng.below(map.len())).cloned().unwrap_or_default();
+            let key = map
+                .keys()
+                .nth(rng.below(map.len()))
+                .cloned()
+                .unwrap_or_default();
             map.remove(&key);
         }
         Value::String(s) if rng.below(2) == 0 => {

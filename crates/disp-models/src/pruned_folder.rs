@@ -243,7 +243,7 @@ pub fn read_index_sets(ck: &Checkpoint, manifest: &ExportManifest) -> Result<Vec
             let mut result = Ok(());
             let indices = LayerIndices::from_sites(|site| {
                 let name = index_tensor_name(layer, site);
-                match ck.read_i64(&name, &[widths[site.index()]]) {
+                match ck.read_i64(&name, &[widths.get(site.index()).copied().unwrap_or(0)]) {
                     Ok(values) => values
                         .into_iter()
                         .map(|v| {

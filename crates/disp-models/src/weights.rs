@@ -110,7 +110,7 @@ impl Checkpoint {
     /// the order first read; empty for other checkpoints.
     pub fn probed(&self) -> Vec<(String, Vec<usize>)> {
         let Some(MemorySource::Probe(reads)) = &self.memory else { return Vec::new() };
-        let reads = reads.lock().expect("probe records are never left half-written");
+        let reads = reads.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut seen = std::collections::HashSet::new();
         reads.iter().filter(|(name, _)| seen.insert(name.clone())).cloned().collect()
     }
@@ -133,6 +133,13 @@ impl Checkpoint {
             Some(layout) => layout.stored_shape(name, dense_shape),
             None => dense_shape.to_vec(),
         }
+    }
+
+    /// [`Self::stored_shape`] as an array of the dense shape's rank.
+    fn stored_rank<const D: usize>(&self, name: &str, dense_shape: &[usize]) -> Result<[usize; D]> {
+        self.stored_shape(name, dense_shape)
+            .try_into()
+            .map_err(|_| anyhow!("{}: tensor '{name}' is stored with another rank than {D}", self.describe()))
     }
 
     /// The stored bytes of a tensor, for copying it without decoding.
@@ -227,7 +234,7 @@ impl Checkpoint {
                 MemorySource::Probe(_) => Device::default(),
             };
             let flat = self.memory_tensor(memory, name, shape, &device)?;
-            return Ok(flat.into_data().convert::<f32>().try_into_vec::<f32>().expect("converted to f32"));
+            return flat.into_data().convert::<f32>().try_into_vec::<f32>().map_err(|e| anyhow!("{}: tensor '{name}': {e:?}", self.describe()));
         }
         let (path, _) = self.file_of(name)?;
         let view = self.raw(name)?;
@@ -248,11 +255,11 @@ impl Checkpoint {
     /// A tensor on the device, shape checked.
     pub fn tensor<const D: usize>(&self, name: &str, shape: [usize; D], device: &Device) -> Result<Tensor<D>> {
         if let Some(memory) = &self.memory {
-            let stored: [usize; D] = self.stored_shape(name, &shape).try_into().expect("same rank");
+            let stored: [usize; D] = self.stored_rank(name, &shape)?;
             return Ok(self.memory_tensor(memory, name, &shape, device)?.reshape(stored));
         }
         let values = self.read_f32(name, &shape)?;
-        let stored: [usize; D] = self.stored_shape(name, &shape).try_into().expect("same rank");
+        let stored: [usize; D] = self.stored_rank(name, &shape)?;
         Ok(Tensor::from_data(TensorData::new(values, stored), device))
     }
 
@@ -261,11 +268,11 @@ impl Checkpoint {
     pub fn matrix_in_out(&self, name: &str, inputs: usize, outputs: usize, device: &Device) -> Result<Tensor<2>> {
         if let Some(memory) = &self.memory {
             let flat = self.memory_tensor(memory, name, &[outputs, inputs], device)?;
-            let [outputs, inputs]: [usize; 2] = self.stored_shape(name, &[outputs, inputs]).try_into().expect("rank 2");
+            let [outputs, inputs]: [usize; 2] = self.stored_rank(name, &[outputs, inputs])?;
             return Ok(flat.reshape([outputs, inputs]).transpose());
         }
         let values = self.read_f32(name, &[outputs, inputs])?;
-        let [outputs, inputs]: [usize; 2] = self.stored_shape(name, &[outputs, inputs]).try_into().expect("rank 2");
+        let [outputs, inputs]: [usize; 2] = self.stored_rank(name, &[outputs, inputs])?;
         Ok(Tensor::from_data(TensorData::new(transpose(&values, outputs, inputs), [inputs, outputs]), device))
     }
 
@@ -275,7 +282,7 @@ impl Checkpoint {
         let expected = self.stored_shape(name, shape);
         match memory {
             MemorySource::Probe(reads) => {
-                reads.lock().expect("probe records are never left half-written").push((name.to_string(), shape.to_vec()));
+                reads.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push((name.to_string(), shape.to_vec()));
                 Ok(Tensor::zeros([expected.iter().product::<usize>()], device))
             }
             MemorySource::Tensors(tensors) => {
@@ -319,7 +326,7 @@ fn decode_floats(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
 
 fn check_finite_values(file: &str, name: &str, values: &[f32]) -> Result<()> {
     match values.iter().position(|v| !v.is_finite()) {
-        Some(at) => bail!("{file}: tensor '{name}' holds {} at flat index {at}; weights must be finite", values[at]),
+        Some(at) => bail!("{file}: tensor '{name}' holds {} at flat index {at}; weights must be finite", values.get(at).copied().unwrap_or(f32::NAN)),
         None => Ok(()),
     }
 }
@@ -340,9 +347,13 @@ fn read_shard_list(index: &Path) -> Result<Vec<String>> {
     Ok(shards.into_keys().collect())
 }
 
-/// Row-major `[rows, cols]` to `[cols, rows]`, blocked for cache locality.
+/// Row-major `[rows, cols]` to `[cols, rows]`, blocked for cache locality. `values` must hold
+/// `rows * cols` values (callers pass what a shape-checked read returned).
+// Indexes below `rows * cols`, asserted; not file contents.
+#[allow(clippy::indexing_slicing)]
 pub fn transpose(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     const TILE: usize = 32;
+    assert_eq!(values.len(), rows * cols, "transpose of {rows}x{cols} values");
     let mut out = vec![0f32; values.len()];
     for r0 in (0..rows).step_by(TILE) {
         for c0 in (0..cols).step_by(TILE) {

@@ -98,7 +98,7 @@ fn convert(gguf_path: &Path, out_dir: &Path) -> Result<ConvertSummary> {
 }
 
 fn write_json(path: &Path, value: &Value) -> Result<()> {
-    let mut text = serde_json::to_string_pretty(value).expect("JSON values always serialise");
+    let mut text = serde_json::to_string_pretty(value).context("cannot serialise JSON")?;
     text.push('\n');
     std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
 }
@@ -575,7 +575,8 @@ fn plan_llama(gguf: &GgufFile) -> Result<Plan> {
         };
         if wants_bias {
             // A projection's weight is [inputs, outputs]; its bias has the outputs.
-            let bias_ne = vec![expected_ne.get(1).copied().unwrap_or(0)];
+            let outputs = expected_ne.get(1).copied().unwrap_or(0);
+            let bias_ne = vec![outputs];
             let source = match found.get(&(role, true)) {
                 Some(&bias_index) => {
                     check_ne(tensor_at(gguf, bias_index)?, &bias_ne)?;
@@ -585,7 +586,7 @@ fn plan_llama(gguf: &GgufFile) -> Result<Plan> {
             };
             tensors.push(PlannedTensor {
                 hf_name: role.hf_name("bias"),
-                shape: vec![bias_ne[0] as usize],
+                shape: vec![outputs as usize],
                 source,
                 unpermute_heads,
             });
@@ -729,6 +730,8 @@ impl View for OutputTensor<'_> {
 /// rotate-half order (first half, second half) into interleaved pairs:
 /// `w.reshape(heads, 2, head_dim / 2, cols).swapaxes(1, 2)`, i.e. GGUF row
 /// `h * head_dim + 2 * i + s` holds HF row `h * head_dim + s * head_dim / 2 + i`.
+// Indexes within `rows * cols`, which the asserts establish; not file contents.
+#[allow(clippy::indexing_slicing)]
 pub(crate) fn unpermute_rows(
     gguf_rows: &[f32],
     rows: usize,

@@ -215,7 +215,7 @@ pub(crate) fn build_tokenizer(
         .byte_fallback(false)
         .ignore_merges(ignore_merges);
     if let Some(unk) = unk {
-        bpe = bpe.unk_token(tokens[unk as usize].clone());
+        bpe = bpe.unk_token(token_text(tokens, unk));
     }
     let bpe = bpe
         .build()
@@ -255,14 +255,14 @@ pub(crate) fn build_tokenizer(
     tokenizer.with_post_processor(Some(post_processor));
     let special_tokens: Vec<AddedToken> = special_ids
         .iter()
-        .map(|&id| AddedToken::from(tokens[id as usize].clone(), true))
+        .map(|&id| AddedToken::from(token_text(tokens, id), true))
         .collect();
     tokenizer
         .add_special_tokens(special_tokens)
         .map_err(|e| anyhow!("cannot add special tokens: {e}"))?;
     let user_tokens: Vec<AddedToken> = user_defined_ids
         .iter()
-        .map(|&id| AddedToken::from(tokens[id as usize].clone(), false).normalized(false))
+        .map(|&id| AddedToken::from(token_text(tokens, id), false).normalized(false))
         .collect();
     tokenizer
         .add_tokens(user_tokens)
@@ -276,7 +276,7 @@ pub(crate) fn build_tokenizer(
         added_tokens_decoder.insert(
             id.to_string(),
             json!({
-                "content": tokens[id as usize],
+                "content": token_text(tokens, id),
                 "lstrip": false,
                 "normalized": false,
                 "rstrip": false,
@@ -296,7 +296,7 @@ pub(crate) fn build_tokenizer(
         ("pad_token", pad),
     ] {
         if let Some(id) = id {
-            config.insert(key.into(), tokens[id as usize].clone().into());
+            config.insert(key.into(), token_text(tokens, id).into());
         }
     }
     if let Some(template) = chat_template {
@@ -316,6 +316,12 @@ pub(crate) fn build_tokenizer(
         eos_token_id: eos,
         pad_token_id: pad,
     })
+}
+
+/// The text of token `id`. Every id used here was checked against the vocabulary (named ids by
+/// `optional_token_id`, the others come from enumerating it); an unknown one reads as "".
+fn token_text(tokens: &[String], id: u32) -> String {
+    tokens.get(id as usize).cloned().unwrap_or_default()
 }
 
 /// Checks what the `tokenizers` BPE builder assumes but does not check (it panics instead): both
@@ -358,7 +364,7 @@ fn bos_eos_template(
         let id = id.ok_or_else(|| {
             anyhow!("tokenizer.ggml.add_{what}_token is set but there is no {what} token id")
         })?;
-        let token = tokens[id as usize].clone();
+        let token = token_text(tokens, id);
         ensure!(
             !token.contains(char::is_whitespace) && !token.starts_with('$'),
             "the {what} token {token:?} cannot be used in a post-processing template"
