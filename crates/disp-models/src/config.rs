@@ -142,6 +142,10 @@ pub enum CheckpointCapacity {
     Memory,
 }
 
+/// The largest size field accepted. Fields that are not in the parameter bound (the number of
+/// positions) are still multiplied with others by the loaders; this keeps such products in range.
+const MAX_SIZE: u64 = u32::MAX as u64;
+
 /// Bytes per value of the smallest dtype the loaders read (F16/BF16).
 const MIN_STORED_BYTES_PER_VALUE: u128 = 2;
 /// Bytes per value the models hold in memory (f32).
@@ -230,12 +234,13 @@ impl RawConfig {
         disp_core::memory::check_fits(&format!("{}: the model ({claims}, in f32)", self.path.display()), held)
     }
 
-    /// A size field: absent (or null), or an integer of at least 1.
+    /// A size field: absent (or null), or an integer from 1 to [`MAX_SIZE`].
     fn size(&self, key: &str) -> Result<Option<u128>> {
         match self.json.get(key) {
             None | Some(Value::Null) => Ok(None),
             Some(v) => match v.as_u64() {
                 Some(0) => bail!("{}: '{key}' is 0; it must be at least 1", self.path.display()),
+                Some(n) if n > MAX_SIZE => bail!("{}: '{key}' = {n} is beyond any model (at most {MAX_SIZE})", self.path.display()),
                 Some(n) => Ok(Some(n.into())),
                 None => bail!("{}: '{key}' must be a positive integer, got {v}", self.path.display()),
             },
@@ -294,6 +299,8 @@ mod tests {
         assert_eq!(problem(|c| c["hidden_size"] = 0.into(), FILES), "m/config.json: 'hidden_size' is 0; it must be at least 1");
         assert_eq!(problem(|c| c["vocab_size"] = (-3).into(), FILES), "m/config.json: 'vocab_size' must be a positive integer, got -3");
         assert_eq!(problem(|c| c["num_hidden_layers"] = 2.5.into(), FILES), "m/config.json: 'num_hidden_layers' must be a positive integer, got 2.5");
+        assert!(problem(|c| c["max_position_embeddings"] = u64::MAX.into(), FILES)
+            .contains("'max_position_embeddings' = 18446744073709551615 is beyond any model (at most 4294967295)"));
         assert_eq!(problem(|c| c["rms_norm_eps"] = 0.into(), FILES), "m/config.json: 'rms_norm_eps' must be a positive number, got 0");
         assert!(problem(|c| c["rms_norm_eps"] = 2.into(), FILES).contains("'rms_norm_eps' = 2 is not a small epsilon"));
         assert!(problem(|c| c["partial_rotary_factor"] = 1.5.into(), FILES).contains("'partial_rotary_factor' = 1.5 must be in (0, 1]"));
