@@ -199,8 +199,8 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            // `{:#}` joins the context chain on one line.
-            eprintln!("error: {e:#}");
+            // `{:#}` joins the context chain on one line; text from a file may hold newlines.
+            eprintln!("error: {}", disp_core::fsutil::one_line(&format!("{e:#}")));
             ExitCode::FAILURE
         }
     }

@@ -3,6 +3,12 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+/// `message` on one line: control characters (a newline in a tensor name or metadata key read
+/// from a file, say) are escaped, so an error about a file stays the one line it promises.
+pub fn one_line(message: &str) -> String {
+    message.chars().flat_map(|c| if c.is_control() { c.escape_default().collect::<Vec<_>>() } else { vec![c] }).collect()
+}
+
 /// A sibling temporary name for `path` (same directory, so the final rename is atomic).
 pub fn temporary_sibling(path: &Path) -> PathBuf {
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
@@ -154,5 +160,13 @@ impl StagedFolder {
         // The folder now lives at the destination; stop the guard from deleting it.
         let _ = self.staging.keep();
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn one_line_escapes_control_characters_only() {
+        assert_eq!(super::one_line("tensor 'a\nb\t' — café"), "tensor 'a\\nb\\t' — café");
     }
 }

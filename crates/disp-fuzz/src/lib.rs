@@ -75,7 +75,7 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
 }
 
 /// The worker: runs inputs `from..from + count`, writing `case I` before each and then `ok I`,
-/// `error I [multiline]` or `panic I MESSAGE`; `rss I KIB` (and stop) when the peak RSS passes
+/// `error I [multiline MESSAGE]` or `panic I MESSAGE`; `rss I KIB` (and stop) when the peak RSS passes
 /// `rss_limit_kib`; `peak KIB` at the end.
 pub fn run_worker(
     target: Target,
@@ -96,12 +96,16 @@ pub fn run_worker(
         match catch_unwind(AssertUnwindSafe(|| harness.run(which, &input))) {
             Ok(Ok(())) => writeln!(out, "ok {index}")?,
             Ok(Err(e)) => {
-                let multiline = if format!("{e:#}").contains('\n') {
-                    " multiline"
+                let message = format!("{e:#}");
+                if message.contains('\n') {
+                    writeln!(
+                        out,
+                        "error {index} multiline {}",
+                        message.replace('\n', "\\n")
+                    )?
                 } else {
-                    ""
-                };
-                writeln!(out, "error {index}{multiline}")?
+                    writeln!(out, "error {index}")?
+                }
             }
             Err(payload) => writeln!(
                 out,
@@ -221,7 +225,15 @@ pub fn fuzz(
                 ("ok", Some(_)) => report.ok += 1,
                 ("error", Some(_)) => {
                     report.errors += 1;
-                    report.multiline_errors += u64::from(line.ends_with(" multiline"));
+                    if let Some(message) = words
+                        .next()
+                        .and_then(|rest| rest.strip_prefix("multiline "))
+                    {
+                        report.multiline_errors += 1;
+                        report
+                            .failures
+                            .push(format!("error of more than one line: {message}"));
+                    }
                 }
                 ("panic", Some(i)) => {
                     report.panics += 1;

@@ -27,6 +27,7 @@ fn every_reader_survives_its_seeded_mutations() {
             (0, 0, 0),
             "{r}"
         );
+        assert_eq!(count("multiline_errors"), 0, "every error is one line: {r}");
         assert_eq!(count("inputs"), 450, "{r}");
         assert_eq!(count("ok") + count("errors"), 450, "{r}");
         // Mutations that only ever break the file, or never do, would test nothing.

@@ -40,7 +40,13 @@ pub struct ConvertSummary {
 /// error nothing is left at `out_dir`. `out_dir` must not exist or be an empty folder. Errors are
 /// one line starting with the GGUF path.
 pub fn convert_gguf_to_hf(gguf: &Path, out_dir: &Path) -> Result<ConvertSummary> {
-    convert(gguf, out_dir).map_err(|e| anyhow!("{}: {e:#}", gguf.display()))
+    convert(gguf, out_dir).map_err(|e| {
+        anyhow!(
+            "{}: {}",
+            gguf.display(),
+            disp_core::fsutil::one_line(&format!("{e:#}"))
+        )
+    })
 }
 
 fn convert(gguf_path: &Path, out_dir: &Path) -> Result<ConvertSummary> {

@@ -68,7 +68,13 @@ impl std::fmt::Debug for GgufFile {
 impl GgufFile {
     /// Opens and validates `path`. Errors are one line that starts with the path.
     pub fn open(path: &Path) -> Result<Self> {
-        Self::open_unprefixed(path).map_err(|e| anyhow!("{}: {e:#}", path.display()))
+        Self::open_unprefixed(path).map_err(|e| {
+            anyhow!(
+                "{}: {}",
+                path.display(),
+                disp_core::fsutil::one_line(&format!("{e:#}"))
+            )
+        })
     }
 
     /// Like [`Self::open`] but the error does not name the file (the caller adds it).
