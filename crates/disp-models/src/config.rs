@@ -166,7 +166,7 @@ impl RawConfig {
         let intermediate = self.size("intermediate_size")?;
         let ffn_dim = self.size("ffn_dim")?;
         let embed_dim = self.size("word_embed_proj_dim")?;
-        self.size("max_position_embeddings")?;
+        let positions = self.size("max_position_embeddings")?;
         for key in ["rope_theta", "rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon"] {
             self.positive_number(&self.json, key)?;
         }
@@ -198,7 +198,10 @@ impl RawConfig {
             None => bail!("{}: hidden_size = {hidden} is not divisible by num_attention_heads = {heads} (and no head_dim)", self.path.display()),
         };
         let ff = intermediate.or(ffn_dim).unwrap_or(0);
-        self.check_capacity(SizeClaims { layers, hidden, heads, kv_heads: kv_heads.unwrap_or(heads), head_dim, vocab, ff, embed_dim: embed_dim.unwrap_or(hidden) }, capacity)
+        // OPT stores a learned embedding per position (plus its offset of 2); RoPE families none.
+        let learned_positions = if self.family().ok() == Some(Family::Opt) { positions.unwrap_or(2048).saturating_add(2) } else { 0 };
+        let claims = SizeClaims { layers, hidden, heads, kv_heads: kv_heads.unwrap_or(heads), head_dim, vocab, ff, embed_dim: embed_dim.unwrap_or(hidden), learned_positions };
+        self.check_capacity(claims, capacity)
     }
 
     fn check_capacity(&self, c: SizeClaims, capacity: CheckpointCapacity) -> Result<()> {
@@ -207,7 +210,7 @@ impl RawConfig {
         let product = |factors: &[u128]| factors.iter().fold(1u128, |acc, &f| acc.saturating_mul(f));
         let attention = product(&[2, c.hidden, c.head_dim, c.heads.saturating_add(c.kv_heads)]);
         let per_layer = attention.saturating_add(product(&[2, c.hidden, c.ff]));
-        let embedding = product(&[c.vocab, c.embed_dim]);
+        let embedding = product(&[c.vocab, c.embed_dim]).saturating_add(product(&[c.learned_positions, c.hidden]));
         let dense = product(&[c.layers, per_layer]).saturating_add(embedding);
         let claims = format!(
             "num_hidden_layers = {}, hidden_size = {}, vocab_size = {} and the head and MLP sizes imply at least {dense} parameters",
@@ -270,6 +273,8 @@ struct SizeClaims {
     vocab: u128,
     ff: u128,
     embed_dim: u128,
+    /// Rows of a learned position embedding (0 without one).
+    learned_positions: u128,
 }
 
 #[cfg(test)]
@@ -326,10 +331,17 @@ mod tests {
         assert!(err.contains("vocab_size = 256 x hidden_size = 64 embedding values"), "{err}");
         let err = problem(|c| c["num_hidden_layers"] = 10_000_000.into(), FILES);
         assert!(err.contains("num_hidden_layers = 10000000 but the weight files hold only 20 tensors"), "{err}");
-        // In memory, sizes are bounded by what can be allocated.
+        // In memory, sizes are bounded by what can be allocated; OPT's learned positions count.
         if disp_core::memory::available_bytes().is_some() {
             let err = problem(|c| c["num_hidden_layers"] = 10_000_000.into(), CheckpointCapacity::Memory);
             assert!(err.contains("of memory are available"), "{err}");
+            let opt_positions = |c: &mut Value| {
+                c["model_type"] = "opt".into();
+                c["max_position_embeddings"] = 4_000_000_000u64.into();
+            };
+            let err = problem(opt_positions, CheckpointCapacity::Memory);
+            assert!(err.contains("of memory are available"), "{err}");
+            config(|c| c["max_position_embeddings"] = 4_000_000_000u64.into()).validate(CheckpointCapacity::Memory).unwrap();
         }
     }
 }
