@@ -2,9 +2,9 @@
 //! arguments, picks the device, and prints results; the work happens in `disp-models`,
 //! `disp-eval`, `disp-train` and `disp-core`.
 
+mod eval_mc;
 mod bench;
 mod checks;
-mod eval_mc;
 mod export;
 mod inspect;
 
