@@ -26,6 +26,8 @@ pub struct ExportArgs {
 
 pub fn export(args: ExportArgs) -> Result<()> {
     let plan = PruningPlan::load(&args.plan)?;
+    // Problems of the plan are named after the plan file, before any output is started.
+    disp_export::check_plan(&args.model, &plan).map_err(|e| anyhow::anyhow!("{}: {e:#}", args.plan.display()))?;
     export_plan(&args.model, &plan, args.format, &args.out)
 }
 

@@ -4,6 +4,7 @@
 
 mod eval_mc;
 mod bench;
+mod checks;
 mod export;
 mod inspect;
 mod train_tiny;
@@ -113,7 +114,7 @@ struct PruneArgs {
     model: PathBuf,
     /// Fraction of parameters to remove, strictly between 0 and 1 (wanda-2:4 always zeroes half
     /// of the block weights and takes none).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     ratio: Option<f64>,
     /// What the ratio is a fraction of: total (the paper's convention) or blocks.
     #[arg(long, default_value = "total")]
@@ -136,12 +137,12 @@ struct PruneArgs {
     #[arg(long, default_value_t = 1)]
     batch_size: usize,
     /// Weight of the parameter regulariser.
-    #[arg(long, default_value_t = 6.0)]
+    #[arg(long, default_value_t = 6.0, allow_negative_numbers = true)]
     lambda: f64,
     /// AdamW learning rate of the gate generator. The paper's 1e-3 needs several hundred steps
     /// before the gates follow the target; for a short search (~100 steps) 1e-2 gets there
     /// (docs/results-smollm2.md).
-    #[arg(long, default_value_t = 1e-3)]
+    #[arg(long, default_value_t = 1e-3, allow_negative_numbers = true)]
     learning_rate: f64,
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -182,9 +183,10 @@ struct GenerateArgs {
     #[arg(long, default_value_t = 64)]
     max_tokens: usize,
     /// 0 means greedy.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     temperature: f64,
-    #[arg(long, default_value_t = 0.9)]
+    /// Nucleus sampling: the smallest set of tokens whose probability reaches this, in (0, 1].
+    #[arg(long, default_value_t = 0.9, allow_negative_numbers = true)]
     top_p: f64,
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -200,8 +202,8 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            // `{:#}` joins the context chain on one line.
-            eprintln!("error: {e:#}");
+            // `{:#}` joins the context chain on one line; text from a file may hold newlines.
+            eprintln!("error: {}", disp_core::fsutil::one_line(&format!("{e:#}")));
             ExitCode::FAILURE
         }
     }
@@ -262,6 +264,7 @@ fn load(device: DeviceChoice, args: &ModelArgs) -> Result<Box<dyn CausalLm>> {
 }
 
 fn eval_ppl(device: DeviceChoice, args: PplArgs) -> Result<()> {
+    checks::seq_len(args.seq_len)?;
     let tokenizer = TextTokenizer::load(&args.model.model)?;
     let text = disp_eval::read_text(&args.text)?;
     let tokens = tokenizer.encode(&text)?;
@@ -309,6 +312,7 @@ fn progress_bar(len: u64, unit: &str, hidden: bool) -> indicatif::ProgressBar {
 }
 
 fn generate(device: DeviceChoice, args: GenerateArgs) -> Result<()> {
+    checks::generation(args.max_tokens, args.temperature, args.top_p)?;
     let tokenizer = TextTokenizer::load(&args.model.model)?;
     let prompt = if args.chat {
         let template = disp_models::chat::ChatTemplate::load(&args.model.model)?;
@@ -372,6 +376,9 @@ fn prune(device: DeviceChoice, args: PruneArgs) -> Result<()> {
         plan_out: args.out.clone(),
         export: args.export.clone().map(|folder| (folder, args.export_format)),
     };
+    checks::seq_len(args.seq_len)?;
+    checks::resume(args.resume, args.checkpoint.as_deref())?;
+    checks::export_folder(args.export.as_deref())?;
     request.check()?;
     let device = select_device(device)?;
     let bar = progress_bar(if args.method.searches() { args.steps as u64 } else { 0 }, "steps", args.json || !args.method.searches());

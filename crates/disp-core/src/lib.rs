@@ -11,6 +11,7 @@ pub mod activations;
 pub mod baseline;
 pub mod device;
 pub mod fastmath;
+pub mod memory;
 pub mod params;
 pub mod plan;
 pub mod selection;

@@ -1,5 +1,7 @@
 //! The pruning plan: per-layer index sets plus enough identity and bookkeeping to check that
 //! it belongs to a model and to report what it achieved. Serialised as JSON.
+// Reads untrusted input: no panicking shortcuts (issue 12).
+#![warn(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 use std::path::Path;
 
@@ -145,6 +147,8 @@ impl PruningPlan {
         Ok(())
     }
 
+    // A plan has no map with non-string keys, the one thing serde_json cannot write.
+    #[allow(clippy::expect_used)]
     pub fn to_json(&self) -> String {
         serde_json::to_string_pretty(self).expect("plans always serialise")
     }
@@ -154,23 +158,32 @@ impl PruningPlan {
         crate::fsutil::write_atomic(path, self.to_json().as_bytes())
     }
 
+    /// Reads a plan, refusing a format this build does not know (before any model is loaded).
     pub fn load(path: &Path) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-        serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: not a pruning plan: {e}", path.display()))
+        Self::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+    }
+
+    /// A plan from its JSON text (errors do not name a file).
+    pub fn parse(text: &str) -> anyhow::Result<Self> {
+        let plan: Self = serde_json::from_str(text).map_err(|e| anyhow::anyhow!("not a pruning plan: {e}"))?;
+        if plan.format_version != PLAN_FORMAT_VERSION {
+            anyhow::bail!("unknown plan format version {} (this build reads {PLAN_FORMAT_VERSION})", plan.format_version);
+        }
+        Ok(plan)
     }
 }
 
 /// An index set must be non-empty, strictly increasing and below `width`.
 pub fn check_index_set(indices: &[u32], width: usize) -> Result<(), String> {
-    if indices.is_empty() {
-        return Err("empty index set".into());
-    }
     for pair in indices.windows(2) {
-        if pair[1] <= pair[0] {
-            return Err(format!("indices not strictly increasing ({} then {})", pair[0], pair[1]));
+        if let [a, b] = *pair {
+            if b <= a {
+                return Err(format!("indices not strictly increasing ({a} then {b})"));
+            }
         }
     }
-    let last = *indices.last().unwrap();
+    let Some(&last) = indices.last() else { return Err("empty index set".into()) };
     if last as usize >= width {
         return Err(format!("index {last} out of range for width {width}"));
     }
@@ -178,6 +191,7 @@ pub fn check_index_set(indices: &[u32], width: usize) -> Result<(), String> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
     use crate::params::{BlockShape, MlpKind};

@@ -37,6 +37,9 @@ pub fn read_text(path: &Path) -> Result<String> {
 
 /// Cuts `tokens` into at most `max_windows` non-overlapping windows of `seq_len`.
 pub fn token_windows(tokens: &[u32], seq_len: usize, max_windows: Option<usize>, source: &Path) -> Result<Vec<Vec<u32>>> {
+    if seq_len < 2 {
+        bail!("a window needs at least 2 tokens (one predicted from another), got a window length of {seq_len}");
+    }
     if tokens.is_empty() {
         bail!("{}: empty text file", source.display());
     }

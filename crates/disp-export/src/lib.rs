@@ -82,13 +82,7 @@ const COMPANION_FILES: &[&str] = &[
 /// empty). Errors are one line; on error nothing is left at `out_dir`.
 pub fn export(model_dir: &Path, plan: &PruningPlan, format: ExportFormat, out_dir: &Path) -> Result<ExportSummary> {
     let staged = StagedFolder::new(out_dir)?;
-    let raw = RawConfig::read(model_dir)?;
-    if raw.json.get(CONFIG_KEY).is_some() {
-        bail!("{}: already a pruned folder; export from the dense source model", raw.path.display());
-    }
-    let family = raw.family()?;
-    let ck = Checkpoint::open(model_dir)?;
-    check_plan_fits(plan, family, &ck)?;
+    let (raw, family, ck) = open_for_plan(model_dir, plan)?;
     let fingerprint = source_fingerprint(&raw.path, &ck.paths().collect::<Vec<_>>())?;
     if let Some(planned) = &plan.model.fingerprint {
         if *planned != fingerprint {
@@ -101,8 +95,12 @@ pub fn export(model_dir: &Path, plan: &PruningPlan, format: ExportFormat, out_di
     let mut outputs: Vec<(String, OutputTensor)> = Vec::with_capacity(names.len());
     let (mut stored_params, mut source_params) = (0u64, 0u64);
     for name in names {
+        ck.check_finite(name)?;
         let raw_tensor = ck.raw(name)?;
-        let cut = cut_axes(family, name).map(|axes| Cut::new(axes, &plan.layers[axes.layer]));
+        let cut = match cut_axes(family, name) {
+            Some(axes) => Some(Cut::new(axes, plan.layers.get(axes.layer).ok_or_else(|| anyhow!("{}: tensor '{name}' is in a layer the plan does not have", ck.describe()))?)),
+            None => None,
+        };
         if cut.is_some() && element_size(raw_tensor.dtype).is_none() {
             bail!("{}: tensor '{name}' has dtype {:?}; only F32, F16 and BF16 block weights can be cut", ck.describe(), raw_tensor.dtype);
         }
@@ -231,12 +229,47 @@ fn write_folder(staged: &StagedFolder, model_dir: &Path, outputs: Vec<(String, O
     Ok(weight_bytes)
 }
 
-/// Checks the plan against the checkpoint's own tensors: family, layer count, and every index
-/// set sorted, unique and within the axis it cuts.
-fn check_plan_fits(plan: &PruningPlan, family: Family, ck: &Checkpoint) -> Result<()> {
+/// Checks that `plan` can be exported from the dense folder `model_dir` (see [`check_plan_fits`])
+/// without writing anything: for commands to call before long work whose plan they export.
+pub fn check_plan(model_dir: &Path, plan: &PruningPlan) -> Result<()> {
+    open_for_plan(model_dir, plan).map(|_| ())
+}
+
+/// The config, family and checkpoint of a dense source folder that `plan` fits.
+fn open_for_plan(model_dir: &Path, plan: &PruningPlan) -> Result<(RawConfig, Family, Checkpoint)> {
+    let raw = RawConfig::read(model_dir)?;
+    if raw.json.get(CONFIG_KEY).is_some() {
+        bail!("{}: already a pruned folder; export from the dense source model", raw.path.display());
+    }
+    let family = raw.family()?;
+    let ck = Checkpoint::open(model_dir)?;
+    check_plan_fits(plan, &raw, family, &ck)?;
+    Ok((raw, family, ck))
+}
+
+/// Checks the plan against the config and the checkpoint's own tensors: format, family and sizes
+/// of its header, layer count, and every index set sorted, unique and within the axis it cuts.
+fn check_plan_fits(plan: &PruningPlan, raw: &RawConfig, family: Family, ck: &Checkpoint) -> Result<()> {
     let fail = |msg: String| anyhow!("{}: {msg}", ck.describe());
+    if plan.format_version != disp_core::plan::PLAN_FORMAT_VERSION {
+        bail!("unknown plan format version {} (this build reads {})", plan.format_version, disp_core::plan::PLAN_FORMAT_VERSION);
+    }
     if plan.model.model_type != family.model_type() {
         return Err(fail(format!("the plan is for a {} model, this checkpoint is {}", plan.model.model_type, family.model_type())));
+    }
+    if plan.model.num_layers != plan.layers.len() {
+        bail!("the plan's header says {} layers but it lists index sets for {}", plan.model.num_layers, plan.layers.len());
+    }
+    let config_size = |keys: &[&str]| keys.iter().find_map(|k| raw.json.get(*k).and_then(serde_json::Value::as_u64));
+    let sizes = [
+        ("hidden_size", plan.model.hidden_size, config_size(&["hidden_size"])),
+        ("intermediate_size", plan.model.intermediate_size, config_size(&["intermediate_size", "ffn_dim"])),
+        ("num_hidden_layers", plan.model.num_layers, config_size(&["num_hidden_layers"])),
+    ];
+    for (key, planned, actual) in sizes {
+        if actual.is_some_and(|actual| actual != planned as u64) {
+            bail!("the plan is for {key} = {planned}, {} has {}", raw.path.display(), actual.unwrap_or_default());
+        }
     }
     let mut widths: BTreeMap<(usize, usize), (Site, usize)> = BTreeMap::new();
     for name in ck.names() {
@@ -253,7 +286,8 @@ fn check_plan_fits(plan: &PruningPlan, family: Family, ck: &Checkpoint) -> Resul
         return Err(fail(format!("the plan has {} layers, the checkpoint {layers}", plan.layers.len())));
     }
     for ((layer, _), (site, width)) in widths {
-        check_index_set(plan.layers[layer].get(site), width)
+        let indices = plan.layers.get(layer).ok_or_else(|| fail(format!("the plan has no layer {layer}")))?;
+        check_index_set(indices.get(site), width)
             .map_err(|e| fail(format!("plan layer {layer} {} ({}): {e}", site.label(), site.description())))?;
     }
     Ok(())

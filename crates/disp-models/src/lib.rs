@@ -188,7 +188,10 @@ pub fn load_model(dir: &Path, device: &Device) -> Result<Box<dyn CausalLm>> {
 /// [`Checkpoint::from_tensors`]; on `device.autodiff()` the model is differentiable in them) or a
 /// probe. Blocks run pruned only when `ck` carries a pruned layout.
 pub fn load_model_from(raw: &RawConfig, ck: &Checkpoint, device: &Device) -> Result<Box<dyn CausalLm>> {
-    Ok(match raw.family()? {
+    let family = raw.family()?;
+    // Once for every family, before a loader allocates anything for the sizes it claims.
+    raw.validate(ck.capacity())?;
+    Ok(match family {
         Family::Llama => Box::new(llama::Llama::load(raw, ck, device)?),
         Family::Opt => Box::new(opt::Opt::load(raw, ck, device)?),
         Family::Phi => Box::new(phi::Phi::load(raw, ck, device)?),

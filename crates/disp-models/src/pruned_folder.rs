@@ -10,6 +10,8 @@
 //! Which axis of which tensor a selection cuts is one table per family ([`cut_axes`]); the exporter
 //! slices (or zero-fills) with it and the loader uses it to expect the smaller shapes, so the two
 //! cannot disagree.
+// Reads untrusted input: no panicking shortcuts (issue 12).
+#![warn(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 use std::path::Path;
 
@@ -241,7 +243,7 @@ pub fn read_index_sets(ck: &Checkpoint, manifest: &ExportManifest) -> Result<Vec
             let mut result = Ok(());
             let indices = LayerIndices::from_sites(|site| {
                 let name = index_tensor_name(layer, site);
-                match ck.read_i64(&name, &[widths[site.index()]]) {
+                match ck.read_i64(&name, &[widths.get(site.index()).copied().unwrap_or(0)]) {
                     Ok(values) => values
                         .into_iter()
                         .map(|v| {
@@ -273,6 +275,7 @@ pub fn read_plan(dir: &Path) -> Result<Option<PruningPlan>> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
 

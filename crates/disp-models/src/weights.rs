@@ -9,6 +9,8 @@
 //! HF shapes, e.g. the parameters of a model being trained, which stay differentiable through
 //! the loaders), or only record what a loader reads ([`Checkpoint::probe`]), which lists the
 //! tensors a family needs for a config without a second table of names.
+// Reads untrusted input: no panicking shortcuts (issue 12).
+#![warn(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -21,6 +23,7 @@ use disp_core::selection::BlockIndices;
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 
+use crate::config::CheckpointCapacity;
 use crate::pruned_folder::PrunedLayout;
 
 /// The weight files of one checkpoint folder.
@@ -107,7 +110,7 @@ impl Checkpoint {
     /// the order first read; empty for other checkpoints.
     pub fn probed(&self) -> Vec<(String, Vec<usize>)> {
         let Some(MemorySource::Probe(reads)) = &self.memory else { return Vec::new() };
-        let reads = reads.lock().expect("probe records are never left half-written");
+        let reads = reads.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut seen = std::collections::HashSet::new();
         reads.iter().filter(|(name, _)| seen.insert(name.clone())).cloned().collect()
     }
@@ -132,12 +135,32 @@ impl Checkpoint {
         }
     }
 
+    /// [`Self::stored_shape`] as an array of the dense shape's rank.
+    fn stored_rank<const D: usize>(&self, name: &str, dense_shape: &[usize]) -> Result<[usize; D]> {
+        self.stored_shape(name, dense_shape)
+            .try_into()
+            .map_err(|_| anyhow!("{}: tensor '{name}' is stored with another rank than {D}", self.describe()))
+    }
+
     /// The stored bytes of a tensor, for copying it without decoding.
     pub fn raw(&self, name: &str) -> Result<RawTensor<'_>> {
-        let (_, map) = self.file_of(name)?;
-        let tensors = SafeTensors::deserialize(map).expect("validated when opened");
-        let view = tensors.tensor(name).expect("listed when opened");
+        let (path, map) = self.file_of(name)?;
+        // Validated when opened; parsed again here (cheap: the header only) to borrow the data.
+        let tensors = SafeTensors::deserialize(map)
+            .map_err(|e| anyhow!("{}: corrupt or truncated safetensors file: {e}", path.display()))?;
+        let view = tensors.tensor(name).map_err(|e| anyhow!("{}: tensor '{name}': {e}", path.display()))?;
         Ok(RawTensor { dtype: view.dtype(), shape: view.shape().to_vec(), bytes: view.data() })
+    }
+
+    /// Fails, naming the file and the tensor, when a float tensor holds NaN or ±Inf: such a
+    /// weight would silently poison every output.
+    pub fn check_finite(&self, name: &str) -> Result<()> {
+        let raw = self.raw(name)?;
+        let path = self.file_of(name)?.0.display();
+        match decode_floats(raw.dtype, raw.bytes) {
+            Some(values) => check_finite_values(&path.to_string(), name, &values),
+            None => Ok(()),
+        }
     }
 
     /// Reads an integer tensor (I64 or I32) as i64, checking its shape.
@@ -148,8 +171,8 @@ impl Checkpoint {
             bail!("{}: tensor '{name}' has shape {:?}, expected {:?}", path.display(), raw.shape, shape);
         }
         Ok(match raw.dtype {
-            Dtype::I64 => raw.bytes.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes"))).collect(),
-            Dtype::I32 => raw.bytes.chunks_exact(4).map(|b| i32::from_le_bytes(b.try_into().expect("4 bytes")) as i64).collect(),
+            Dtype::I64 => raw.bytes.chunks_exact(8).map(|b| i64::from_le_bytes(le_bytes(b))).collect(),
+            Dtype::I32 => raw.bytes.chunks_exact(4).map(|b| i64::from(i32::from_le_bytes(le_bytes(b)))).collect(),
             other => bail!("{}: tensor '{name}' has dtype {other:?}, expected I64 or I32", path.display()),
         })
     }
@@ -160,6 +183,15 @@ impl Checkpoint {
             Some(MemorySource::Probe(_)) => true,
             None => self.location.contains_key(name),
         }
+    }
+
+    /// What this checkpoint can hold, for [`crate::RawConfig::validate`].
+    pub fn capacity(&self) -> CheckpointCapacity {
+        if self.memory.is_some() {
+            return CheckpointCapacity::Memory;
+        }
+        let bytes = self.files.iter().map(|(_, map)| map.len() as u64).sum();
+        CheckpointCapacity::Files { bytes, tensors: self.location.len(), pruned: self.layout.is_some() }
     }
 
     /// The weight files, in the order they were opened.
@@ -181,7 +213,7 @@ impl Checkpoint {
             bail!("{}: tensor '{name}' has no stored bytes", self.describe());
         }
         let idx = self.location.get(name).ok_or_else(|| anyhow!("{}: missing tensor '{name}'", self.describe()))?;
-        Ok(&self.files[*idx])
+        self.files.get(*idx).ok_or_else(|| anyhow!("{}: tensor '{name}' has no file", self.describe()))
     }
 
     /// The stored shape of a tensor.
@@ -189,9 +221,7 @@ impl Checkpoint {
         if let Some(MemorySource::Tensors(tensors)) = &self.memory {
             return tensors.get(name).map(|(shape, _)| shape.clone()).ok_or_else(|| anyhow!("{IN_MEMORY}: missing tensor '{name}'"));
         }
-        let (_, map) = self.file_of(name)?;
-        let tensors = SafeTensors::deserialize(map).expect("validated when opened");
-        Ok(tensors.tensor(name).expect("listed when opened").shape().to_vec())
+        Ok(self.raw(name)?.shape)
     }
 
     /// Reads a tensor as f32 values, checking its stored shape (`shape` exactly, or cut to the
@@ -204,34 +234,32 @@ impl Checkpoint {
                 MemorySource::Probe(_) => Device::default(),
             };
             let flat = self.memory_tensor(memory, name, shape, &device)?;
-            return Ok(flat.into_data().convert::<f32>().try_into_vec::<f32>().expect("converted to f32"));
+            return flat.into_data().convert::<f32>().try_into_vec::<f32>().map_err(|e| anyhow!("{}: tensor '{name}': {e:?}", self.describe()));
         }
-        let (path, map) = self.file_of(name)?;
-        let tensors = SafeTensors::deserialize(map).expect("validated when opened");
-        let view = tensors.tensor(name).expect("listed when opened");
+        let (path, _) = self.file_of(name)?;
+        let view = self.raw(name)?;
         let expected = self.stored_shape(name, shape);
-        if view.shape() != expected {
+        if view.shape != expected {
             let why = if expected != shape { " (cut to the index sets in config.json)" } else { "" };
-            bail!("{}: tensor '{name}' has shape {:?}, expected {:?}{why}", path.display(), view.shape(), expected);
+            bail!("{}: tensor '{name}' has shape {:?}, expected {:?}{why}", path.display(), view.shape, expected);
         }
-        let bytes = view.data();
-        let values = match view.dtype() {
-            Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-            Dtype::F16 => bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-            Dtype::BF16 => bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-            other => bail!("{}: tensor '{name}' has unsupported dtype {other:?} (expected F32, F16 or BF16)", path.display()),
+        let Some(values) = decode_floats(view.dtype, view.bytes) else {
+            bail!("{}: tensor '{name}' has unsupported dtype {:?} (expected F32, F16 or BF16)", path.display(), view.dtype);
         };
+        // Every value is decoded here anyway; checking it on the way costs no extra pass over
+        // the file, and no command then runs on a poisoned weight.
+        check_finite_values(&path.display().to_string(), name, &values)?;
         Ok(values)
     }
 
     /// A tensor on the device, shape checked.
     pub fn tensor<const D: usize>(&self, name: &str, shape: [usize; D], device: &Device) -> Result<Tensor<D>> {
         if let Some(memory) = &self.memory {
-            let stored: [usize; D] = self.stored_shape(name, &shape).try_into().expect("same rank");
+            let stored: [usize; D] = self.stored_rank(name, &shape)?;
             return Ok(self.memory_tensor(memory, name, &shape, device)?.reshape(stored));
         }
         let values = self.read_f32(name, &shape)?;
-        let stored: [usize; D] = self.stored_shape(name, &shape).try_into().expect("same rank");
+        let stored: [usize; D] = self.stored_rank(name, &shape)?;
         Ok(Tensor::from_data(TensorData::new(values, stored), device))
     }
 
@@ -240,11 +268,11 @@ impl Checkpoint {
     pub fn matrix_in_out(&self, name: &str, inputs: usize, outputs: usize, device: &Device) -> Result<Tensor<2>> {
         if let Some(memory) = &self.memory {
             let flat = self.memory_tensor(memory, name, &[outputs, inputs], device)?;
-            let [outputs, inputs]: [usize; 2] = self.stored_shape(name, &[outputs, inputs]).try_into().expect("rank 2");
+            let [outputs, inputs]: [usize; 2] = self.stored_rank(name, &[outputs, inputs])?;
             return Ok(flat.reshape([outputs, inputs]).transpose());
         }
         let values = self.read_f32(name, &[outputs, inputs])?;
-        let [outputs, inputs]: [usize; 2] = self.stored_shape(name, &[outputs, inputs]).try_into().expect("rank 2");
+        let [outputs, inputs]: [usize; 2] = self.stored_rank(name, &[outputs, inputs])?;
         Ok(Tensor::from_data(TensorData::new(transpose(&values, outputs, inputs), [inputs, outputs]), device))
     }
 
@@ -254,7 +282,7 @@ impl Checkpoint {
         let expected = self.stored_shape(name, shape);
         match memory {
             MemorySource::Probe(reads) => {
-                reads.lock().expect("probe records are never left half-written").push((name.to_string(), shape.to_vec()));
+                reads.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push((name.to_string(), shape.to_vec()));
                 Ok(Tensor::zeros([expected.iter().product::<usize>()], device))
             }
             MemorySource::Tensors(tensors) => {
@@ -279,6 +307,30 @@ impl Checkpoint {
     }
 }
 
+/// The little-endian bytes of a chunk of exactly `N` (what `chunks_exact(N)` yields).
+fn le_bytes<const N: usize>(chunk: &[u8]) -> [u8; N] {
+    let mut bytes = [0u8; N];
+    bytes.copy_from_slice(chunk);
+    bytes
+}
+
+/// The values of a float tensor's bytes, or `None` for a dtype that is not F32, F16 or BF16.
+fn decode_floats(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
+    Some(match dtype {
+        Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes(le_bytes(b))).collect(),
+        Dtype::F16 => bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes(le_bytes(b)).to_f32()).collect(),
+        Dtype::BF16 => bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes(le_bytes(b)).to_f32()).collect(),
+        _ => return None,
+    })
+}
+
+fn check_finite_values(file: &str, name: &str, values: &[f32]) -> Result<()> {
+    match values.iter().position(|v| !v.is_finite()) {
+        Some(at) => bail!("{file}: tensor '{name}' holds {} at flat index {at}; weights must be finite", values.get(at).copied().unwrap_or(f32::NAN)),
+        None => Ok(()),
+    }
+}
+
 fn read_shard_list(index: &Path) -> Result<Vec<String>> {
     let text = std::fs::read_to_string(index).with_context(|| format!("{}: cannot read", index.display()))?;
     let json: serde_json::Value =
@@ -295,9 +347,13 @@ fn read_shard_list(index: &Path) -> Result<Vec<String>> {
     Ok(shards.into_keys().collect())
 }
 
-/// Row-major `[rows, cols]` to `[cols, rows]`, blocked for cache locality.
+/// Row-major `[rows, cols]` to `[cols, rows]`, blocked for cache locality. `values` must hold
+/// `rows * cols` values (callers pass what a shape-checked read returned).
+// Indexes below `rows * cols`, asserted; not file contents.
+#[allow(clippy::indexing_slicing)]
 pub fn transpose(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     const TILE: usize = 32;
+    assert_eq!(values.len(), rows * cols, "transpose of {rows}x{cols} values");
     let mut out = vec![0f32; values.len()];
     for r0 in (0..rows).step_by(TILE) {
         for c0 in (0..cols).step_by(TILE) {
@@ -312,6 +368,7 @@ pub fn transpose(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 mod tests {
     #[test]
     fn transpose_moves_every_element() {

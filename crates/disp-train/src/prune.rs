@@ -215,6 +215,8 @@ pub fn prune(request: &PruneRequest, device: &Device, on_step: impl FnMut(&StepR
             plan
         }
         Method::Disp | Method::DispDirect => {
+            crate::search::check_search_memory(model.as_ref(), request.search.batch_size, request.seq_len)
+                .map_err(|e| anyhow!("--batch-size {}: {e:#}", request.search.batch_size))?;
             let windows = calibration()?;
             let cfg = SearchConfig {
                 target_ratio: ratio,
@@ -317,6 +319,8 @@ mod tests {
         request(Method::Disp).check().unwrap();
         let err = |r: PruneRequest| r.check().unwrap_err().to_string();
         assert!(err(PruneRequest { ratio: Some(1.0), ..request(Method::Disp) }).contains("strictly between 0 and 1"));
+        assert!(err(PruneRequest { ratio: Some(-0.1), ..request(Method::Disp) }).contains("got -0.1"));
+        assert!(err(PruneRequest { ratio: Some(f64::NAN), ..request(Method::Disp) }).contains("strictly between 0 and 1"));
         assert!(err(PruneRequest { ratio: None, ..request(Method::WandaSp) }).contains("--ratio is required for wanda-sp"));
         assert!(err(PruneRequest { plan_out: None, ..request(Method::Disp) }).contains("--out PLAN.json"));
         assert!(err(PruneRequest { search: SearchConfig { steps: 0, ..Default::default() }, ..request(Method::Disp) }).contains("--steps"));

@@ -70,6 +70,24 @@ pub struct Searcher<'a> {
     first_regulariser: Option<f64>,
     /// The epoch whose window order is cached in `order`.
     batches: ShuffledBatches,
+    /// Digest of some of the frozen weights (see [`weights_digest`]), recorded in checkpoints.
+    weights_digest: String,
+}
+
+/// A digest of the output projections of the first and last block: tells apart two models of the
+/// same sizes (e.g. a base model and its fine-tune), so a checkpoint of one does not resume on
+/// the other. A few small matrices, read once per run.
+fn weights_digest(model: &dyn CausalLm) -> String {
+    let last = model.num_layers().saturating_sub(1);
+    let mut hash = mix64(model.num_layers() as u64);
+    for layer in [0, last] {
+        let linears = model.block_linears(layer);
+        for linear in [linears.attn_output, linears.mlp_output] {
+            let values = linear.weight.clone().into_data().convert::<f32>().try_into_vec::<f32>().unwrap_or_default();
+            hash = values.iter().fold(mix64(hash ^ values.len() as u64), |h, v| mix64(h ^ u64::from(v.to_bits())));
+        }
+    }
+    format!("{hash:016x}")
 }
 
 impl<'a> Searcher<'a> {
@@ -103,6 +121,7 @@ impl<'a> Searcher<'a> {
         let kept = shape.kept_block_fraction(cfg.target_ratio, cfg.ratio_of)?;
         let net_shape = HyperNetShape::of(&shape)?;
         check_windows(windows, model)?;
+        check_search_memory(model, cfg.batch_size, windows[0].len())?;
 
         let device = model.device().clone().autodiff();
         let generator = GateGenerator::new(cfg.gate_source, net_shape, cfg.seed, &device);
@@ -120,6 +139,7 @@ impl<'a> Searcher<'a> {
             last: None,
             first_regulariser: None,
             batches: ShuffledBatches::new(windows.len(), cfg.seed, Purpose::Shuffle),
+            weights_digest: weights_digest(model),
         })
     }
 
@@ -361,6 +381,7 @@ impl<'a> Searcher<'a> {
             "windows": self.windows.len(),
             "seq_len": self.windows[0].len(),
             "windows_digest": format!("{digest:016x}"),
+            "weights_digest": self.weights_digest,
         });
         // Only the non-default source is recorded, so hypernetwork checkpoints written before
         // direct logits existed still resume.
@@ -409,6 +430,9 @@ impl<'a> Searcher<'a> {
             bail!("{}: checkpoint is for another model ({:?}, this one is {:?})", path.display(), h.model, identity);
         }
         let settings = self.settings();
+        if h.settings.get("weights_digest") != settings.get("weights_digest") {
+            bail!("{}: checkpoint is for another model of the same sizes (its weights differ)", path.display());
+        }
         if h.settings != settings {
             // Keys of either side: a setting recorded only when not the default (gate_source)
             // may be missing from one of them.
@@ -453,6 +477,17 @@ fn adamw(cfg: &SearchConfig) -> ModuleOptimizer {
 
 /// Calibration windows must exist, share one length of at least 2 tokens that the model's
 /// positions cover, and hold only in-vocabulary tokens.
+/// Fails before the first step when a step's activations cannot fit in the available memory.
+/// The estimate is a lower bound of what the masked forward and its backward keep per token: the
+/// logits and their gradient, and per block a few hidden-width and intermediate-width tensors.
+pub fn check_search_memory(model: &dyn CausalLm, batch_size: usize, seq_len: usize) -> Result<()> {
+    let shape = model.model_shape();
+    let per_block: u128 = shape.blocks.iter().map(|b| 8 * b.hidden as u128 + 4 * b.intermediate as u128).sum();
+    let per_token = (3 * model.vocab_size() as u128).saturating_add(per_block).saturating_mul(4);
+    let bytes = per_token.saturating_mul(batch_size as u128).saturating_mul(seq_len as u128);
+    disp_core::memory::check_fits(&format!("a search step of batch size {batch_size} x {seq_len} tokens"), bytes)
+}
+
 pub(crate) fn check_windows(windows: &[Vec<u32>], model: &dyn CausalLm) -> Result<()> {
     let Some(first) = windows.first() else { bail!("no calibration windows (the calibration text is empty or shorter than one window)") };
     let seq = first.len();

@@ -1,4 +1,6 @@
 //! GGUF (llama architecture) -> Hugging Face `LlamaForCausalLM` folder.
+// Reads untrusted input: no panicking shortcuts (issue 12).
+#![warn(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -39,7 +41,13 @@ pub struct ConvertSummary {
 /// error nothing is left at `out_dir`. `out_dir` must not exist or be an empty folder. Errors are
 /// one line starting with the GGUF path.
 pub fn convert_gguf_to_hf(gguf: &Path, out_dir: &Path) -> Result<ConvertSummary> {
-    convert(gguf, out_dir).map_err(|e| anyhow!("{}: {e:#}", gguf.display()))
+    convert(gguf, out_dir).map_err(|e| {
+        anyhow!(
+            "{}: {}",
+            gguf.display(),
+            crate::fsutil::one_line(&format!("{e:#}"))
+        )
+    })
 }
 
 fn convert(gguf_path: &Path, out_dir: &Path) -> Result<ConvertSummary> {
@@ -330,7 +338,7 @@ fn optional_f64(gguf: &GgufFile, key: &str) -> Result<Option<f64>> {
     gguf.get(key)
         .map(|v| match v {
             // Widen through the shortest decimal so 1e-5f32 becomes 1e-5, not 9.9999997e-6.
-            MetadataValue::F32(x) => Ok(x.to_string().parse::<f64>().expect("f32 Display parses")),
+            MetadataValue::F32(x) => Ok(x.to_string().parse::<f64>().unwrap_or(f64::from(*x))),
             _ => v.as_f64().ok_or_else(|| {
                 anyhow!(
                     "metadata {key} must be a number, found {}",
@@ -400,6 +408,14 @@ fn plan_llama(gguf: &GgufFile) -> Result<Plan> {
         hidden > 0 && ffn > 0 && layers > 0,
         "llama.embedding_length, llama.feed_forward_length and llama.block_count must be positive"
     );
+    // Each layer has nine tensors; a count the header cannot back is refused before anything is
+    // planned for it.
+    let tensor_count = gguf.tensors.len() as u64;
+    ensure!(
+        layers.saturating_mul(LAYER_PARTS.len() as u64) <= tensor_count,
+        "llama.block_count = {layers} needs {} layer tensors but the file has {tensor_count} tensors",
+        layers.saturating_mul(LAYER_PARTS.len() as u64)
+    );
     ensure!(
         heads > 0 && kv_heads > 0,
         "llama.attention.head_count and head_count_kv must be positive"
@@ -436,8 +452,20 @@ fn plan_llama(gguf: &GgufFile) -> Result<Plan> {
     }
     let rms_norm_eps = optional_f64(gguf, "llama.attention.layer_norm_rms_epsilon")?
         .ok_or_else(|| anyhow!("metadata llama.attention.layer_norm_rms_epsilon is missing"))?;
+    ensure!(
+        rms_norm_eps > 0.0 && rms_norm_eps < 1.0,
+        "llama.attention.layer_norm_rms_epsilon = {rms_norm_eps} must be a small positive number"
+    );
     let rope_theta = optional_f64(gguf, "llama.rope.freq_base")?.unwrap_or(10_000.0);
+    ensure!(
+        rope_theta > 0.0 && rope_theta.is_finite(),
+        "llama.rope.freq_base = {rope_theta} must be a positive number"
+    );
     let max_position_embeddings = required_u64(gguf, "llama.context_length")?;
+    ensure!(
+        max_position_embeddings > 0,
+        "llama.context_length is 0; it must be at least 1"
+    );
     let rope_scaling = rope_scaling(gguf)?;
 
     let mut found: BTreeMap<(Role, bool), usize> = BTreeMap::new();
@@ -475,8 +503,12 @@ fn plan_llama(gguf: &GgufFile) -> Result<Plan> {
         .get(1)
         .copied()
         .unwrap_or(0);
-    let q_rows = heads * head_dim;
-    let kv_rows = kv_heads * head_dim;
+    let q_rows = heads
+        .checked_mul(head_dim)
+        .ok_or_else(|| anyhow!("llama.attention.head_count x head dimension overflows"))?;
+    let kv_rows = kv_heads
+        .checked_mul(head_dim)
+        .ok_or_else(|| anyhow!("llama.attention.head_count_kv x head dimension overflows"))?;
     let weight_ne = |role: Role| -> Vec<u64> {
         match role {
             Role::Embedding | Role::Output => vec![hidden, vocab],
@@ -516,7 +548,7 @@ fn plan_llama(gguf: &GgufFile) -> Result<Plan> {
         let index = *found
             .get(&(role, false))
             .ok_or_else(|| anyhow!("tensor {} is missing", role.gguf_name("weight")))?;
-        let info = &gguf.tensors[index];
+        let info = tensor_at(gguf, index)?;
         check_ne(info, &expected_ne)?;
         let unpermute_heads = match role {
             Role::Layer(_, LayerPart::Q) => Some(heads as usize),
@@ -537,17 +569,19 @@ fn plan_llama(gguf: &GgufFile) -> Result<Plan> {
             _ => false,
         };
         if wants_bias {
-            let bias_ne = vec![expected_ne[1]];
+            // A projection's weight is [inputs, outputs]; its bias has the outputs.
+            let outputs = expected_ne.get(1).copied().unwrap_or(0);
+            let bias_ne = vec![outputs];
             let source = match found.get(&(role, true)) {
                 Some(&bias_index) => {
-                    check_ne(&gguf.tensors[bias_index], &bias_ne)?;
+                    check_ne(tensor_at(gguf, bias_index)?, &bias_ne)?;
                     Source::Gguf(bias_index)
                 }
                 None => Source::Zeros,
             };
             tensors.push(PlannedTensor {
                 hf_name: role.hf_name("bias"),
-                shape: vec![bias_ne[0] as usize],
+                shape: vec![outputs as usize],
                 source,
                 unpermute_heads,
             });
@@ -574,6 +608,12 @@ fn plan_llama(gguf: &GgufFile) -> Result<Plan> {
         },
         tensors,
     })
+}
+
+fn tensor_at(gguf: &GgufFile, index: usize) -> Result<&TensorInfo> {
+    gguf.tensors
+        .get(index)
+        .ok_or_else(|| anyhow!("tensor #{index} is not in the file"))
 }
 
 fn check_ne(info: &TensorInfo, expected: &[u64]) -> Result<()> {
@@ -628,10 +668,10 @@ struct OutputTensor<'a> {
 impl<'a> OutputTensor<'a> {
     fn new(gguf: &'a GgufFile, planned: &PlannedTensor) -> Self {
         let bytes = match planned.source {
-            Source::Gguf(index) => {
-                let info = &gguf.tensors[index];
-                Some((gguf.tensor_bytes(info), info.ggml_type))
-            }
+            Source::Gguf(index) => gguf
+                .tensors
+                .get(index)
+                .map(|info| (gguf.tensor_bytes(info), info.ggml_type)),
             Source::Zeros => None,
         };
         Self {
@@ -645,15 +685,15 @@ impl<'a> OutputTensor<'a> {
         let count = self.shape.iter().product();
         let mut values = vec![0f32; count];
         if let Some((bytes, ty)) = self.bytes {
-            // Sizes and types were validated when the file was opened and planned.
-            dequantize(ty, bytes, &mut values).expect("validated GGUF tensor decodes");
-        }
-        match self.unpermute_heads {
-            Some(heads) => {
-                let rows = self.shape[0];
-                unpermute_rows(&values, rows, count / rows, heads)
+            // Sizes and types were validated when the file was opened and planned, so this cannot
+            // fail; if it did, NaN makes the written model fail to load instead of a panic here.
+            if dequantize(ty, bytes, &mut values).is_err() {
+                values.fill(f32::NAN);
             }
-            None => values,
+        }
+        match (self.unpermute_heads, self.shape.first()) {
+            (Some(heads), Some(&rows)) if rows > 0 => unpermute_rows(&values, rows, count / rows, heads),
+            _ => values,
         }
     }
 }
@@ -685,6 +725,8 @@ impl View for OutputTensor<'_> {
 /// rotate-half order (first half, second half) into interleaved pairs:
 /// `w.reshape(heads, 2, head_dim / 2, cols).swapaxes(1, 2)`, i.e. GGUF row
 /// `h * head_dim + 2 * i + s` holds HF row `h * head_dim + s * head_dim / 2 + i`.
+// Indexes within `rows * cols`, which the asserts establish; not file contents.
+#[allow(clippy::indexing_slicing)]
 pub(crate) fn unpermute_rows(
     gguf_rows: &[f32],
     rows: usize,

@@ -5,7 +5,7 @@ mod convert;
 pub mod format;
 pub mod quant;
 pub mod reader;
-mod tokenizer;
+pub mod tokenizer;
 pub mod writer;
 
 pub use convert::{convert_gguf_to_hf, ConvertSummary};

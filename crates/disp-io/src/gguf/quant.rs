@@ -23,7 +23,9 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], out: &mut [f32]) -> Result<()> {
     match ty {
         GgmlType::F32 => {
             for (o, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
-                *o = f32::from_le_bytes(b.try_into().unwrap());
+                if let &[b0, b1, b2, b3] = b {
+                    *o = f32::from_le_bytes([b0, b1, b2, b3]);
+                }
             }
         }
         GgmlType::F16 => {

@@ -1,5 +1,7 @@
 //! GGUF v2/v3 (little endian) reader over a memory map. Every offset and size is checked
 //! against the file length before use, so a damaged file gives an error, never a panic.
+// Reads untrusted input: no panicking shortcuts (issue 12).
+#![warn(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -66,7 +68,13 @@ impl std::fmt::Debug for GgufFile {
 impl GgufFile {
     /// Opens and validates `path`. Errors are one line that starts with the path.
     pub fn open(path: &Path) -> Result<Self> {
-        Self::open_unprefixed(path).map_err(|e| anyhow!("{}: {e:#}", path.display()))
+        Self::open_unprefixed(path).map_err(|e| {
+            anyhow!(
+                "{}: {}",
+                path.display(),
+                crate::fsutil::one_line(&format!("{e:#}"))
+            )
+        })
     }
 
     /// Like [`Self::open`] but the error does not name the file (the caller adds it).
@@ -109,16 +117,19 @@ impl GgufFile {
     }
 
     pub fn get(&self, key: &str) -> Option<&MetadataValue> {
-        self.metadata_index.get(key).map(|&i| &self.metadata[i].1)
+        let &i = self.metadata_index.get(key)?;
+        self.metadata.get(i).map(|(_, value)| value)
     }
 
     pub fn tensor(&self, name: &str) -> Option<&TensorInfo> {
         self.tensors.iter().find(|t| t.name == name)
     }
 
-    /// The raw bytes of a tensor (its range was validated when the file was opened).
+    /// The raw bytes of a tensor (its range was validated when the file was opened; a range from
+    /// another file gives no bytes, which every decoder refuses as the wrong size).
     pub fn tensor_bytes(&self, info: &TensorInfo) -> &[u8] {
-        &self.mmap[info.file_range.start as usize..info.file_range.end as usize]
+        let range = usize::try_from(info.file_range.start).unwrap_or(usize::MAX)..usize::try_from(info.file_range.end).unwrap_or(0);
+        self.mmap.get(range).unwrap_or_default()
     }
 }
 
@@ -152,19 +163,23 @@ impl<'a> Cursor<'a> {
                 self.bytes.len()
             );
         };
-        self.pos = end as usize;
-        Ok(&self.bytes[start as usize..end as usize])
+        let (start, end) = (start as usize, end as usize);
+        self.pos = end;
+        self.bytes
+            .get(start..end)
+            .ok_or_else(|| anyhow!("{}: bytes {start}..{end} out of range", self.context))
     }
 
     fn array<const N: usize>(&mut self) -> Result<[u8; N]> {
-        Ok(self
-            .take(N as u64)?
+        let bytes = self.take(N as u64)?;
+        bytes
             .try_into()
-            .expect("take returned N bytes"))
+            .map_err(|_| anyhow!("{}: expected {N} bytes, got {}", self.context, bytes.len()))
     }
 
     fn u8(&mut self) -> Result<u8> {
-        Ok(self.array::<1>()?[0])
+        let [byte] = self.array::<1>()?;
+        Ok(byte)
     }
     fn u16(&mut self) -> Result<u16> {
         Ok(u16::from_le_bytes(self.array()?))
@@ -177,7 +192,7 @@ impl<'a> Cursor<'a> {
     }
 
     fn remaining(&self) -> u64 {
-        (self.bytes.len() - self.pos) as u64
+        self.bytes.len().saturating_sub(self.pos) as u64
     }
 
     fn string(&mut self) -> Result<String> {
@@ -297,12 +312,9 @@ fn parse(bytes: &[u8]) -> Result<Parsed> {
     }
     let magic = cur.array::<4>()?;
     if magic != GGUF_MAGIC {
+        let [a, b, c, d] = magic;
         bail!(
-            "not a GGUF file: bad magic {:02x} {:02x} {:02x} {:02x} (expected 'GGUF' = 47 47 55 46)",
-            magic[0],
-            magic[1],
-            magic[2],
-            magic[3]
+            "not a GGUF file: bad magic {a:02x} {b:02x} {c:02x} {d:02x} (expected 'GGUF' = 47 47 55 46)"
         );
     }
     let version = cur.u32()?;
@@ -395,12 +407,12 @@ fn parse(bytes: &[u8]) -> Result<Parsed> {
             .ggml_type
             .block_elements()
             .ok_or_else(|| anyhow!("tensor {} has unknown GGUF type {}", t.name, t.ggml_type.0))?;
+        let row = t.ne.first().copied().unwrap_or(0);
         ensure!(
-            t.ne[0] % per_block == 0,
-            "tensor {} of type {} has {} values per row, not a multiple of its block size {per_block}",
+            row % per_block == 0,
+            "tensor {} of type {} has {row} values per row, not a multiple of its block size {per_block}",
             t.name,
-            t.ggml_type,
-            t.ne[0]
+            t.ggml_type
         );
         let size = t.ggml_type.bytes_for(elements).ok_or_else(|| {
             anyhow!(

@@ -1,5 +1,7 @@
 //! Rebuilds a Hugging Face `tokenizer.json` / `tokenizer_config.json` pair from the
 //! `tokenizer.*` metadata of a GGUF file (byte-level BPE, `tokenizer.ggml.model = gpt2`).
+// Reads untrusted input: no panicking shortcuts (issue 12).
+#![warn(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 use std::collections::HashSet;
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
@@ -206,12 +208,14 @@ pub(crate) fn build_tokenizer(
         tracing::warn!("{duplicates} duplicated GGUF tokens keep only their first id");
     }
 
+    check_bpe_merges(|token| vocab.contains_key(token), merges.iter().map(|(a, b)| (a.as_str(), b.as_str())), "")
+        .map_err(|e| anyhow!("tokenizer.ggml.merges: {e}"))?;
     let mut bpe = BPE::builder()
         .vocab_and_merges(vocab, merges)
         .byte_fallback(false)
         .ignore_merges(ignore_merges);
     if let Some(unk) = unk {
-        bpe = bpe.unk_token(tokens[unk as usize].clone());
+        bpe = bpe.unk_token(token_text(tokens, unk));
     }
     let bpe = bpe
         .build()
@@ -251,14 +255,14 @@ pub(crate) fn build_tokenizer(
     tokenizer.with_post_processor(Some(post_processor));
     let special_tokens: Vec<AddedToken> = special_ids
         .iter()
-        .map(|&id| AddedToken::from(tokens[id as usize].clone(), true))
+        .map(|&id| AddedToken::from(token_text(tokens, id), true))
         .collect();
     tokenizer
         .add_special_tokens(special_tokens)
         .map_err(|e| anyhow!("cannot add special tokens: {e}"))?;
     let user_tokens: Vec<AddedToken> = user_defined_ids
         .iter()
-        .map(|&id| AddedToken::from(tokens[id as usize].clone(), false).normalized(false))
+        .map(|&id| AddedToken::from(token_text(tokens, id), false).normalized(false))
         .collect();
     tokenizer
         .add_tokens(user_tokens)
@@ -272,7 +276,7 @@ pub(crate) fn build_tokenizer(
         added_tokens_decoder.insert(
             id.to_string(),
             json!({
-                "content": tokens[id as usize],
+                "content": token_text(tokens, id),
                 "lstrip": false,
                 "normalized": false,
                 "rstrip": false,
@@ -292,7 +296,7 @@ pub(crate) fn build_tokenizer(
         ("pad_token", pad),
     ] {
         if let Some(id) = id {
-            config.insert(key.into(), tokens[id as usize].clone().into());
+            config.insert(key.into(), token_text(tokens, id).into());
         }
     }
     if let Some(template) = chat_template {
@@ -314,6 +318,36 @@ pub(crate) fn build_tokenizer(
     })
 }
 
+/// The text of token `id`. Every id used here was checked against the vocabulary (named ids by
+/// `optional_token_id`, the others come from enumerating it); an unknown one reads as "".
+fn token_text(tokens: &[String], id: u32) -> String {
+    tokens.get(id as usize).cloned().unwrap_or_default()
+}
+
+/// Checks what the `tokenizers` BPE builder assumes but does not check (it panics instead): both
+/// parts of every merge and the token they make are in the vocabulary, and the second part starts
+/// with the continuing-subword `prefix`.
+pub fn check_bpe_merges<'a>(
+    in_vocab: impl Fn(&str) -> bool,
+    merges: impl Iterator<Item = (&'a str, &'a str)>,
+    prefix: &str,
+) -> Result<()> {
+    for (i, (a, b)) in merges.enumerate() {
+        for part in [a, b] {
+            ensure!(in_vocab(part), "merge #{i} {a:?} + {b:?}: {part:?} is not in the vocabulary");
+        }
+        let Some(rest) = b.strip_prefix(prefix) else {
+            bail!("merge #{i} {a:?} + {b:?}: {b:?} does not start with the subword prefix {prefix:?}");
+        };
+        let merged = format!("{a}{rest}");
+        ensure!(
+            in_vocab(&merged),
+            "merge #{i} {a:?} + {b:?} makes {merged:?}, which is not in the vocabulary"
+        );
+    }
+    Ok(())
+}
+
 /// `<bos> $A <eos>` style post-processing for GGUFs that ask for BOS/EOS to be added.
 fn bos_eos_template(
     tokens: &[String],
@@ -330,7 +364,7 @@ fn bos_eos_template(
         let id = id.ok_or_else(|| {
             anyhow!("tokenizer.ggml.add_{what}_token is set but there is no {what} token id")
         })?;
-        let token = tokens[id as usize].clone();
+        let token = token_text(tokens, id);
         ensure!(
             !token.contains(char::is_whitespace) && !token.starts_with('$'),
             "the {what} token {token:?} cannot be used in a post-processing template"
