@@ -80,23 +80,7 @@ fn max_positions_is_the_configured_table_length() {
 #[test]
 fn cached_decoding_matches_the_full_forward() {
     for name in FIXTURES {
-        let (model, device) = load(name);
-        let dir = fixture(name);
-        let (shape, ids) = reference(&dir, "input_ids");
-        let seq = shape[1];
-        let full = logits(model.as_ref(), &dir, None);
-        let vocab = model.vocab_size();
-        let mut cache = model.new_cache();
-        let prefill = 5;
-        let mut steps = Vec::new();
-        let row: Vec<f32> = ids[..seq].to_vec();
-        steps.push(to_vec(model.forward(token_tensor(&[1, prefill], &row[..prefill], &device), None, Some(&mut cache))));
-        for t in prefill..seq {
-            steps.push(to_vec(model.forward(token_tensor(&[1, 1], &row[t..t + 1], &device), None, Some(&mut cache))));
-        }
-        let cached: Vec<f32> = steps.concat();
-        let diff = max_abs_diff(&cached, &full[..seq * vocab]);
-        assert!(diff <= 1e-4, "{name}: cached decoding differs from the full pass by {diff}");
+        check_cached_decoding(name);
     }
 }
 

@@ -51,8 +51,8 @@ impl ModelSize {
     /// MLP 768 (LLaMA: 512, as its gated MLP has three matrices), vocabulary 4096, 512 positions.
     pub fn tiny(family: Family) -> Self {
         let (kv_heads, intermediate) = match family {
-            Family::Llama => (2, 512),
             Family::Opt | Family::Phi => (6, 768),
+            Family::Llama | Family::Qwen2 | Family::Qwen3 | Family::Mistral => (2, 512),
         };
         Self { hidden: 192, layers: 4, heads: 6, kv_heads, intermediate, vocab: 4096, max_positions: 512 }
     }
@@ -74,6 +74,9 @@ pub fn hf_config(family: Family, size: &ModelSize, special_token: u32) -> Result
     }
     let head_dim = size.hidden / size.heads;
     Ok(match family {
+        Family::Qwen2 | Family::Qwen3 | Family::Mistral => {
+            bail!("tiny models are trained for llama, opt and phi, not {}", family.model_type())
+        }
         Family::Llama => json!({
             "architectures": ["LlamaForCausalLM"],
             "attention_bias": false,
