@@ -66,7 +66,8 @@ impl PhiConfig {
     }
 
     pub fn head_dim(&self) -> usize {
-        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads)
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads)
     }
 }
 
@@ -74,10 +75,15 @@ impl PhiConfig {
 /// `rope_parameters` in transformers 5 ones.
 fn partial_rotary_factor(raw: &RawConfig) -> Result<f64> {
     let top = raw.json.get("partial_rotary_factor");
-    let nested = raw.json.get("rope_parameters").and_then(|p| p.get("partial_rotary_factor"));
+    let nested = raw
+        .json
+        .get("rope_parameters")
+        .and_then(|p| p.get("partial_rotary_factor"));
     match top.or(nested) {
         None | Some(Value::Null) => Ok(DEFAULT_PARTIAL_ROTARY_FACTOR),
-        Some(v) => v.as_f64().ok_or_else(|| raw.error("partial_rotary_factor must be a number")),
+        Some(v) => v
+            .as_f64()
+            .ok_or_else(|| raw.error("partial_rotary_factor must be a number")),
     }
 }
 
@@ -87,7 +93,11 @@ pub fn load(raw: &RawConfig, ck: &Checkpoint, device: &Device) -> Result<Decoder
         return Err(raw.error("qk_layernorm is not supported"));
     }
     let activation = Activation::from_hf_name(&config.hidden_act).ok_or_else(|| {
-        raw.error(format!("unsupported hidden_act '{}' for phi (supported: {})", config.hidden_act, Activation::SUPPORTED))
+        raw.error(format!(
+            "unsupported hidden_act '{}' for phi (supported: {})",
+            config.hidden_act,
+            Activation::SUPPORTED
+        ))
     })?;
     let (heads, kv_heads) = (config.num_attention_heads, config.kv_heads());
     if heads == 0 || kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
@@ -103,16 +113,62 @@ pub fn load(raw: &RawConfig, ck: &Checkpoint, device: &Device) -> Result<Decoder
     }
     let (theta, scaling) = raw.rope(10_000.0)?;
     let (d, v) = (config.hidden_size, config.vocab_size);
-    let mut shape = BlockSpec::shape_without_biases(d, config.intermediate_size, heads, kv_heads, hd, MlpKind::TwoMatrix);
-    (shape.qkv_bias, shape.out_bias, shape.mlp_in_bias, shape.mlp_out_bias) = (true, true, true, true);
-    let norm = NormKind::Layer { eps: config.layer_norm_eps, affine: true };
+    let mut shape = BlockSpec::shape_without_biases(
+        d,
+        config.intermediate_size,
+        heads,
+        kv_heads,
+        hd,
+        MlpKind::TwoMatrix,
+    );
+    (
+        shape.qkv_bias,
+        shape.out_bias,
+        shape.mlp_in_bias,
+        shape.mlp_out_bias,
+    ) = (true, true, true, true);
+    let norm = NormKind::Layer {
+        eps: config.layer_norm_eps,
+        affine: true,
+    };
     let rope = Some(Rope::new(theta, hd, rotary_dim, scaling));
-    let spec = BlockSpec { shape, heads, kv_heads, head_dim: hd, rope, activation, wiring: Wiring::Parallel, norm };
-    let blocks = load_blocks(ck, "model.layers", &KEYS, &spec, &vec![None; config.num_hidden_layers], device)?;
+    let spec = BlockSpec {
+        shape,
+        heads,
+        kv_heads,
+        head_dim: hd,
+        rope,
+        activation,
+        wiring: Wiring::Parallel,
+        norm,
+    };
+    let blocks = load_blocks(
+        ck,
+        "model.layers",
+        &KEYS,
+        &spec,
+        &vec![None; config.num_hidden_layers],
+        device,
+    )?;
     let tokens = ck.tensor("model.embed_tokens.weight", [v, d], device)?;
     // The head keeps its bias even when its weight is tied.
     let head = Ends::load_head(ck, &tokens, config.tie_word_embeddings, true, device)?;
     let final_norm = Some(norm.load(ck, "model.final_layernorm", d, device)?);
-    let ends = Ends { tokens, positions: None, project_in: None, project_out: None, final_norm, head, tied: config.tie_word_embeddings };
-    Ok(DecoderLm { family: Family::Phi, spec, blocks, ends, max_positions: config.max_position_embeddings, device: device.clone() })
+    let ends = Ends {
+        tokens,
+        positions: None,
+        project_in: None,
+        project_out: None,
+        final_norm,
+        head,
+        tied: config.tie_word_embeddings,
+    };
+    Ok(DecoderLm {
+        family: Family::Phi,
+        spec,
+        blocks,
+        ends,
+        max_positions: config.max_position_embeddings,
+        device: device.clone(),
+    })
 }
