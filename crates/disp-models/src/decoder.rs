@@ -550,6 +550,31 @@ impl Ends {
         Linear::load(ck, "lm_head", width, vocab, bias, device)
     }
 
+    /// The ends of a model with rotary positions: `model.embed_tokens`, the head (see
+    /// [`Self::load_head`]) and the final norm `final_norm`, read in that order.
+    pub fn load_rotary(
+        ck: &Checkpoint,
+        shape: [usize; 2],
+        final_norm: (NormKind, &str),
+        tied: bool,
+        head_bias: bool,
+        device: &Device,
+    ) -> Result<Self> {
+        let tokens = ck.tensor("model.embed_tokens.weight", shape, device)?;
+        let head = Self::load_head(ck, &tokens, tied, head_bias, device)?;
+        let (kind, name) = final_norm;
+        let final_norm = Some(kind.load(ck, name, shape[1], device)?);
+        Ok(Self {
+            tokens,
+            positions: None,
+            project_in: None,
+            project_out: None,
+            final_norm,
+            head,
+            tied,
+        })
+    }
+
     fn embed(&self, tokens: Tensor<2, Int>, start: usize) -> Tensor<3> {
         let [batch, seq] = tokens.dims();
         let width = self.tokens.dims()[1];
@@ -625,6 +650,26 @@ pub struct DecoderLm {
     /// Longest sequence the position encoding supports.
     pub max_positions: usize,
     pub device: Device,
+}
+
+impl DecoderLm {
+    pub fn new(
+        family: Family,
+        spec: BlockSpec,
+        blocks: Vec<Block>,
+        ends: Ends,
+        max_positions: usize,
+        device: &Device,
+    ) -> Self {
+        Self {
+            family,
+            spec,
+            blocks,
+            ends,
+            max_positions,
+            device: device.clone(),
+        }
+    }
 }
 
 impl CausalLm for DecoderLm {

@@ -157,24 +157,22 @@ pub fn load_variant(
     };
     let windows = vec![variant.window; config.num_hidden_layers];
     let blocks = load_blocks(ck, "model.layers", variant.keys, &spec, &windows, device)?;
-    let tokens = ck.tensor("model.embed_tokens.weight", [config.vocab_size, d], device)?;
-    let head = Ends::load_head(ck, &tokens, config.tie_word_embeddings, false, device)?;
-    let final_norm = Some(norm.load(ck, "model.norm", d, device)?);
-    let ends = Ends {
-        tokens,
-        positions: None,
-        project_in: None,
-        project_out: None,
-        final_norm,
-        head,
-        tied: config.tie_word_embeddings,
-    };
-    Ok(DecoderLm {
-        family: variant.family,
+    let tied = config.tie_word_embeddings;
+    let ends = Ends::load_rotary(
+        ck,
+        [config.vocab_size, d],
+        (norm, "model.norm"),
+        tied,
+        false,
+        device,
+    )?;
+    let max_positions = config.max_position_embeddings;
+    Ok(DecoderLm::new(
+        variant.family,
         spec,
         blocks,
         ends,
-        max_positions: config.max_position_embeddings,
-        device: device.clone(),
-    })
+        max_positions,
+        device,
+    ))
 }

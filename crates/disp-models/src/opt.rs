@@ -180,12 +180,13 @@ pub fn load(raw: &RawConfig, ck: &Checkpoint, device: &Device) -> Result<Decoder
         head,
         tied: config.tie_word_embeddings,
     };
-    Ok(DecoderLm {
-        family: Family::Opt,
+    let max_positions = config.max_position_embeddings;
+    Ok(DecoderLm::new(
+        Family::Opt,
         spec,
         blocks,
         ends,
-        max_positions: config.max_position_embeddings,
-        device: device.clone(),
-    })
+        max_positions,
+        device,
+    ))
 }

@@ -150,25 +150,23 @@ pub fn load(raw: &RawConfig, ck: &Checkpoint, device: &Device) -> Result<Decoder
         &vec![None; config.num_hidden_layers],
         device,
     )?;
-    let tokens = ck.tensor("model.embed_tokens.weight", [v, d], device)?;
     // The head keeps its bias even when its weight is tied.
-    let head = Ends::load_head(ck, &tokens, config.tie_word_embeddings, true, device)?;
-    let final_norm = Some(norm.load(ck, "model.final_layernorm", d, device)?);
-    let ends = Ends {
-        tokens,
-        positions: None,
-        project_in: None,
-        project_out: None,
+    let final_norm = (norm, "model.final_layernorm");
+    let ends = Ends::load_rotary(
+        ck,
+        [v, d],
         final_norm,
-        head,
-        tied: config.tie_word_embeddings,
-    };
-    Ok(DecoderLm {
-        family: Family::Phi,
+        config.tie_word_embeddings,
+        true,
+        device,
+    )?;
+    let max_positions = config.max_position_embeddings;
+    Ok(DecoderLm::new(
+        Family::Phi,
         spec,
         blocks,
         ends,
-        max_positions: config.max_position_embeddings,
-        device: device.clone(),
-    })
+        max_positions,
+        device,
+    ))
 }
