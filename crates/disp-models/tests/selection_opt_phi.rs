@@ -121,6 +121,12 @@ fn bad_configs_are_refused_with_one_line_naming_config_json() {
 
     let dir = fixture_with_config("phi", |c| c["qk_layernorm"] = true.into());
     assert_one_line_naming_config(&load_error(dir.path()), "qk_layernorm is not supported");
+
+    let dir = fixture_with_config("mistral", |c| c["sliding_window"] = 0.into());
+    assert_one_line_naming_config(&load_error(dir.path()), "sliding_window must be a positive integer or null");
+
+    let dir = fixture_with_config("qwen2", |c| c["use_sliding_window"] = true.into());
+    assert_one_line_naming_config(&load_error(dir.path()), "sliding-window layers (use_sliding_window) are not supported");
 }
 
 #[test]

@@ -526,9 +526,12 @@ mod tests {
                     assert!(names.iter().any(|(n, s)| n == "model.decoder.embed_positions.weight" && *s == vec![66, 32]), "OPT's position offset 2");
                 }
                 Family::Phi => assert!(has("lm_head.weight") && has("lm_head.bias")),
+                Family::Qwen2 | Family::Qwen3 | Family::Mistral => unreachable!("not trained from scratch"),
             }
         }
         let bad = ModelSize { heads: 5, ..ModelSize::tiny(Family::Llama) };
         assert!(hf_config(Family::Llama, &bad, 0).is_err());
+        let err = hf_config(Family::Qwen3, &ModelSize::tiny(Family::Qwen3), 0).unwrap_err().to_string();
+        assert!(err.contains("not qwen3"), "{err}");
     }
 }
