@@ -128,15 +128,12 @@ impl NormKind {
         device: &Device,
     ) -> Result<Norm> {
         Ok(match self {
-            Self::Rms { eps } => Norm::Rms(RmsNorm::load(
-                ck,
-                &format!("{prefix}.weight"),
-                width,
-                eps,
-                device,
-            )?),
+            Self::Rms { eps } => {
+                let name = format!("{prefix}.weight");
+                Norm::Rms(Box::new(RmsNorm::load(ck, &name, width, eps, device)?))
+            }
             Self::Layer { eps, affine: true } => Norm::Layer {
-                norm: LayerNorm::load(ck, prefix, width, eps, device)?,
+                norm: Box::new(LayerNorm::load(ck, prefix, width, eps, device)?),
                 stored: true,
             },
             Self::Layer { eps, affine: false } => {
@@ -146,7 +143,7 @@ impl NormKind {
                     eps,
                 };
                 Norm::Layer {
-                    norm,
+                    norm: Box::new(norm),
                     stored: false,
                 }
             }
@@ -156,12 +153,10 @@ impl NormKind {
 
 #[derive(Debug, Clone)]
 pub enum Norm {
-    Rms(RmsNorm),
+    /// Boxed, as `LayerNorm` is: tensor handles are large, and the enum stays small.
+    Rms(Box<RmsNorm>),
     /// `stored`: whether the weight and bias are checkpoint parameters.
-    Layer {
-        norm: LayerNorm,
-        stored: bool,
-    },
+    Layer { norm: Box<LayerNorm>, stored: bool },
 }
 
 impl Norm {
