@@ -14,7 +14,8 @@ use disp_models::pruned_folder::{index_tensor_name, read_plan};
 use disp_core::selection::Site;
 use safetensors::SafeTensors;
 
-const FAMILY_FIXTURES: &[&str] = &["llama_gqa_tied", "llama_mha_untied", "llama_bf16", "llama_sharded", "opt_pre_ln", "opt_post_ln_proj", "phi"];
+const FAMILY_FIXTURES: &[&str] =
+    &["llama_gqa_tied", "llama_mha_untied", "llama_bf16", "llama_sharded", "opt_pre_ln", "opt_post_ln_proj", "phi", "qwen2", "qwen3", "mistral"];
 
 fn load_dir(dir: &Path) -> Box<dyn disp_models::CausalLm> {
     disp_models::load_model(dir, &burn::tensor::Device::flex()).unwrap_or_else(|e| panic!("{}: {e:#}", dir.display()))
@@ -241,7 +242,7 @@ fn refuses_bad_exports_without_leaving_output() {
 #[test]
 fn dense_equivalent_matches_hf_transformers() {
     let reference_dir = common::fixtures_dir().join("dense_equivalent");
-    for name in ["llama_gqa_tied", "llama_bf16", "opt_pre_ln", "opt_post_ln_proj", "phi"] {
+    for name in ["llama_gqa_tied", "llama_bf16", "opt_pre_ln", "opt_post_ln_proj", "phi", "qwen2", "qwen3", "mistral"] {
         let plan = disp_core::plan::PruningPlan::load(&reference_dir.join(format!("{name}.plan.json"))).unwrap();
         let (model, device) = load(name);
         let shape = model.model_shape();

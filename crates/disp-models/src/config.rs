@@ -5,10 +5,14 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
+use burn::tensor::Device;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
+use crate::decoder::{BlockKeys, DecoderLm};
 use crate::layers::Llama3Scaling;
+use crate::weights::Checkpoint;
+use crate::{llama, mistral, opt, phi, qwen2, qwen3};
 
 /// The model families `disp` knows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -16,15 +20,46 @@ pub enum Family {
     Llama,
     Opt,
     Phi,
+    Qwen2,
+    Qwen3,
+    Mistral,
 }
 
+/// How `config.json` names a family, its block's checkpoint names and its loader.
+struct FamilyEntry {
+    family: Family,
+    model_type: &'static str,
+    architecture: &'static str,
+    keys: &'static BlockKeys,
+    load: fn(&RawConfig, &Checkpoint, &Device) -> Result<DecoderLm>,
+}
+
+const FAMILIES: [FamilyEntry; 6] = [
+    FamilyEntry { family: Family::Llama, model_type: "llama", architecture: "LlamaForCausalLM", keys: &llama::KEYS, load: llama::load },
+    FamilyEntry { family: Family::Opt, model_type: "opt", architecture: "OPTForCausalLM", keys: &opt::KEYS, load: opt::load },
+    FamilyEntry { family: Family::Phi, model_type: "phi", architecture: "PhiForCausalLM", keys: &phi::KEYS, load: phi::load },
+    FamilyEntry { family: Family::Qwen2, model_type: "qwen2", architecture: "Qwen2ForCausalLM", keys: &llama::KEYS, load: qwen2::load },
+    FamilyEntry { family: Family::Qwen3, model_type: "qwen3", architecture: "Qwen3ForCausalLM", keys: &qwen3::KEYS, load: qwen3::load },
+    FamilyEntry { family: Family::Mistral, model_type: "mistral", architecture: "MistralForCausalLM", keys: &llama::KEYS, load: mistral::load },
+];
+
 impl Family {
+    fn entry(self) -> &'static FamilyEntry {
+        FAMILIES.iter().find(|e| e.family == self).expect("every family has an entry")
+    }
+
     pub fn model_type(self) -> &'static str {
-        match self {
-            Family::Llama => "llama",
-            Family::Opt => "opt",
-            Family::Phi => "phi",
-        }
+        self.entry().model_type
+    }
+
+    /// The checkpoint names of a block's linears and norms.
+    pub fn block_keys(self) -> &'static BlockKeys {
+        self.entry().keys
+    }
+
+    /// Loads a model of this family (see [`crate::load_model_from`]).
+    pub(crate) fn load(self, raw: &RawConfig, ck: &Checkpoint, device: &Device) -> Result<DecoderLm> {
+        (self.entry().load)(raw, ck, device)
     }
 }
 
@@ -56,16 +91,17 @@ impl RawConfig {
             .and_then(Value::as_array)
             .and_then(|a| a.first())
             .and_then(Value::as_str);
-        match (model_type, architecture) {
-            (Some("llama"), _) | (None, Some("LlamaForCausalLM")) => Ok(Family::Llama),
-            (Some("opt"), _) | (None, Some("OPTForCausalLM")) => Ok(Family::Opt),
-            (Some("phi"), _) | (None, Some("PhiForCausalLM")) => Ok(Family::Phi),
+        let known = FAMILIES.iter().find(|e| match model_type {
+            Some(model_type) => e.model_type == model_type,
+            None => architecture == Some(e.architecture),
+        });
+        match (known, model_type.or(architecture)) {
+            (Some(entry), _) => Ok(entry.family),
             (None, None) => bail!("{}: no 'model_type' or 'architectures' field", self.path.display()),
-            (mt, arch) => bail!(
-                "{}: unsupported architecture '{}' (supported: llama, opt, phi)",
-                self.path.display(),
-                mt.or(arch).unwrap_or_default()
-            ),
+            (None, Some(name)) => {
+                let supported: Vec<&str> = FAMILIES.iter().map(|e| e.model_type).collect();
+                bail!("{}: unsupported architecture '{name}' (supported: {})", self.path.display(), supported.join(", "))
+            }
         }
     }
 

@@ -22,13 +22,16 @@ pub struct AttentionShape {
     /// Key positions (`0..keys`, keys = start + queries).
     pub keys: usize,
     pub head_dim: usize,
+    /// Sliding window: query position `p` sees keys `p - window + 1 ..= p` only.
+    pub window: Option<usize>,
 }
 
 /// `q` `[heads, queries, hd]`, `k`/`v` `[kv_heads, keys, hd]` (row-major, one batch row);
 /// returns `[queries, heads·hd]`. Query i (absolute position keys − queries + i) attends to keys
-/// 0..=that position; query head h uses KV head h / (heads / kv_heads).
+/// 0..=that position (the last `window` of them with a window); query head h uses KV head
+/// h / (heads / kv_heads).
 pub fn causal_attention(q: &[f32], k: &[f32], v: &[f32], shape: AttentionShape) -> Vec<f32> {
-    let AttentionShape { heads, kv_heads, queries, keys, head_dim } = shape;
+    let AttentionShape { heads, kv_heads, queries, keys, head_dim, window } = shape;
     assert_eq!(q.len(), heads * queries * head_dim);
     assert_eq!(k.len(), kv_heads * keys * head_dim);
     assert_eq!(v.len(), k.len());
@@ -43,7 +46,7 @@ pub fn causal_attention(q: &[f32], k: &[f32], v: &[f32], shape: AttentionShape) 
             let q = &q[h * queries * head_dim..(h + 1) * queries * head_dim];
             let k = &k[kv * keys * head_dim..(kv + 1) * keys * head_dim];
             let v = &v[kv * keys * head_dim..(kv + 1) * keys * head_dim];
-            head(q, k, v, start, queries, keys, head_dim, scale)
+            head(q, k, v, Span { start, queries, keys, window }, head_dim, scale)
         })
         .collect();
     // Interleave heads into `[queries, heads·hd]`.
@@ -57,17 +60,37 @@ pub fn causal_attention(q: &[f32], k: &[f32], v: &[f32], shape: AttentionShape) 
     out
 }
 
+/// Which positions one call covers: queries `start..start + queries` over keys `0..keys`.
+#[derive(Debug, Clone, Copy)]
+struct Span {
+    start: usize,
+    queries: usize,
+    keys: usize,
+    window: Option<usize>,
+}
+
+impl Span {
+    /// The first key the query at absolute position `position` sees.
+    fn first_key(&self, position: usize) -> usize {
+        self.window.map_or(0, |w| (position + 1).saturating_sub(w))
+    }
+}
+
 /// One head: `[queries, hd]` of outputs.
-#[allow(clippy::too_many_arguments)]
-fn head(q: &[f32], k: &[f32], v: &[f32], start: usize, queries: usize, keys: usize, head_dim: usize, scale: f32) -> Vec<f32> {
+fn head(q: &[f32], k: &[f32], v: &[f32], span: Span, head_dim: usize, scale: f32) -> Vec<f32> {
+    let Span { start, queries, keys, .. } = span;
     let mut out = vec![0f32; queries * head_dim];
     let mut scores = vec![0f32; ROWS_PER_BLOCK * keys];
     for first in (0..queries).step_by(ROWS_PER_BLOCK) {
         let rows = ROWS_PER_BLOCK.min(queries - first);
-        // The block's last query sees keys 0..visible; earlier rows see fewer (masked below).
-        let visible = start + first + rows;
+        // The block's queries see keys lowest..end: its last query the keys up to `end`, its
+        // first the keys from `lowest` (0 without a window); the rest is masked below.
+        let lowest = span.first_key(start + first);
+        let end = start + first + rows;
+        let visible = end - lowest;
         let block_scores = &mut scores[..rows * visible];
-        // scores[rows, visible] = scale · Q[first..first+rows] · K[..visible]ᵀ
+        let (k, v) = (&k[lowest * head_dim..], &v[lowest * head_dim..]);
+        // scores[rows, visible] = scale · Q[first..first+rows] · K[lowest..end]ᵀ
         // SAFETY: every pointer/stride pair describes a slice of the stated size above.
         unsafe {
             gemm::gemm(
@@ -93,8 +116,10 @@ fn head(q: &[f32], k: &[f32], v: &[f32], start: usize, queries: usize, keys: usi
             );
         }
         for (r, row) in block_scores.chunks_exact_mut(visible).enumerate() {
-            let own = start + first + r + 1; // keys this query may see
-            let (seen, future) = row.split_at_mut(own);
+            let position = start + first + r;
+            let (past, row) = row.split_at_mut(span.first_key(position) - lowest);
+            past.fill(0.0);
+            let (seen, future) = row.split_at_mut(position + 1 - span.first_key(position));
             let max = seen.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let mut sum = 0f32;
             for s in seen.iter_mut() {
@@ -105,7 +130,7 @@ fn head(q: &[f32], k: &[f32], v: &[f32], start: usize, queries: usize, keys: usi
             seen.iter_mut().for_each(|s| *s *= inverse);
             future.fill(0.0);
         }
-        // out[first..first+rows] = P · V[..visible]
+        // out[first..first+rows] = P · V[lowest..end]
         // SAFETY: as above.
         unsafe {
             gemm::gemm(
@@ -147,7 +172,8 @@ mod tests {
             for i in 0..s.queries {
                 let qi = &q[(h * s.queries + i) * s.head_dim..][..s.head_dim];
                 let visible = start + i + 1;
-                let logits: Vec<f64> = (0..visible)
+                let first = s.window.map_or(0, |w| visible.saturating_sub(w));
+                let logits: Vec<f64> = (first..visible)
                     .map(|j| {
                         let kj = &k[(kv * s.keys + j) * s.head_dim..][..s.head_dim];
                         qi.iter().zip(kj).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() / (s.head_dim as f64).sqrt()
@@ -157,7 +183,7 @@ mod tests {
                 let weights: Vec<f64> = logits.iter().map(|l| (l - max).exp()).collect();
                 let total: f64 = weights.iter().sum();
                 for d in 0..s.head_dim {
-                    let value: f64 = (0..visible).map(|j| weights[j] * v[(kv * s.keys + j) * s.head_dim + d] as f64).sum();
+                    let value: f64 = (first..visible).map(|j| weights[j - first] * v[(kv * s.keys + j) * s.head_dim + d] as f64).sum();
                     out[i * s.heads * s.head_dim + h * s.head_dim + d] = (value / total) as f32;
                 }
             }
@@ -178,9 +204,20 @@ mod tests {
     }
 
     #[test]
-    fn matches_the_definition_with_grouped_heads_blocks_and_a_cache_offset() {
-        for (heads, kv_heads, queries, keys, head_dim) in [(6, 2, 150, 150, 16), (4, 4, 1, 37, 8), (3, 1, 70, 100, 32), (2, 1, 64, 64, 8)] {
-            let shape = AttentionShape { heads, kv_heads, queries, keys, head_dim };
+    fn matches_the_definition_with_grouped_heads_blocks_a_cache_offset_and_windows() {
+        let cases = [
+            (6, 2, 150, 150, 16, None),
+            (4, 4, 1, 37, 8, None),
+            (3, 1, 70, 100, 32, None),
+            (2, 1, 64, 64, 8, None),
+            // Windows shorter than a block of rows, longer than one, and past a cache offset.
+            (6, 2, 150, 150, 16, Some(5)),
+            (4, 2, 130, 130, 8, Some(90)),
+            (3, 1, 70, 100, 32, Some(40)),
+            (4, 4, 1, 37, 8, Some(7)),
+        ];
+        for (heads, kv_heads, queries, keys, head_dim, window) in cases {
+            let shape = AttentionShape { heads, kv_heads, queries, keys, head_dim, window };
             let q = values(heads * queries * head_dim, 1);
             let k = values(kv_heads * keys * head_dim, 2);
             let v = values(kv_heads * keys * head_dim, 3);

@@ -2,10 +2,10 @@
 //! rotary embeddings, causal (grouped-query) attention and the KV cache.
 
 use anyhow::Result;
-use burn::tensor::activation::{gelu, relu};
+use burn::tensor::activation::{gelu, relu, silu};
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 
 use crate::weights::Checkpoint;
 
@@ -105,9 +105,11 @@ impl LayerNorm {
     }
 }
 
-/// MLP activation of the OPT and Phi families, chosen by its transformers name.
+/// MLP activation, chosen by its transformers name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Activation {
+    /// `x·σ(x)` (`silu`, `swish`): the gate of LLaMA-like SwiGLU MLPs.
+    Silu,
     Relu,
     /// Exact GELU, `x·Φ(x)` with the error function (`gelu`).
     Gelu,
@@ -118,10 +120,11 @@ pub enum Activation {
 
 impl Activation {
     /// The transformers names accepted by [`Self::from_hf_name`], for error messages.
-    pub const SUPPORTED: &'static str = "relu, gelu, gelu_new, gelu_pytorch_tanh";
+    pub const SUPPORTED: &'static str = "silu, swish, relu, gelu, gelu_new, gelu_pytorch_tanh";
 
     pub fn from_hf_name(name: &str) -> Option<Self> {
         match name {
+            "silu" | "swish" => Some(Self::Silu),
             "relu" => Some(Self::Relu),
             "gelu" => Some(Self::Gelu),
             "gelu_new" | "gelu_pytorch_tanh" => Some(Self::GeluTanh),
@@ -131,6 +134,7 @@ impl Activation {
 
     pub fn forward(self, x: Tensor<3>) -> Tensor<3> {
         match self {
+            Self::Silu => silu(x),
             Self::Relu => relu(x),
             Self::Gelu => gelu(x),
             Self::GeluTanh => {
@@ -279,19 +283,23 @@ pub fn split_heads(x: Tensor<3>, heads: usize, head_dim: usize) -> Tensor<4> {
 }
 
 /// Causal attention with grouped-query heads. `q` is `[B, H, T, hd]` for positions
-/// `start..start+T`; `k`, `v` are `[B, KV, start+T, hd]`. Returns `[B, T, H·hd]`.
+/// `start..start+T`; `k`, `v` are `[B, KV, start+T, hd]`. Returns `[B, T, H·hd]`. With a
+/// `window` (sliding-window attention), the query at position `p` sees only the keys at
+/// `p - window + 1 ..= p`, as transformers' sliding-window mask.
 ///
 /// Uses burn's fused attention op (on the CPU backend a tiled kernel with online softmax that
 /// skips the masked half); its causal mask is aligned to the last key, which is exactly the
-/// KV-cache case. Each KV head is broadcast to the query heads that share it.
-pub fn causal_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, start: usize) -> Tensor<3> {
+/// KV-cache case. Each KV head is broadcast to the query heads that share it. A window shorter
+/// than the keys needs an explicit mask.
+pub fn causal_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, start: usize, window: Option<usize>) -> Tensor<3> {
     let [batch, heads, seq, head_dim] = q.dims();
     let [_, kv_heads, keys, _] = k.dims();
     debug_assert_eq!(keys, start + seq, "keys must cover every earlier position");
+    let window = window.filter(|&w| w < keys);
     let device = q.device();
     // A single query (decoding) has nothing to skip, and its keys would be copied out of the cache.
     if seq > 1 && !device.is_autodiff() && device == Device::flex() {
-        return host_causal_attention(q, k, v);
+        return host_causal_attention(q, k, v, window);
     }
     let group = heads / kv_heads;
     let repeat = |t: Tensor<4>| {
@@ -301,20 +309,32 @@ pub fn causal_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, start: usize) 
             t.unsqueeze_dim::<5>(2).expand([batch, kv_heads, group, keys, head_dim]).reshape([batch, heads, keys, head_dim])
         }
     };
-    let options = AttentionModuleOptions { scale: None, softcap: None, is_causal: seq > 1 };
-    let out = attention(q, repeat(k), repeat(v), None, None, options);
+    let (mask, is_causal) = match window {
+        Some(window) => (Some(window_mask(start, seq, window, &device).expand([batch, heads, seq, keys])), false),
+        None => (None, seq > 1),
+    };
+    let options = AttentionModuleOptions { scale: None, softcap: None, is_causal };
+    let out = attention(q, repeat(k), repeat(v), mask, None, options);
     out.swap_dims(1, 2).reshape([batch, seq, heads * head_dim])
 }
 
+/// `[1, 1, T, start+T]`, true where query `start + i` may not see key `j`: in its future or
+/// `window` or more positions back.
+fn window_mask(start: usize, seq: usize, window: usize, device: &Device) -> Tensor<4, Bool> {
+    let keys = start + seq;
+    let hidden: Vec<bool> = (0..seq).flat_map(|i| (0..keys).map(move |j| j > start + i || j + window <= start + i)).collect();
+    Tensor::from_data(TensorData::new(hidden, [1, 1, seq, keys]), device)
+}
+
 /// [`causal_attention`] on the CPU device without autodiff: the tensors are already in host
-/// memory, and [`crate::host_attention`] skips the masked half and vectorises the softmax.
-fn host_causal_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<3> {
+/// memory, and [`crate::host_attention`] skips the masked part and vectorises the softmax.
+fn host_causal_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, window: Option<usize>) -> Tensor<3> {
     let [batch, heads, queries, head_dim] = q.dims();
     let [_, kv_heads, keys, _] = k.dims();
     let device = q.device();
     let host = |t: Tensor<4>| t.into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 data");
     let (q, k, v) = (host(q), host(k), host(v));
-    let shape = crate::host_attention::AttentionShape { heads, kv_heads, queries, keys, head_dim };
+    let shape = crate::host_attention::AttentionShape { heads, kv_heads, queries, keys, head_dim, window };
     let (q_len, kv_len) = (heads * queries * head_dim, kv_heads * keys * head_dim);
     let mut out = Vec::with_capacity(batch * q_len);
     for b in 0..batch {

@@ -1,6 +1,8 @@
 //! `disp-models` holds the model families `disp` prunes — LLaMA (incl. grouped-query attention),
-//! OPT and Phi — written against burn's device-agnostic tensors, loaded from Hugging Face
-//! folders (`config.json`, safetensors, `tokenizer.json`, the chat template) or converted from GGUF. Every family
+//! OPT, Phi, Qwen2/2.5, Qwen3 and Mistral — written against burn's device-agnostic tensors,
+//! loaded from Hugging Face folders (`config.json`, safetensors, `tokenizer.json`, the chat
+//! template) or converted from GGUF. All are one decoder stack ([`decoder`]) configured by a
+//! short family file; it
 //! implements [`CausalLm`], whose forward pass runs dense, masked (gates from `disp-core` multiply
 //! the block's index sets; used during the search) or pruned (weights cut to the index sets,
 //! `index_select`/`index_add` against the full-width residual).
@@ -8,12 +10,16 @@
 pub mod bpe;
 pub mod chat;
 pub mod config;
+pub mod decoder;
 pub mod host_attention;
 pub mod layers;
 pub mod llama;
+pub mod mistral;
 pub mod opt;
 pub mod phi;
 pub mod pruned_folder;
+pub mod qwen2;
+pub mod qwen3;
 pub mod tokenizer;
 pub mod weights;
 
@@ -191,11 +197,7 @@ pub fn load_model_from(raw: &RawConfig, ck: &Checkpoint, device: &Device) -> Res
     let family = raw.family()?;
     // Once for every family, before a loader allocates anything for the sizes it claims.
     raw.validate(ck.capacity())?;
-    Ok(match family {
-        Family::Llama => Box::new(llama::Llama::load(raw, ck, device)?),
-        Family::Opt => Box::new(opt::Opt::load(raw, ck, device)?),
-        Family::Phi => Box::new(phi::Phi::load(raw, ck, device)?),
-    })
+    Ok(Box::new(family.load(raw, ck, device)?))
 }
 
 /// The (name, HF shape) of every tensor the family of `raw` reads for that config, in loading

@@ -7,9 +7,10 @@
 //! * one I64 tensor per block and selection in `model.safetensors`, named by
 //!   [`index_tensor_name`], holding the kept positions.
 //!
-//! Which axis of which tensor a selection cuts is one table per family ([`cut_axes`]); the exporter
-//! slices (or zero-fills) with it and the loader uses it to expect the smaller shapes, so the two
-//! cannot disagree.
+//! Which axis of which tensor a selection cuts ([`cut_axes`]) follows from the family's block
+//! description ([`crate::decoder::BlockKeys`], [`LinearSlot::cut_sites`]), the same one the
+//! loader and `prune` use; the exporter slices (or zero-fills) with it and the loader uses it to
+//! expect the smaller shapes, so the two cannot disagree.
 // Reads untrusted input: no panicking shortcuts (issue 12).
 #![warn(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
@@ -22,6 +23,7 @@ use disp_core::selection::Site;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Family, RawConfig};
+pub use crate::decoder::LinearSlot;
 use crate::weights::Checkpoint;
 
 /// The `disp` section format this build writes and reads.
@@ -131,17 +133,6 @@ pub struct CutAxes {
     pub cols: Option<Site>,
 }
 
-/// The block linear a tensor belongs to, in the order of [`crate::BlockLinears`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LinearSlot {
-    /// q, k, v (index in that order).
-    AttnInput(usize),
-    AttnOutput,
-    /// gate, up (LLaMA) or fc1 (index in that order).
-    MlpInput(usize),
-    MlpOutput,
-}
-
 /// One block tensor: where it sits and which selections cut it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BlockTensor {
@@ -149,34 +140,6 @@ pub struct BlockTensor {
     pub slot: LinearSlot,
     pub is_bias: bool,
 }
-
-/// (linear name after `layers.{i}.`, slot, rows site, cols site) per family; the `.bias` of a
-/// linear is cut by its rows site only.
-const LLAMA_LINEARS: &[(&str, LinearSlot, Option<Site>, Option<Site>)] = &[
-    ("self_attn.q_proj", LinearSlot::AttnInput(0), None, Some(Site::AttnIn)),
-    ("self_attn.k_proj", LinearSlot::AttnInput(1), None, Some(Site::AttnIn)),
-    ("self_attn.v_proj", LinearSlot::AttnInput(2), None, Some(Site::AttnIn)),
-    ("self_attn.o_proj", LinearSlot::AttnOutput, Some(Site::AttnOut), None),
-    ("mlp.gate_proj", LinearSlot::MlpInput(0), Some(Site::MlpInter), Some(Site::MlpIn)),
-    ("mlp.up_proj", LinearSlot::MlpInput(1), Some(Site::MlpInter), Some(Site::MlpIn)),
-    ("mlp.down_proj", LinearSlot::MlpOutput, Some(Site::MlpOut), Some(Site::MlpInter)),
-];
-const OPT_LINEARS: &[(&str, LinearSlot, Option<Site>, Option<Site>)] = &[
-    ("self_attn.q_proj", LinearSlot::AttnInput(0), None, Some(Site::AttnIn)),
-    ("self_attn.k_proj", LinearSlot::AttnInput(1), None, Some(Site::AttnIn)),
-    ("self_attn.v_proj", LinearSlot::AttnInput(2), None, Some(Site::AttnIn)),
-    ("self_attn.out_proj", LinearSlot::AttnOutput, Some(Site::AttnOut), None),
-    ("fc1", LinearSlot::MlpInput(0), Some(Site::MlpInter), Some(Site::MlpIn)),
-    ("fc2", LinearSlot::MlpOutput, Some(Site::MlpOut), Some(Site::MlpInter)),
-];
-const PHI_LINEARS: &[(&str, LinearSlot, Option<Site>, Option<Site>)] = &[
-    ("self_attn.q_proj", LinearSlot::AttnInput(0), None, Some(Site::AttnIn)),
-    ("self_attn.k_proj", LinearSlot::AttnInput(1), None, Some(Site::AttnIn)),
-    ("self_attn.v_proj", LinearSlot::AttnInput(2), None, Some(Site::AttnIn)),
-    ("self_attn.dense", LinearSlot::AttnOutput, Some(Site::AttnOut), None),
-    ("mlp.fc1", LinearSlot::MlpInput(0), Some(Site::MlpInter), Some(Site::MlpIn)),
-    ("mlp.fc2", LinearSlot::MlpOutput, Some(Site::MlpOut), Some(Site::MlpInter)),
-];
 
 /// The block linear tensor `name` of a `family` checkpoint, or `None` for anything else
 /// (embeddings, norms, head, ...).
@@ -191,12 +154,9 @@ pub fn block_tensor(family: Family, name: &str) -> Option<BlockTensor> {
         "bias" => true,
         _ => return None,
     };
-    let table = match family {
-        Family::Llama => LLAMA_LINEARS,
-        Family::Opt => OPT_LINEARS,
-        Family::Phi => PHI_LINEARS,
-    };
-    let &(_, slot, rows, cols) = table.iter().find(|(n, ..)| *n == linear)?;
+    let (slot, _) = family.block_keys().linears().find(|(_, key)| *key == linear)?;
+    // The `.bias` of a linear is cut by its rows site only.
+    let (rows, cols) = slot.cut_sites();
     let cols = if is_bias { None } else { cols };
     Some(BlockTensor { axes: CutAxes { layer, rows, cols }, slot, is_bias })
 }
@@ -299,6 +259,13 @@ mod tests {
         assert_eq!(cut_axes(Family::Phi, "model.embed_tokens.weight"), None);
         // A LLaMA name is not an OPT tensor.
         assert_eq!(cut_axes(Family::Opt, "model.layers.0.mlp.down_proj.weight"), None);
+        // The LLaMA-like families share LLaMA's linears; Qwen3's per-head norms stay whole.
+        for family in [Family::Qwen2, Family::Qwen3, Family::Mistral] {
+            let name = "model.layers.1.mlp.gate_proj.weight";
+            assert_eq!(cut_axes(family, name), cut_axes(Family::Llama, name), "{family:?}");
+        }
+        assert_eq!(cut_axes(Family::Qwen3, "model.layers.0.self_attn.q_norm.weight"), None);
+        assert_eq!(cut_axes(Family::Qwen2, "model.layers.0.self_attn.v_proj.bias"), None);
     }
 
     #[test]

@@ -7,8 +7,12 @@ use burn::tensor::Device;
 use common::*;
 
 fn check_fixture(name: &str) -> f32 {
+    check_fixture_on(name, &Device::flex())
+}
+
+fn check_fixture_on(name: &str, device: &Device) -> f32 {
     let dir = fixture(name);
-    let device = Device::flex();
+    let device = device.clone();
     let model = disp_models::load_model(&dir, &device).unwrap_or_else(|e| panic!("{name}: {e:#}"));
     let (id_shape, ids) = reference(&dir, "input_ids");
     let (logit_shape, expected) = reference(&dir, "logits");
@@ -58,4 +62,26 @@ fn opt_post_ln_with_embedding_projection_matches_transformers() {
 #[test]
 fn phi_parallel_block_with_partial_rotary_matches_transformers() {
     check_fixture("phi");
+}
+
+#[test]
+fn qwen2_with_qkv_biases_and_tied_embeddings_matches_transformers() {
+    check_fixture("qwen2");
+}
+
+#[test]
+fn qwen3_with_qk_norms_and_its_own_head_dim_matches_transformers() {
+    check_fixture("qwen3");
+}
+
+#[test]
+fn mistral_with_a_sliding_window_shorter_than_the_sequence_matches_transformers() {
+    check_fixture("mistral");
+}
+
+/// On an autodiff device attention runs burn's op with an explicit window mask instead of the
+/// host kernel: both must apply the window as transformers does.
+#[test]
+fn mistral_sliding_window_on_the_autodiff_path_matches_transformers() {
+    check_fixture_on("mistral", &Device::flex().autodiff());
 }

@@ -11,7 +11,7 @@ use common::*;
 use disp_models::{Checkpoint, RawConfig};
 
 /// The fixtures the probe and in-memory tests cover: every family and its variants.
-const FIXTURES: [&str; 5] = ["llama_gqa_tied", "llama_mha_untied", "opt_pre_ln", "opt_post_ln_proj", "phi"];
+const FIXTURES: [&str; 8] = ["llama_gqa_tied", "llama_mha_untied", "opt_pre_ln", "opt_post_ln_proj", "phi", "qwen2", "qwen3", "mistral"];
 
 /// name -> (shape, f32 values) of every tensor in a fixture's files.
 fn stored_tensors(name: &str) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {

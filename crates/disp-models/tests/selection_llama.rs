@@ -1,5 +1,6 @@
-//! The selection layer on LLaMA: all-ones gates are the dense model, hard gates are the pruned
-//! model, and the parameter accounting equals the tensors actually cut.
+//! The selection layer on LLaMA and the LLaMA-like families (Qwen2, Qwen3, Mistral): all-ones
+//! gates are the dense model, hard gates are the pruned model, the parameter accounting equals
+//! the tensors actually cut, and cached decoding reproduces the full forward.
 
 mod common;
 
@@ -7,7 +8,7 @@ use burn::tensor::Device;
 use common::*;
 use disp_core::selection::BlockGates;
 
-const LLAMA_FIXTURES: [&str; 3] = ["llama_mha_untied", "llama_gqa_tied", "llama_bf16"];
+const LLAMA_FIXTURES: [&str; 6] = ["llama_mha_untied", "llama_gqa_tied", "llama_bf16", "qwen2", "qwen3", "mistral"];
 
 #[test]
 fn all_ones_gates_give_the_dense_logits() {
@@ -58,6 +59,15 @@ fn parameter_accounting_equals_the_cut_tensors() {
         let plan = random_plan(model.as_ref(), 11);
         let pruned = model.prune(&plan).unwrap();
         assert_eq!(pruned.stored_linear_params() as u64, shape.block_params(&plan.widths()), "{name}: pruned blocks");
+    }
+}
+
+/// Rotary offsets, q/k norms and the sliding window (which cuts keys out of the cache once it
+/// holds more than 5 positions) must follow the cache.
+#[test]
+fn cached_decoding_matches_the_full_forward() {
+    for name in LLAMA_FIXTURES {
+        check_cached_decoding(name);
     }
 }
 

@@ -80,23 +80,7 @@ fn max_positions_is_the_configured_table_length() {
 #[test]
 fn cached_decoding_matches_the_full_forward() {
     for name in FIXTURES {
-        let (model, device) = load(name);
-        let dir = fixture(name);
-        let (shape, ids) = reference(&dir, "input_ids");
-        let seq = shape[1];
-        let full = logits(model.as_ref(), &dir, None);
-        let vocab = model.vocab_size();
-        let mut cache = model.new_cache();
-        let prefill = 5;
-        let mut steps = Vec::new();
-        let row: Vec<f32> = ids[..seq].to_vec();
-        steps.push(to_vec(model.forward(token_tensor(&[1, prefill], &row[..prefill], &device), None, Some(&mut cache))));
-        for t in prefill..seq {
-            steps.push(to_vec(model.forward(token_tensor(&[1, 1], &row[t..t + 1], &device), None, Some(&mut cache))));
-        }
-        let cached: Vec<f32> = steps.concat();
-        let diff = max_abs_diff(&cached, &full[..seq * vocab]);
-        assert!(diff <= 1e-4, "{name}: cached decoding differs from the full pass by {diff}");
+        check_cached_decoding(name);
     }
 }
 
@@ -137,6 +121,12 @@ fn bad_configs_are_refused_with_one_line_naming_config_json() {
 
     let dir = fixture_with_config("phi", |c| c["qk_layernorm"] = true.into());
     assert_one_line_naming_config(&load_error(dir.path()), "qk_layernorm is not supported");
+
+    let dir = fixture_with_config("mistral", |c| c["sliding_window"] = 0.into());
+    assert_one_line_naming_config(&load_error(dir.path()), "sliding_window must be a positive integer or null");
+
+    let dir = fixture_with_config("qwen2", |c| c["use_sliding_window"] = true.into());
+    assert_one_line_naming_config(&load_error(dir.path()), "sliding-window layers (use_sliding_window) are not supported");
 }
 
 #[test]

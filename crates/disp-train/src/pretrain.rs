@@ -52,8 +52,8 @@ impl ModelSize {
     /// MLP 768 (LLaMA: 512, as its gated MLP has three matrices), vocabulary 4096, 512 positions.
     pub fn tiny(family: Family) -> Self {
         let (kv_heads, intermediate) = match family {
-            Family::Llama => (2, 512),
             Family::Opt | Family::Phi => (6, 768),
+            Family::Llama | Family::Qwen2 | Family::Qwen3 | Family::Mistral => (2, 512),
         };
         Self { hidden: 192, layers: 4, heads: 6, kv_heads, intermediate, vocab: 4096, max_positions: 512 }
     }
@@ -75,6 +75,9 @@ pub fn hf_config(family: Family, size: &ModelSize, special_token: u32) -> Result
     }
     let head_dim = size.hidden / size.heads;
     Ok(match family {
+        Family::Qwen2 | Family::Qwen3 | Family::Mistral => {
+            bail!("tiny models are trained for llama, opt and phi, not {}", family.model_type())
+        }
         Family::Llama => json!({
             "architectures": ["LlamaForCausalLM"],
             "attention_bias": false,
@@ -517,9 +520,12 @@ mod tests {
                     assert!(names.iter().any(|(n, s)| n == "model.decoder.embed_positions.weight" && *s == vec![66, 32]), "OPT's position offset 2");
                 }
                 Family::Phi => assert!(has("lm_head.weight") && has("lm_head.bias")),
+                Family::Qwen2 | Family::Qwen3 | Family::Mistral => unreachable!("not trained from scratch"),
             }
         }
         let bad = ModelSize { heads: 5, ..ModelSize::tiny(Family::Llama) };
         assert!(hf_config(Family::Llama, &bad, 0).is_err());
+        let err = hf_config(Family::Qwen3, &ModelSize::tiny(Family::Qwen3), 0).unwrap_err().to_string();
+        assert!(err.contains("not qwen3"), "{err}");
     }
 }

@@ -93,3 +93,25 @@ pub fn hidden_and_intermediate(model: &dyn CausalLm) -> (usize, usize) {
     let block = model.model_shape().blocks[0];
     (block.hidden, block.intermediate)
 }
+
+/// Cached decoding (a prefill of 5, then one token at a time) reproduces the full forward pass
+/// to 1e-4 on the first row of the fixture's input.
+pub fn check_cached_decoding(name: &str) {
+    let (model, device) = load(name);
+    let dir = fixture(name);
+    let (shape, ids) = reference(&dir, "input_ids");
+    let seq = shape[1];
+    let full = logits(model.as_ref(), &dir, None);
+    let vocab = model.vocab_size();
+    let mut cache = model.new_cache();
+    let prefill = 5;
+    let mut steps = Vec::new();
+    let row: Vec<f32> = ids[..seq].to_vec();
+    steps.push(to_vec(model.forward(token_tensor(&[1, prefill], &row[..prefill], &device), None, Some(&mut cache))));
+    for t in prefill..seq {
+        steps.push(to_vec(model.forward(token_tensor(&[1, 1], &row[t..t + 1], &device), None, Some(&mut cache))));
+    }
+    let cached: Vec<f32> = steps.concat();
+    let diff = max_abs_diff(&cached, &full[..seq * vocab]);
+    assert!(diff <= 1e-4, "{name}: cached decoding differs from the full pass by {diff}");
+}
