@@ -23,26 +23,10 @@ const KEY: &str = "deb:r-cran-janeaustenr; lines joined with LF plus a final LF;
 /// measured, it equals the joined lines plus the final newline, i.e. exactly our file size).
 pub const NOVELS: [(&str, &str, u64); 6] = [
     ("emma", "data/calib/austen-emma.txt", 883_028),
-    (
-        "mansfieldpark",
-        "data/calib/austen-mansfield-park.txt",
-        883_280,
-    ),
-    (
-        "northangerabbey",
-        "data/calib/austen-northanger-abbey.txt",
-        433_411,
-    ),
-    (
-        "prideprejudice",
-        "data/calib/austen-pride-and-prejudice.txt",
-        684_768,
-    ),
-    (
-        "sensesensibility",
-        "data/calib/austen-sense-and-sensibility.txt",
-        673_688,
-    ),
+    ("mansfieldpark", "data/calib/austen-mansfield-park.txt", 883_280),
+    ("northangerabbey", "data/calib/austen-northanger-abbey.txt", 433_411),
+    ("prideprejudice", "data/calib/austen-pride-and-prejudice.txt", 684_768),
+    ("sensesensibility", "data/calib/austen-sense-and-sensibility.txt", 673_688),
     ("persuasion", "data/heldout/persuasion.txt", 466_854),
 ];
 
@@ -52,12 +36,7 @@ pub fn stamp_path(ctx: &Ctx) -> PathBuf {
 
 /// Lines joined with "\n", plus a final newline; NA lines become empty (and are counted).
 pub fn render(lines: &[Option<String>]) -> (String, usize) {
-    let mut out = String::with_capacity(
-        lines
-            .iter()
-            .map(|l| l.as_ref().map_or(0, |s| s.len()) + 1)
-            .sum(),
-    );
+    let mut out = String::with_capacity(lines.iter().map(|l| l.as_ref().map_or(0, |s| s.len()) + 1).sum());
     let mut na = 0;
     for (i, l) in lines.iter().enumerate() {
         if i > 0 {
@@ -77,14 +56,7 @@ pub fn fetch(ctx: &mut Ctx) -> Result<()> {
     if !ctx.force {
         match stamp::check(&ctx.root, &sp, KEY) {
             Status::Done(s) => {
-                ctx.say(
-                    TAG,
-                    &format!(
-                        "up to date: {} files verified against {}",
-                        s.files.len(),
-                        rel(&ctx.root, &sp)
-                    ),
-                );
+                ctx.say(TAG, &format!("up to date: {} files verified against {}", s.files.len(), rel(&ctx.root, &sp)));
                 for f in &s.files {
                     ctx.outputs.push((f.path.clone(), f.bytes, role(&f.path)));
                 }
@@ -100,21 +72,11 @@ pub fn fetch(ctx: &mut Ctx) -> Result<()> {
     extract_deb(ctx, &deb, &scratch)?;
     let rdx_path = scratch.join(format!("{DB}.rdx"));
     let rdb_path = scratch.join(format!("{DB}.rdb"));
-    let rdx =
-        fs::read(&rdx_path).with_context(|| format!("{} has no {DB}.rdx", rel(&ctx.root, &deb)))?;
-    let rdb =
-        fs::read(&rdb_path).with_context(|| format!("{} has no {DB}.rdb", rel(&ctx.root, &deb)))?;
+    let rdx = fs::read(&rdx_path).with_context(|| format!("{} has no {DB}.rdx", rel(&ctx.root, &deb)))?;
+    let rdb = fs::read(&rdb_path).with_context(|| format!("{} has no {DB}.rdb", rel(&ctx.root, &deb)))?;
     let index = lazyload::read_index(&rdx).context("janeaustenr Rdata.rdx")?;
     let objects: Vec<&str> = index.variables.keys().map(String::as_str).collect();
-    ctx.act(
-        TAG,
-        &format!(
-            "unpacked {} in {}; Rdata.rdx lists {}",
-            rel(&ctx.root, &deb),
-            secs(t),
-            objects.join(", ")
-        ),
-    );
+    ctx.act(TAG, &format!("unpacked {} in {}; Rdata.rdx lists {}", rel(&ctx.root, &deb), secs(t), objects.join(", ")));
 
     let t = Instant::now();
     let mut written = Vec::new();
@@ -124,27 +86,13 @@ pub fn fetch(ctx: &mut Ctx) -> Result<()> {
         let (text, na) = render(&lines);
         let path = ctx.root.join(out);
         write_atomic(&path, text.as_bytes())?;
-        let check = if text.len() as u64 == expected {
-            "= assets.md".to_string()
-        } else {
-            format!("assets.md says {}: differs", thousands(expected))
-        };
-        let na_note = if na > 0 {
-            format!(", {na} NA lines written empty")
-        } else {
-            String::new()
-        };
-        report.push(format!(
-            "  {out}: {} lines, {} bytes ({check}){na_note}",
-            thousands(lines.len() as u64),
-            thousands(text.len() as u64),
-        ));
+        let check =
+            if text.len() as u64 == expected { "= assets.md".to_string() } else { format!("assets.md says {}: differs", thousands(expected)) };
+        let na_note = if na > 0 { format!(", {na} NA lines written empty") } else { String::new() };
+        report.push(format!("  {out}: {} lines, {} bytes ({check}){na_note}", thousands(lines.len() as u64), thousands(text.len() as u64),));
         written.push(path);
     }
-    ctx.act(
-        TAG,
-        &format!("wrote {} novels in {}:", written.len(), secs(t)),
-    );
+    ctx.act(TAG, &format!("wrote {} novels in {}:", written.len(), secs(t)));
     for r in report {
         println!("{r}");
     }
@@ -184,12 +132,7 @@ mod tests {
 
     #[test]
     fn rendering_lines() {
-        let lines = vec![
-            Some("CHAPTER I".to_string()),
-            Some(String::new()),
-            None,
-            Some("Emma".into()),
-        ];
+        let lines = vec![Some("CHAPTER I".to_string()), Some(String::new()), None, Some("Emma".into())];
         let (text, na) = render(&lines);
         assert_eq!(text, "CHAPTER I\n\n\nEmma\n");
         assert_eq!(na, 1);
@@ -199,11 +142,7 @@ mod tests {
     #[test]
     fn persuasion_is_never_calibration() {
         for (obj, out, _) in NOVELS {
-            assert_eq!(
-                obj == "persuasion",
-                out.starts_with("data/heldout/"),
-                "{obj}"
-            );
+            assert_eq!(obj == "persuasion", out.starts_with("data/heldout/"), "{obj}");
             assert!(out.starts_with("data/calib/") || out.starts_with("data/heldout/"));
         }
     }

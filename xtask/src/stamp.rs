@@ -48,26 +48,16 @@ impl Stamp {
             .iter()
             .map(|p| {
                 let (bytes, sha256) = sha256_file(p)?;
-                Ok(FileRecord {
-                    path: rel(root, p),
-                    bytes,
-                    sha256,
-                })
+                Ok(FileRecord { path: rel(root, p), bytes, sha256 })
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Stamp {
-            step: step.to_string(),
-            key: key.to_string(),
-            files,
-            info: serde_json::Value::Null,
-        })
+        Ok(Stamp { step: step.to_string(), key: key.to_string(), files, info: serde_json::Value::Null })
     }
 
     pub fn write(&self, path: &Path) -> Result<()> {
         let mut s = serde_json::to_string_pretty(self).expect("stamp serializes");
         s.push('\n');
-        write_atomic(path, s.as_bytes())
-            .with_context(|| format!("writing stamp {}", path.display()))
+        write_atomic(path, s.as_bytes()).with_context(|| format!("writing stamp {}", path.display()))
     }
 
     pub fn total_bytes(&self) -> u64 {
@@ -86,10 +76,7 @@ pub fn check(root: &Path, stamp_path: &Path, key: &str) -> Status {
         Err(e) => return Status::Todo(format!("unreadable stamp {}: {e}", rel(root, stamp_path))),
     };
     if stamp.key != key {
-        return Status::Todo(format!(
-            "recipe changed (stamp has `{}`, now `{key}`)",
-            stamp.key
-        ));
+        return Status::Todo(format!("recipe changed (stamp has `{}`, now `{key}`)", stamp.key));
     }
     if stamp.files.is_empty() {
         return Status::Todo("stamp lists no files".into());
@@ -101,10 +88,7 @@ pub fn check(root: &Path, stamp_path: &Path, key: &str) -> Status {
             _ => return Status::Todo(format!("{} is missing", f.path)),
         };
         if len != f.bytes {
-            return Status::Todo(format!(
-                "{} has {len} bytes, stamp says {}",
-                f.path, f.bytes
-            ));
+            return Status::Todo(format!("{} has {len} bytes, stamp says {}", f.path, f.bytes));
         }
         match sha256_file(&p) {
             Ok((_, h)) if h == f.sha256 => {}
@@ -118,10 +102,7 @@ pub fn check(root: &Path, stamp_path: &Path, key: &str) -> Status {
 /// `path` relative to `root` (or as given if outside it), with `/` separators.
 pub fn rel(root: &Path, path: &Path) -> String {
     let p = path.strip_prefix(root).unwrap_or(path);
-    p.components()
-        .map(|c| c.as_os_str().to_string_lossy().into_owned())
-        .collect::<Vec<_>>()
-        .join("/")
+    p.components().map(|c| c.as_os_str().to_string_lossy().into_owned()).collect::<Vec<_>>().join("/")
 }
 
 #[cfg(test)]
@@ -166,10 +147,7 @@ mod tests {
         assert!(todo_reason(check(&root, &sp, "k1")).contains("no stamp"));
         write_atomic(&sp, b"{ not json").unwrap();
         assert!(todo_reason(check(&root, &sp, "k1")).contains("unreadable"));
-        Stamp::new(&root, "t", "k1", &[])
-            .unwrap()
-            .write(&sp)
-            .unwrap();
+        Stamp::new(&root, "t", "k1", &[]).unwrap().write(&sp).unwrap();
         assert!(todo_reason(check(&root, &sp, "k1")).contains("no files"));
     }
 
@@ -177,10 +155,7 @@ mod tests {
     fn todo_when_recipe_changes() {
         let (_d, root, files) = setup();
         let sp = root.join("s.json");
-        Stamp::new(&root, "t", "k1", &files)
-            .unwrap()
-            .write(&sp)
-            .unwrap();
+        Stamp::new(&root, "t", "k1", &files).unwrap().write(&sp).unwrap();
         assert!(todo_reason(check(&root, &sp, "k2")).contains("recipe changed"));
     }
 
@@ -188,10 +163,7 @@ mod tests {
     fn todo_when_a_file_is_missing_resized_or_edited() {
         let (_d, root, files) = setup();
         let sp = root.join("s.json");
-        Stamp::new(&root, "t", "k", &files)
-            .unwrap()
-            .write(&sp)
-            .unwrap();
+        Stamp::new(&root, "t", "k", &files).unwrap().write(&sp).unwrap();
 
         fs::write(&files[1], b"beta!\n").unwrap();
         assert!(todo_reason(check(&root, &sp, "k")).contains("has 6 bytes"));

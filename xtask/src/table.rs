@@ -165,7 +165,10 @@ enum Evaluated {
     Folder(PathBuf),
 }
 
-fn evaluate(settings: &TableSettings, model: &ModelSpec, target: &Evaluated) -> Result<(BTreeMap<String, f64>, BTreeMap<String, (f64, f64)>)> {
+/// Perplexity per held-out text and (acc, acc_norm) per task.
+type Scores = (BTreeMap<String, f64>, BTreeMap<String, (f64, f64)>);
+
+fn evaluate(settings: &TableSettings, model: &ModelSpec, target: &Evaluated) -> Result<Scores> {
     let cell = &settings.cell_for(model);
     let model_args = match target {
         Evaluated::Dense => vec!["--model".into(), s(&model.dir)],
@@ -243,11 +246,11 @@ fn run_cell(settings: &TableSettings, model: &ModelSpec, method: &str, ratio: f6
                 Evaluated::Folder(folder)
             };
             let stdout = disp(&settings.disp, &args)?;
-            let report: serde_json::Value =
-                serde_json::from_str(stdout.trim()).map_err(|e| anyhow!("`disp prune --json` printed no report: {e}"))?;
+            let report: serde_json::Value = serde_json::from_str(stdout.trim()).map_err(|e| anyhow!("`disp prune --json` printed no report: {e}"))?;
             // Plans are judged by their fraction of total parameters removed (the table's
             // ratios are of total); wanda-2:4 by its zeroed weights over all parameters.
-            let achieved = report["removed_fraction_of_total"].as_f64().ok_or_else(|| anyhow!("`disp prune --json` reported no removed_fraction_of_total"))?;
+            let achieved =
+                report["removed_fraction_of_total"].as_f64().ok_or_else(|| anyhow!("`disp prune --json` reported no removed_fraction_of_total"))?;
             (target, achieved)
         }
     };
@@ -320,7 +323,8 @@ pub fn reproduce(settings: &TableSettings) -> Result<Vec<CellResult>> {
         }
     }
     // Each cell file is read once: for the estimate, and kept for the loop below to reuse.
-    let reusable: Vec<Option<CellResult>> = plan.iter().map(|(m, method, r, _)| cached(&settings.cell_path(m, method, *r), &settings.cell_for(m), settings.searches(method))).collect();
+    let reusable: Vec<Option<CellResult>> =
+        plan.iter().map(|(m, method, r, _)| cached(&settings.cell_path(m, method, *r), &settings.cell_for(m), settings.searches(method))).collect();
     let cached_count = reusable.iter().filter(|c| c.is_some()).count();
     // `+ 0.0`: an empty f64 sum is -0.0, which would print as "-0.0 h".
     let remaining: f64 = plan.iter().zip(&reusable).filter(|(_, c)| c.is_none()).map(|(cell, _)| cell.3).sum::<f64>() + 0.0;
@@ -376,10 +380,23 @@ pub fn markdown(settings: &TableSettings, results: &[CellResult]) -> String {
     } else {
         format!("{} ({}: the length they were trained at)", cell.seq_len, shorter.join(", "))
     };
-    writeln!(md, "Search steps {}, learning rate {}, seed {}, sequence length {seq_len}, calibration: {}  ", cell.steps, cell.learning_rate, cell.seed, shown(&cell.calibration)).unwrap();
+    writeln!(
+        md,
+        "Search steps {}, learning rate {}, seed {}, sequence length {seq_len}, calibration: {}  ",
+        cell.steps,
+        cell.learning_rate,
+        cell.seed,
+        shown(&cell.calibration)
+    )
+    .unwrap();
     let questions = cell.mc_limit.map_or("all questions".to_string(), |n| format!("the first {n} questions of each"));
-    writeln!(md, "Perplexity over the first {} windows of each held-out text; multiple choice on {} ({questions}).  ",
-        cell.eval_windows, shown(&cell.tasks)).unwrap();
+    writeln!(
+        md,
+        "Perplexity over the first {} windows of each held-out text; multiple choice on {} ({questions}).  ",
+        cell.eval_windows,
+        shown(&cell.tasks)
+    )
+    .unwrap();
     writeln!(md, "{}\n", provenance(results)).unwrap();
     let chart = crate::table_plot::chart_path(settings);
     if let Some(name) = chart.file_name() {
@@ -387,7 +404,8 @@ pub fn markdown(settings: &TableSettings, results: &[CellResult]) -> String {
     }
     for model in models_in_order(results) {
         let rows: Vec<&CellResult> = results.iter().filter(|r| r.model == model).collect();
-        let texts: Vec<String> = rows.iter().flat_map(|r| r.perplexity.keys().cloned()).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+        let texts: Vec<String> =
+            rows.iter().flat_map(|r| r.perplexity.keys().cloned()).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
         for text in &texts {
             writeln!(md, "## {model}: perplexity on {text}\n").unwrap();
             let dense = rows.iter().find(|r| r.method == "dense").and_then(|r| r.perplexity.get(text));
@@ -419,7 +437,16 @@ pub fn markdown(settings: &TableSettings, results: &[CellResult]) -> String {
     for r in results {
         let ppl = r.perplexity.iter().map(|(k, v)| format!("{k} {}", format_ppl(*v))).collect::<Vec<_>>().join(", ");
         let acc = r.accuracy.iter().map(|(k, (a, n))| format!("{k} {a:.3} / {n:.3}")).collect::<Vec<_>>().join(", ");
-        writeln!(md, "| {} | {} | {:.0} % | {:.2} % | {ppl} | {acc} | {:.0} |", r.model, r.method, 100.0 * r.target_ratio, 100.0 * r.achieved_ratio, r.seconds).unwrap();
+        writeln!(
+            md,
+            "| {} | {} | {:.0} % | {:.2} % | {ppl} | {acc} | {:.0} |",
+            r.model,
+            r.method,
+            100.0 * r.target_ratio,
+            100.0 * r.achieved_ratio,
+            r.seconds
+        )
+        .unwrap();
     }
     md
 }

@@ -92,8 +92,7 @@ fn draw_panel(settings: &TableSettings, results: &[CellResult], model: &str, tex
     }
     for method in &settings.methods {
         let colour = method_colour(method);
-        let mut points: Vec<(f64, f64)> =
-            cells.iter().filter(|r| r.method == *method).map(|r| (100.0 * r.achieved_ratio, ppl(r))).collect();
+        let mut points: Vec<(f64, f64)> = cells.iter().filter(|r| r.method == *method).map(|r| (100.0 * r.achieved_ratio, ppl(r))).collect();
         if points.is_empty() {
             continue;
         }

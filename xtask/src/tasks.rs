@@ -64,8 +64,8 @@ fn split_sentences(text: &str) -> Vec<String> {
                 end += 1;
             }
             let next = chars.get(end + 1).copied();
-            let at_break = chars.get(end) == Some(&' ')
-                && next.is_some_and(|c| c.is_uppercase() || matches!(c, '"' | '\'' | '\u{201C}' | '\u{2018}'));
+            let at_break =
+                chars.get(end) == Some(&' ') && next.is_some_and(|c| c.is_uppercase() || matches!(c, '"' | '\'' | '\u{201C}' | '\u{2018}'));
             if at_break && !(chars[i] == '.' && ends_with_abbreviation(&chars[start..i])) {
                 sentences.push(chars[start..end].iter().collect::<String>());
                 start = end + 1;

@@ -169,11 +169,20 @@ mod tests {
     fn corpus_is_calibration_austen_plus_extras_never_heldout() {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path();
-        for f in ["data/calib/austen-emma.txt", "data/calib/austen-pride-and-prejudice.txt", "data/heldout/persuasion.txt", "data/heldout/kjv-john.txt", "data/calib/notes.md"] {
+        for f in [
+            "data/calib/austen-emma.txt",
+            "data/calib/austen-pride-and-prejudice.txt",
+            "data/heldout/persuasion.txt",
+            "data/heldout/kjv-john.txt",
+            "data/calib/notes.md",
+        ] {
             touch(root, f);
         }
         let c = find_corpus(root).unwrap();
-        assert_eq!(c, Corpus { files: vec!["data/calib/austen-emma.txt".into(), "data/calib/austen-pride-and-prejudice.txt".into()], has_extra: false });
+        assert_eq!(
+            c,
+            Corpus { files: vec!["data/calib/austen-emma.txt".into(), "data/calib/austen-pride-and-prejudice.txt".into()], has_extra: false }
+        );
 
         touch(root, "data/extra/kjv.txt");
         touch(root, "data/extra/shakespeare.txt");
@@ -196,11 +205,34 @@ mod tests {
     #[test]
     fn disp_gets_the_corpus_the_heldout_text_and_only_the_options_given() {
         let corpus = Corpus { files: vec!["data/calib/austen-emma.txt".into()], has_extra: false };
-        let mut args = TrainTinyArgs { family: FamilyArg::Opt, steps: None, seed: Some(3), out: None, force: true, vocab: None, seq_len: None, batch_size: None, lr: None };
+        let mut args = TrainTinyArgs {
+            family: FamilyArg::Opt,
+            steps: None,
+            seed: Some(3),
+            out: None,
+            force: true,
+            vocab: None,
+            seq_len: None,
+            batch_size: None,
+            lr: None,
+        };
         let argv = disp_arguments(Path::new("/repo"), &args, &corpus);
         assert_eq!(
             argv,
-            ["train-tiny", "--family", "opt", "--data", "data/calib/austen-emma.txt", "--heldout", HELDOUT, "--out", "/repo/models/tiny-opt", "--seed", "3", "--force"]
+            [
+                "train-tiny",
+                "--family",
+                "opt",
+                "--data",
+                "data/calib/austen-emma.txt",
+                "--heldout",
+                HELDOUT,
+                "--out",
+                "/repo/models/tiny-opt",
+                "--seed",
+                "3",
+                "--force"
+            ]
         );
         args.out = Some(PathBuf::from("elsewhere"));
         args.force = false;

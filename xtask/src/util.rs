@@ -16,9 +16,7 @@ pub fn sha256_file(path: &Path) -> Result<(u64, String)> {
     let mut buf = vec![0u8; 1 << 20];
     let mut n = 0u64;
     loop {
-        let k = f
-            .read(&mut buf)
-            .with_context(|| format!("reading {}", path.display()))?;
+        let k = f.read(&mut buf).with_context(|| format!("reading {}", path.display()))?;
         if k == 0 {
             break;
         }
@@ -81,11 +79,7 @@ pub fn fresh_dir(path: &Path) -> Result<()> {
 /// The last non-empty line of a program's output, for one-line error messages.
 pub fn last_line(bytes: &[u8]) -> String {
     let s = String::from_utf8_lossy(bytes);
-    s.lines()
-        .map(str::trim)
-        .rfind(|l| !l.is_empty())
-        .unwrap_or("")
-        .to_string()
+    s.lines().map(str::trim).rfind(|l| !l.is_empty()).unwrap_or("").to_string()
 }
 
 /// What a program printed, when it ran.
@@ -98,10 +92,7 @@ pub struct Ran {
 /// exit) is a one-line error naming the command and quoting its last line of stderr.
 pub fn run(cmd: &mut Command) -> Result<Ran> {
     let shown = show_command(cmd);
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| anyhow!("cannot run `{shown}`: {e}"))?;
+    let out = cmd.stdin(Stdio::null()).output().map_err(|e| anyhow!("cannot run `{shown}`: {e}"))?;
     if !out.status.success() {
         let mut why = last_line(&out.stderr);
         if why.is_empty() {
@@ -141,10 +132,8 @@ pub fn mb(n: u64) -> String {
 
 /// The paths in `dir` with extension `extension`, sorted.
 pub fn sorted_files_with_extension(dir: &Path, extension: &str) -> std::io::Result<Vec<PathBuf>> {
-    let mut files: Vec<PathBuf> = fs::read_dir(dir)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == extension))
-        .collect();
+    let mut files: Vec<PathBuf> =
+        fs::read_dir(dir)?.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|x| x == extension)).collect();
     files.sort();
     Ok(files)
 }
@@ -170,10 +159,7 @@ pub fn find_one(dir: &Path, prefix: &str, suffix: &str) -> Result<Option<PathBuf
         _ => bail!(
             "{} holds several {prefix}*{suffix} files; keep one: {:?}",
             dir.display(),
-            found
-                .iter()
-                .map(|p| p.file_name().unwrap_or_default())
-                .collect::<Vec<_>>()
+            found.iter().map(|p| p.file_name().unwrap_or_default()).collect::<Vec<_>>()
         ),
     }
 }
@@ -188,10 +174,7 @@ mod tests {
         assert_eq!(thousands(999), "999");
         assert_eq!(thousands(466_854), "466,854");
         assert_eq!(thousands(98_362_432), "98,362,432");
-        assert_eq!(
-            partial_path(Path::new("a/b.txt")),
-            Path::new("a/b.txt.partial")
-        );
+        assert_eq!(partial_path(Path::new("a/b.txt")), Path::new("a/b.txt.partial"));
     }
 
     #[test]
@@ -202,10 +185,7 @@ mod tests {
         assert!(!partial_path(&p).exists());
         let (n, h) = sha256_file(&p).unwrap();
         assert_eq!(n, 3);
-        assert_eq!(
-            h,
-            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-        );
+        assert_eq!(h, "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
         assert_eq!(sha256_bytes(b"abc"), h);
         assert!(!write_if_changed(&p, b"abc").unwrap());
         assert!(write_if_changed(&p, b"abcd").unwrap());
@@ -213,48 +193,22 @@ mod tests {
 
     #[test]
     fn failing_command_is_one_line() {
-        let e =
-            run(Command::new("sh").args(["-c", "echo first >&2; echo 'the reason' >&2; exit 3"]))
-                .unwrap_err()
-                .to_string();
+        let e = run(Command::new("sh").args(["-c", "echo first >&2; echo 'the reason' >&2; exit 3"])).unwrap_err().to_string();
         assert!(!e.contains('\n'), "{e}");
         assert!(e.contains("the reason") && e.contains("sh -c"), "{e}");
-        let e = run(&mut Command::new("/nonexistent/program"))
-            .unwrap_err()
-            .to_string();
+        let e = run(&mut Command::new("/nonexistent/program")).unwrap_err().to_string();
         assert!(e.contains("cannot run"), "{e}");
     }
 }
 
 /// Moves a finished download out of its scratch folder to `dest`, removes the scratch folder and
 /// reports the size and time taken since `started`.
-pub fn move_download_into_place(
-    ctx: &crate::Ctx,
-    tag: &str,
-    got: &Path,
-    dest: &Path,
-    scratch: &Path,
-    started: Instant,
-) -> Result<()> {
+pub fn move_download_into_place(ctx: &crate::Ctx, tag: &str, got: &Path, dest: &Path, scratch: &Path, started: Instant) -> Result<()> {
     let root = &ctx.root;
-    fs::rename(got, dest).with_context(|| {
-        format!(
-            "moving {} to {}",
-            got.display(),
-            crate::stamp::rel(root, dest)
-        )
-    })?;
+    fs::rename(got, dest).with_context(|| format!("moving {} to {}", got.display(), crate::stamp::rel(root, dest)))?;
     remove_any(scratch)?;
     let bytes = fs::metadata(dest).map(|m| m.len()).unwrap_or(0);
-    ctx.say(
-        tag,
-        &format!(
-            "downloaded {} ({}) in {}",
-            crate::stamp::rel(root, dest),
-            mb(bytes),
-            secs(started)
-        ),
-    );
+    ctx.say(tag, &format!("downloaded {} ({}) in {}", crate::stamp::rel(root, dest), mb(bytes), secs(started)));
     Ok(())
 }
 

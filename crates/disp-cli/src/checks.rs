@@ -20,9 +20,7 @@ pub fn generation(max_tokens: usize, temperature: f64, top_p: f64) -> Result<()>
         bail!("--max-tokens must be at least 1");
     }
     if !(temperature >= 0.0 && temperature.is_finite()) {
-        bail!(
-            "--temperature must be a finite number of at least 0 (0 is greedy), got {temperature}"
-        );
+        bail!("--temperature must be a finite number of at least 0 (0 is greedy), got {temperature}");
     }
     if !(top_p > 0.0 && top_p <= 1.0) {
         bail!("--top-p must be in (0, 1], got {top_p}");
@@ -37,10 +35,7 @@ pub fn resume(resume: bool, checkpoint: Option<&Path>) -> Result<()> {
         (false, _) => Ok(()),
         (true, None) => bail!("--resume needs --checkpoint FILE"),
         (true, Some(path)) if !path.is_file() => {
-            bail!(
-                "{}: --resume: no such checkpoint (drop --resume to start a new search)",
-                path.display()
-            )
+            bail!("{}: --resume: no such checkpoint (drop --resume to start a new search)", path.display())
         }
         (true, Some(_)) => Ok(()),
     }
@@ -49,8 +44,7 @@ pub fn resume(resume: bool, checkpoint: Option<&Path>) -> Result<()> {
 /// `--export DIR` must be free before a search whose result goes there.
 pub fn export_folder(folder: Option<&Path>) -> Result<()> {
     match folder {
-        Some(folder) => disp_core::fsutil::check_output_folder(folder)
-            .map_err(|e| anyhow::anyhow!("--export: {e:#}")),
+        Some(folder) => disp_core::fsutil::check_output_folder(folder).map_err(|e| anyhow::anyhow!("--export: {e:#}")),
         None => Ok(()),
     }
 }
@@ -61,33 +55,15 @@ mod tests {
 
     #[test]
     fn each_check_names_its_flag() {
-        assert!(seq_len(1)
-            .unwrap_err()
-            .to_string()
-            .starts_with("--seq-len must be at least 2"));
+        assert!(seq_len(1).unwrap_err().to_string().starts_with("--seq-len must be at least 2"));
         seq_len(2).unwrap();
-        assert!(generation(0, 0.0, 0.9)
-            .unwrap_err()
-            .to_string()
-            .starts_with("--max-tokens"));
-        assert!(generation(1, f64::NAN, 0.9)
-            .unwrap_err()
-            .to_string()
-            .starts_with("--temperature"));
+        assert!(generation(0, 0.0, 0.9).unwrap_err().to_string().starts_with("--max-tokens"));
+        assert!(generation(1, f64::NAN, 0.9).unwrap_err().to_string().starts_with("--temperature"));
         for top_p in [0.0, 1.5, f64::NAN] {
-            assert!(
-                generation(1, 1.0, top_p)
-                    .unwrap_err()
-                    .to_string()
-                    .starts_with("--top-p"),
-                "{top_p}"
-            );
+            assert!(generation(1, 1.0, top_p).unwrap_err().to_string().starts_with("--top-p"), "{top_p}");
         }
         generation(1, 0.7, 1.0).unwrap();
-        assert!(resume(true, Some(Path::new("/nonexistent/ck.bin")))
-            .unwrap_err()
-            .to_string()
-            .contains("no such checkpoint"));
+        assert!(resume(true, Some(Path::new("/nonexistent/ck.bin"))).unwrap_err().to_string().contains("no such checkpoint"));
         resume(false, Some(Path::new("/nonexistent/ck.bin"))).unwrap();
     }
 }

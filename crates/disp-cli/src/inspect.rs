@@ -133,8 +133,7 @@ fn load(device: DeviceChoice, args: &InspectArgs) -> Result<Inspection> {
         Some(dir) => {
             let model = disp_models::load_model(dir, &select_device(device)?)?;
             let shape = model.model_shape();
-            plan.validate(&model.identity(), &shape)
-                .map_err(|e| anyhow!("{}: {e:#} (--model {})", path.display(), dir.display()))?;
+            plan.validate(&model.identity(), &shape).map_err(|e| anyhow!("{}: {e:#} (--model {})", path.display(), dir.display()))?;
             Some(shape)
         }
     };
@@ -230,10 +229,7 @@ impl Inspection {
     /// One line naming the plan: method and model.
     fn headline(&self) -> String {
         let m = &self.model;
-        format!(
-            "{} on {} ({} layers, d {}, d_ff {})",
-            self.method, m.model_type, m.num_layers, m.hidden_size, m.intermediate_size
-        )
+        format!("{} on {} ({} layers, d {}, d_ff {})", self.method, m.model_type, m.num_layers, m.hidden_size, m.intermediate_size)
     }
 
     fn render_text(&self, usage: &PositionUsage) -> String {

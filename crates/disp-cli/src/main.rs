@@ -2,9 +2,9 @@
 //! arguments, picks the device, and prints results; the work happens in `disp-models`,
 //! `disp-eval`, `disp-train` and `disp-core`.
 
-mod eval_mc;
 mod bench;
 mod checks;
+mod eval_mc;
 mod export;
 mod inspect;
 mod train_tiny;
@@ -18,8 +18,8 @@ use disp_core::device::{select_device, DeviceChoice};
 use disp_core::params::{BlockWidths, RatioOf};
 use disp_core::plan::PruningPlan;
 use disp_eval::{GenerateOptions, PerplexityReport};
-use disp_train::{Method, PruneOutcome, PruneRequest};
 use disp_models::{CausalLm, TextTokenizer};
+use disp_train::{Method, PruneOutcome, PruneRequest};
 
 #[derive(Parser)]
 #[command(name = "disp", version, about = "Dimension-independent structural pruning (DISP-LLM) for OPT, LLaMA and Phi checkpoints")]
@@ -323,13 +323,7 @@ fn generate(device: DeviceChoice, args: GenerateArgs) -> Result<()> {
     let ids = tokenizer.encode(&prompt)?;
     let model = load(device, &args.model)?;
     let stop_tokens = disp_models::config::RawConfig::read(&args.model.model)?.eos_token_ids();
-    let opts = GenerateOptions {
-        max_new_tokens: args.max_tokens,
-        temperature: args.temperature,
-        top_p: args.top_p,
-        seed: args.seed,
-        stop_tokens,
-    };
+    let opts = GenerateOptions { max_new_tokens: args.max_tokens, temperature: args.temperature, top_p: args.top_p, seed: args.seed, stop_tokens };
     let out = disp_eval::generate(model.as_ref(), &ids, &opts)?;
     println!("{}", tokenizer.decode(&out.tokens)?);
     eprintln!(

@@ -14,13 +14,12 @@ use anyhow::{anyhow, bail, Context, Result};
 use burn::tensor::Device;
 use clap::{Args, ValueEnum};
 use disp_core::device::{select_device, DeviceChoice};
+use disp_io::fmt::thousands;
 use disp_io::fsutil::{temporary_sibling, StagedFolder};
 use disp_models::bpe::{save_tokenizer, train_byte_level_bpe, END_OF_TEXT};
 use disp_models::{Family, RawConfig, TextTokenizer};
 use disp_train::pretrain::{hf_config, ModelSize, PretrainConfig, Pretrainer};
-use disp_io::fmt::thousands;
 use serde_json::{json, Value};
-
 
 /// Optimizer steps when `--steps` is not given: about 10 minutes per family on 2 cores in a
 /// release build (0.7–0.9 s/step measured, see README.md).
@@ -118,11 +117,8 @@ fn train(device: &Device, args: &TrainTinyArgs) -> Result<()> {
     check_output(out, args.force)?;
     check_heldout_is_not_training(&args.heldout, &args.data)?;
     let corpus: Vec<String> = args.data.iter().map(|p| p.display().to_string()).collect();
-    let texts: Vec<String> = args
-        .data
-        .iter()
-        .map(|f| std::fs::read_to_string(f).with_context(|| format!("{}: cannot read", f.display())))
-        .collect::<Result<_>>()?;
+    let texts: Vec<String> =
+        args.data.iter().map(|f| std::fs::read_to_string(f).with_context(|| format!("{}: cannot read", f.display()))).collect::<Result<_>>()?;
     let bytes: usize = texts.iter().map(String::len).sum();
     say(&format!("corpus: {} files, {} bytes: {}", texts.len(), thousands(bytes as u64), corpus.join(", ")));
 
@@ -136,9 +132,7 @@ fn train(device: &Device, args: &TrainTinyArgs) -> Result<()> {
     let mut stream: Vec<u32> = Vec::new();
     for text in &texts {
         stream.push(special);
-        let encodings = tokenizer
-            .encode_batch(paragraph_chunks(text, 1 << 16), false)
-            .map_err(|e| anyhow!("cannot tokenise the corpus: {e}"))?;
+        let encodings = tokenizer.encode_batch(paragraph_chunks(text, 1 << 16), false).map_err(|e| anyhow!("cannot tokenise the corpus: {e}"))?;
         stream.extend(encodings.iter().flat_map(|e| e.get_ids().iter().copied()));
     }
     let windows: Vec<Vec<u32>> = stream.chunks_exact(args.seq_len).map(<[u32]>::to_vec).collect();
@@ -240,7 +234,7 @@ fn train(device: &Device, args: &TrainTinyArgs) -> Result<()> {
             "perplexity": report.perplexity,
         },
     });
-    write_folder(device, out, args.force, &trainer, &config, &tokenizer, size.max_positions, &heldout_windows[0])?;
+    write_folder(device, args, &trainer, &config, &tokenizer, size.max_positions, &heldout_windows[0])?;
     say(&format!("wrote {} in {:.0}s total", out.display(), start.elapsed().as_secs_f64()));
     Ok(())
 }
@@ -271,9 +265,18 @@ fn check_output(out: &Path, force: bool) -> Result<()> {
 }
 
 /// Writes the folder atomically, after checking what was written: the model reloads to the
-/// same logits on `probe` and the tokenizer loads back. With `force`, an existing folder is
+/// same logits on `probe` and the tokenizer loads back. With `--force`, an existing folder is
 /// replaced only once the new one is complete.
-fn write_folder(device: &Device, out: &Path, force: bool, trainer: &Pretrainer, config: &Value, tokenizer: &tokenizers::Tokenizer, max_positions: usize, probe: &[u32]) -> Result<()> {
+fn write_folder(
+    device: &Device,
+    args: &TrainTinyArgs,
+    trainer: &Pretrainer,
+    config: &Value,
+    tokenizer: &tokenizers::Tokenizer,
+    max_positions: usize,
+    probe: &[u32],
+) -> Result<()> {
+    let (out, force) = (args.out.as_path(), args.force);
     let replaced = if force && out.exists() {
         let aside = temporary_sibling(out);
         std::fs::rename(out, &aside).with_context(|| format!("{}: cannot move the old folder aside", out.display()))?;

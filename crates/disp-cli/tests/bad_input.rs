@@ -10,9 +10,7 @@ use std::process::{Command, Stdio};
 use disp_models::gguf::GgmlType;
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures")
-        .join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(name)
 }
 
 /// A copy of a fixture model with the fixtures' byte-level tokenizer, in a fresh temporary folder.
@@ -42,10 +40,7 @@ struct Outcome {
 }
 
 fn disp(args: &[&str]) -> Outcome {
-    let out = Command::new(env!("CARGO_BIN_EXE_disp"))
-        .args(args)
-        .output()
-        .expect("runs");
+    let out = Command::new(env!("CARGO_BIN_EXE_disp")).args(args).output().expect("runs");
     Outcome {
         code: out.status.code().unwrap_or(-1),
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -56,23 +51,10 @@ fn disp(args: &[&str]) -> Outcome {
 /// Fails unless the command failed with exactly one error line containing every `needle`.
 fn assert_one_line_error(out: &Outcome, needles: &[&str]) {
     assert_ne!(out.code, 0, "expected failure, got success: {}", out.stdout);
-    let lines: Vec<&str> = out
-        .stderr
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .collect();
-    assert_eq!(
-        lines.len(),
-        1,
-        "expected one error line, got: {:?}",
-        out.stderr
-    );
+    let lines: Vec<&str> = out.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "expected one error line, got: {:?}", out.stderr);
     for needle in needles {
-        assert!(
-            lines[0].contains(needle),
-            "error {:?} does not mention {needle:?}",
-            lines[0]
-        );
+        assert!(lines[0].contains(needle), "error {:?} does not mention {needle:?}", lines[0]);
     }
 }
 
@@ -81,8 +63,7 @@ fn s(p: &Path) -> &str {
 }
 
 fn edit_json(path: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
-    let mut json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     edit(&mut json);
     std::fs::write(path, json.to_string()).unwrap();
 }
@@ -100,37 +81,12 @@ fn set_first_value(dir: &Path, tensor: &str, value: f32) {
 }
 
 fn eval_ppl(model: &Path, text: &Path, extra: &[&str]) -> Outcome {
-    disp(
-        &[
-            &[
-                "eval",
-                "ppl",
-                "--model",
-                s(model),
-                "--text",
-                s(text),
-                "--seq-len",
-                "16",
-            ],
-            extra,
-        ]
-        .concat(),
-    )
+    disp(&[&["eval", "ppl", "--model", s(model), "--text", s(text), "--seq-len", "16"], extra].concat())
 }
 
 /// A uniform-magnitude plan of `model` at `path`.
 fn uniform_plan(model: &Path, path: &Path) {
-    let out = disp(&[
-        "prune",
-        "--model",
-        s(model),
-        "--ratio",
-        "0.2",
-        "--method",
-        "uniform-magnitude",
-        "--out",
-        s(path),
-    ]);
+    let out = disp(&["prune", "--model", s(model), "--ratio", "0.2", "--method", "uniform-magnitude", "--out", s(path)]);
     assert_eq!(out.code, 0, "{}", out.stderr);
 }
 
@@ -153,14 +109,7 @@ fn gguf_block_count_beyond_its_tensors_is_refused_before_anything_is_allocated()
 
     w.metadata("llama.block_count", 1u32 << 31);
     let (out, converted) = convert(&w, tmp.path());
-    assert_one_line_error(
-        &out,
-        &[
-            "in.gguf",
-            "llama.block_count = 2147483648",
-            "the file has 11 tensors",
-        ],
-    );
+    assert_one_line_error(&out, &["in.gguf", "llama.block_count = 2147483648", "the file has 11 tensors"]);
     assert!(!converted.exists());
 }
 
@@ -176,14 +125,7 @@ fn gguf_context_length_zero_and_a_merge_outside_the_vocabulary_are_refused() {
     let mut w = disp_fuzz::targets::tiny_llama_gguf(GgmlType::F32, false).unwrap();
     w.metadata("tokenizer.ggml.merges", vec!["Ġ x".to_string()]);
     let (out, converted) = convert(&w, tmp.path());
-    assert_one_line_error(
-        &out,
-        &[
-            "in.gguf",
-            "tokenizer.ggml.merges",
-            "\"Ġx\", which is not in the vocabulary",
-        ],
-    );
+    assert_one_line_error(&out, &["in.gguf", "tokenizer.ggml.merges", "\"Ġx\", which is not in the vocabulary"]);
     assert!(!converted.exists());
 }
 
@@ -194,19 +136,9 @@ fn zero_attention_or_key_value_heads_are_refused() {
     let (tmp, model) = model_copy("llama_gqa_tied");
     let text = text_file(tmp.path());
     for key in ["num_key_value_heads", "num_attention_heads"] {
-        std::fs::copy(
-            fixture("llama_gqa_tied/config.json"),
-            model.join("config.json"),
-        )
-        .unwrap();
+        std::fs::copy(fixture("llama_gqa_tied/config.json"), model.join("config.json")).unwrap();
         edit_json(&model.join("config.json"), |c| c[key] = 0.into());
-        assert_one_line_error(
-            &eval_ppl(&model, &text, &[]),
-            &[
-                "config.json",
-                &format!("'{key}' is 0; it must be at least 1"),
-            ],
-        );
+        assert_one_line_error(&eval_ppl(&model, &text, &[]), &["config.json", &format!("'{key}' is 0; it must be at least 1")]);
     }
 }
 
@@ -215,17 +147,9 @@ fn a_layer_count_the_weights_cannot_hold_is_refused_for_every_family() {
     for family in ["llama_gqa_tied", "opt_pre_ln", "phi"] {
         let (tmp, model) = model_copy(family);
         let text = text_file(tmp.path());
-        edit_json(&model.join("config.json"), |c| {
-            c["num_hidden_layers"] = 10_000_000.into()
-        });
+        edit_json(&model.join("config.json"), |c| c["num_hidden_layers"] = 10_000_000.into());
         let out = eval_ppl(&model, &text, &[]);
-        assert_one_line_error(
-            &out,
-            &[
-                "config.json",
-                "num_hidden_layers = 10000000 but the weight files hold only",
-            ],
-        );
+        assert_one_line_error(&out, &["config.json", "num_hidden_layers = 10000000 but the weight files hold only"]);
     }
 }
 
@@ -233,36 +157,16 @@ fn a_layer_count_the_weights_cannot_hold_is_refused_for_every_family() {
 fn zero_layers_and_a_zero_rope_base_are_refused() {
     let (tmp, model) = model_copy("llama_gqa_tied");
     let text = text_file(tmp.path());
-    edit_json(&model.join("config.json"), |c| {
-        c["num_hidden_layers"] = 0.into()
-    });
-    assert_one_line_error(
-        &eval_ppl(&model, &text, &[]),
-        &["config.json", "'num_hidden_layers' is 0"],
-    );
+    edit_json(&model.join("config.json"), |c| c["num_hidden_layers"] = 0.into());
+    assert_one_line_error(&eval_ppl(&model, &text, &[]), &["config.json", "'num_hidden_layers' is 0"]);
 
     // Nested (transformers 5) and top-level spellings of the RoPE base.
-    std::fs::copy(
-        fixture("llama_gqa_tied/config.json"),
-        model.join("config.json"),
-    )
-    .unwrap();
-    edit_json(&model.join("config.json"), |c| {
-        c["rope_parameters"]["rope_theta"] = 0.into()
-    });
-    assert_one_line_error(
-        &eval_ppl(&model, &text, &[]),
-        &[
-            "config.json",
-            "'rope_theta' must be a positive number, got 0",
-        ],
-    );
+    std::fs::copy(fixture("llama_gqa_tied/config.json"), model.join("config.json")).unwrap();
+    edit_json(&model.join("config.json"), |c| c["rope_parameters"]["rope_theta"] = 0.into());
+    assert_one_line_error(&eval_ppl(&model, &text, &[]), &["config.json", "'rope_theta' must be a positive number, got 0"]);
     let (_tmp, phi) = model_copy("phi");
     edit_json(&phi.join("config.json"), |c| c["rope_theta"] = 0.0.into());
-    assert_one_line_error(
-        &eval_ppl(&phi, &text, &[]),
-        &["config.json", "'rope_theta' must be a positive number"],
-    );
+    assert_one_line_error(&eval_ppl(&phi, &text, &[]), &["config.json", "'rope_theta' must be a positive number"]);
 }
 
 // ---- flags ---------------------------------------------------------------------------------
@@ -272,32 +176,11 @@ fn window_lengths_below_two_are_refused() {
     let (tmp, model) = model_copy("llama_gqa_tied");
     let text = text_file(tmp.path());
     for len in ["0", "1"] {
-        let out = disp(&[
-            "eval",
-            "ppl",
-            "--model",
-            s(&model),
-            "--text",
-            s(&text),
-            "--seq-len",
-            len,
-        ]);
+        let out = disp(&["eval", "ppl", "--model", s(&model), "--text", s(&text), "--seq-len", len]);
         assert_one_line_error(&out, &[&format!("--seq-len must be at least 2 (a window predicts each token from the ones before it), got {len}")]);
     }
     let plan = tmp.path().join("plan.json");
-    let out = disp(&[
-        "prune",
-        "--model",
-        s(&model),
-        "--ratio",
-        "0.2",
-        "--data",
-        s(&text),
-        "--seq-len",
-        "0",
-        "--out",
-        s(&plan),
-    ]);
+    let out = disp(&["prune", "--model", s(&model), "--ratio", "0.2", "--data", s(&text), "--seq-len", "0", "--out", s(&plan)]);
     assert_one_line_error(&out, &["--seq-len must be at least 2"]);
     assert!(!plan.exists());
 }
@@ -324,14 +207,7 @@ fn a_batch_size_beyond_memory_is_refused_before_the_search() {
         "--out",
         s(&plan),
     ]);
-    assert_one_line_error(
-        &out,
-        &[
-            "--batch-size 10000000",
-            "a search step of batch size 10000000 x 16 tokens needs",
-            "of memory are available",
-        ],
-    );
+    assert_one_line_error(&out, &["--batch-size 10000000", "a search step of batch size 10000000 x 16 tokens needs", "of memory are available"]);
     assert!(!plan.exists());
 }
 
@@ -339,59 +215,25 @@ fn a_batch_size_beyond_memory_is_refused_before_the_search() {
 fn a_negative_ratio_gets_the_ratio_message() {
     let (tmp, model) = model_copy("llama_gqa_tied");
     let plan = tmp.path().join("plan.json");
-    let out = disp(&[
-        "prune",
-        "--model",
-        s(&model),
-        "--ratio",
-        "-0.1",
-        "--method",
-        "uniform-magnitude",
-        "--out",
-        s(&plan),
-    ]);
-    assert_one_line_error(
-        &out,
-        &["--ratio must be strictly between 0 and 1, got -0.1"],
-    );
+    let out = disp(&["prune", "--model", s(&model), "--ratio", "-0.1", "--method", "uniform-magnitude", "--out", s(&plan)]);
+    assert_one_line_error(&out, &["--ratio must be strictly between 0 and 1, got -0.1"]);
     assert!(!plan.exists());
 }
 
 #[test]
 fn generation_flags_are_checked_before_anything_is_emitted() {
     let (_tmp, model) = model_copy("llama_gqa_tied");
-    let generate = |extra: &[&str]| {
-        disp(
-            &[
-                &["generate", "--model", s(&model), "--prompt", "It is"],
-                extra,
-            ]
-            .concat(),
-        )
-    };
+    let generate = |extra: &[&str]| disp(&[&["generate", "--model", s(&model), "--prompt", "It is"], extra].concat());
     let out = generate(&["--max-tokens", "0"]);
     assert_one_line_error(&out, &["--max-tokens must be at least 1"]);
     assert!(out.stdout.is_empty(), "nothing generated: {:?}", out.stdout);
-    assert_one_line_error(
-        &generate(&["--temperature", "NaN"]),
-        &["--temperature must be a finite number", "got NaN"],
-    );
-    assert_one_line_error(
-        &generate(&["--temperature", "-1"]),
-        &["--temperature must be a finite number", "got -1"],
-    );
+    assert_one_line_error(&generate(&["--temperature", "NaN"]), &["--temperature must be a finite number", "got NaN"]);
+    assert_one_line_error(&generate(&["--temperature", "-1"]), &["--temperature must be a finite number", "got -1"]);
     for top_p in ["0", "1.5", "NaN"] {
-        assert_one_line_error(
-            &generate(&["--temperature", "0.8", "--top-p", top_p]),
-            &["--top-p must be in (0, 1]"],
-        );
+        assert_one_line_error(&generate(&["--temperature", "0.8", "--top-p", top_p]), &["--top-p must be in (0, 1]"]);
     }
     let out = generate(&["--temperature", "0.8", "--top-p", "1", "--max-tokens", "2"]);
-    assert_eq!(
-        out.code, 0,
-        "the edges of the ranges are accepted: {}",
-        out.stderr
-    );
+    assert_eq!(out.code, 0, "the edges of the ranges are accepted: {}", out.stderr);
 }
 
 #[test]
@@ -422,11 +264,7 @@ fn prune_export_into_a_used_folder_fails_before_the_search() {
     ]);
     assert_one_line_error(&out, &["--export", "occupied", "not empty"]);
     assert!(!plan.exists());
-    assert_eq!(
-        std::fs::read_dir(&occupied).unwrap().count(),
-        1,
-        "left alone"
-    );
+    assert_eq!(std::fs::read_dir(&occupied).unwrap().count(), 1, "left alone");
 }
 
 // ---- tokenizer.json ------------------------------------------------------------------------
@@ -437,28 +275,12 @@ fn a_tokenizer_merge_outside_the_vocabulary_is_an_error_naming_the_file() {
     let text = text_file(tmp.path());
     // "Ġ" and "t" are byte symbols; "Ġt" is not in the byte vocabulary (the tokenizers crate
     // panicked building this merge).
-    edit_json(&model.join("tokenizer.json"), |t| {
-        t["model"]["merges"] = serde_json::json!(["Ġ t"])
-    });
+    edit_json(&model.join("tokenizer.json"), |t| t["model"]["merges"] = serde_json::json!(["Ġ t"]));
     let out = eval_ppl(&model, &text, &[]);
-    assert_one_line_error(
-        &out,
-        &[
-            "tokenizer.json: invalid tokenizer",
-            "\"Ġt\", which is not in the vocabulary",
-        ],
-    );
-    edit_json(&model.join("tokenizer.json"), |t| {
-        t["model"]["merges"] = serde_json::json!([["Ġ", "zz"]])
-    });
+    assert_one_line_error(&out, &["tokenizer.json: invalid tokenizer", "\"Ġt\", which is not in the vocabulary"]);
+    edit_json(&model.join("tokenizer.json"), |t| t["model"]["merges"] = serde_json::json!([["Ġ", "zz"]]));
     let out = disp(&["generate", "--model", s(&model), "--prompt", "It is"]);
-    assert_one_line_error(
-        &out,
-        &[
-            "tokenizer.json: invalid tokenizer",
-            "\"zz\" is not in the vocabulary",
-        ],
-    );
+    assert_one_line_error(&out, &["tokenizer.json: invalid tokenizer", "\"zz\" is not in the vocabulary"]);
 }
 
 // ---- NaN / Inf weights ---------------------------------------------------------------------
@@ -475,53 +297,12 @@ fn a_non_finite_weight_is_named_by_every_command() {
     let exported = tmp.path().join("exported");
     let new_plan = tmp.path().join("new-plan.json");
     let commands: Vec<Vec<&str>> = vec![
-        vec![
-            "eval",
-            "ppl",
-            "--model",
-            s(&model),
-            "--text",
-            s(&text),
-            "--seq-len",
-            "16",
-        ],
+        vec!["eval", "ppl", "--model", s(&model), "--text", s(&text), "--seq-len", "16"],
         vec!["generate", "--model", s(&model), "--prompt", "It is"],
         vec!["inspect", s(&model)],
-        vec![
-            "export",
-            "--model",
-            s(&model),
-            "--plan",
-            s(&plan),
-            "--out",
-            s(&exported),
-        ],
-        vec![
-            "prune",
-            "--model",
-            s(&model),
-            "--ratio",
-            "0.2",
-            "--method",
-            "uniform-magnitude",
-            "--out",
-            s(&new_plan),
-        ],
-        vec![
-            "prune",
-            "--model",
-            s(&model),
-            "--ratio",
-            "0.2",
-            "--method",
-            "wanda-sp",
-            "--data",
-            s(&text),
-            "--seq-len",
-            "16",
-            "--out",
-            s(&new_plan),
-        ],
+        vec!["export", "--model", s(&model), "--plan", s(&plan), "--out", s(&exported)],
+        vec!["prune", "--model", s(&model), "--ratio", "0.2", "--method", "uniform-magnitude", "--out", s(&new_plan)],
+        vec!["prune", "--model", s(&model), "--ratio", "0.2", "--method", "wanda-sp", "--data", s(&text), "--seq-len", "16", "--out", s(&new_plan)],
     ];
     for args in commands {
         let out = disp(&args);
@@ -529,10 +310,7 @@ fn a_non_finite_weight_is_named_by_every_command() {
     }
     assert!(!exported.exists() && !new_plan.exists());
     set_first_value(&model, tensor, f32::INFINITY);
-    assert_one_line_error(
-        &eval_ppl(&model, &text, &[]),
-        &["holds inf at flat index 0"],
-    );
+    assert_one_line_error(&eval_ppl(&model, &text, &[]), &["holds inf at flat index 0"]);
 }
 
 // ---- plans given to export -----------------------------------------------------------------
@@ -544,39 +322,16 @@ fn export_checks_the_plan_header_and_names_the_plan() {
     let out_dir = tmp.path().join("exported");
     uniform_plan(&model, &plan);
     let good = std::fs::read_to_string(&plan).unwrap();
-    let export = || {
-        disp(&[
-            "export",
-            "--model",
-            s(&model),
-            "--plan",
-            s(&plan),
-            "--out",
-            s(&out_dir),
-        ])
-    };
+    let export = || disp(&["export", "--model", s(&model), "--plan", s(&plan), "--out", s(&out_dir)]);
 
     edit_json(&plan, |p| p["format_version"] = 99.into());
     assert_one_line_error(&export(), &["plan.json: unknown plan format version 99"]);
     std::fs::write(&plan, &good).unwrap();
     edit_json(&plan, |p| p["model"]["hidden_size"] = 32.into());
-    assert_one_line_error(
-        &export(),
-        &[
-            "plan.json: ",
-            "the plan is for hidden_size = 32",
-            "config.json has 64",
-        ],
-    );
+    assert_one_line_error(&export(), &["plan.json: ", "the plan is for hidden_size = 32", "config.json has 64"]);
     std::fs::write(&plan, &good).unwrap();
     edit_json(&plan, |p| p["model"]["num_layers"] = 3.into());
-    assert_one_line_error(
-        &export(),
-        &[
-            "plan.json: ",
-            "the plan's header says 3 layers but it lists index sets for 2",
-        ],
-    );
+    assert_one_line_error(&export(), &["plan.json: ", "the plan's header says 3 layers but it lists index sets for 2"]);
     assert!(!out_dir.exists());
     std::fs::write(&plan, &good).unwrap();
     assert_eq!(export().code, 0);
@@ -584,13 +339,7 @@ fn export_checks_the_plan_header_and_names_the_plan() {
 
 // ---- search checkpoints --------------------------------------------------------------------
 
-fn prune_with_checkpoint(
-    model: &Path,
-    text: &Path,
-    checkpoint: &Path,
-    plan: &Path,
-    extra: &[&str],
-) -> Outcome {
+fn prune_with_checkpoint(model: &Path, text: &Path, checkpoint: &Path, plan: &Path, extra: &[&str]) -> Outcome {
     disp(
         &[
             &[
@@ -645,28 +394,18 @@ fn a_damaged_checkpoint_or_one_of_another_model_with_the_same_sizes_is_refused()
     flipped[middle] ^= 0x01;
     std::fs::write(&checkpoint, &flipped).unwrap();
     let out = prune_with_checkpoint(&model, &text, &checkpoint, &plan, &["--resume"]);
-    assert_one_line_error(
-        &out,
-        &["search.ck: checkpoint is damaged (its SHA-256 checksum does not match its contents)"],
-    );
+    assert_one_line_error(&out, &["search.ck: checkpoint is damaged (its SHA-256 checksum does not match its contents)"]);
 
     // Same sizes, other weights: a fine-tune of the same base, say.
     std::fs::write(&checkpoint, &good).unwrap();
     let (_tmp, other) = model_copy("llama_gqa_tied");
     set_first_value(&other, "model.layers.0.self_attn.o_proj.weight", 0.25);
     let out = prune_with_checkpoint(&other, &text, &checkpoint, &plan, &["--resume"]);
-    assert_one_line_error(
-        &out,
-        &["search.ck: checkpoint is for another model of the same sizes (its weights differ)"],
-    );
+    assert_one_line_error(&out, &["search.ck: checkpoint is for another model of the same sizes (its weights differ)"]);
     assert!(!plan.exists());
 
     let out = prune_with_checkpoint(&model, &text, &checkpoint, &plan, &["--resume"]);
-    assert_eq!(
-        out.code, 0,
-        "the intact checkpoint resumes on its own model: {}",
-        out.stderr
-    );
+    assert_eq!(out.code, 0, "the intact checkpoint resumes on its own model: {}", out.stderr);
 }
 
 // ---- interruption --------------------------------------------------------------------------
@@ -682,25 +421,15 @@ fn kill_before_publish(args: &[&str]) -> PathBuf {
         .spawn()
         .unwrap();
     let stderr = BufReader::new(child.stderr.take().unwrap());
-    let line = stderr
-        .lines()
-        .next()
-        .expect("the run reached its publish step")
-        .unwrap();
-    let staged = line
-        .strip_prefix("holding ")
-        .map(|rest| PathBuf::from(rest.trim_end_matches(" before publishing")));
+    let line = stderr.lines().next().expect("the run reached its publish step").unwrap();
+    let staged = line.strip_prefix("holding ").map(|rest| PathBuf::from(rest.trim_end_matches(" before publishing")));
     child.kill().unwrap();
     child.wait().unwrap();
     staged.unwrap_or_else(|| panic!("unexpected output before the hold: {line}"))
 }
 
 fn partial_folders(dir: &Path) -> Vec<String> {
-    std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.contains(".partial-"))
-        .collect()
+    std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| n.contains(".partial-")).collect()
 }
 
 #[test]
@@ -709,42 +438,23 @@ fn export_killed_before_publishing_leaves_nothing_and_the_next_run_cleans_up() {
     let plan = tmp.path().join("plan.json");
     uniform_plan(&model, &plan);
     let out_dir = tmp.path().join("exported");
-    let args = [
-        "export",
-        "--model",
-        s(&model),
-        "--plan",
-        s(&plan),
-        "--out",
-        s(&out_dir),
-    ];
+    let args = ["export", "--model", s(&model), "--plan", s(&plan), "--out", s(&out_dir)];
     let staged = kill_before_publish(&args);
-    assert!(
-        staged.join("model.safetensors").is_file(),
-        "killed with the folder written: {}",
-        staged.display()
-    );
+    assert!(staged.join("model.safetensors").is_file(), "killed with the folder written: {}", staged.display());
     assert!(!out_dir.exists(), "nothing at the output path");
     assert_eq!(partial_folders(tmp.path()).len(), 1);
 
     let out = disp(&args);
     assert_eq!(out.code, 0, "{}", out.stderr);
     assert!(out_dir.join("model.safetensors").is_file());
-    assert_eq!(
-        partial_folders(tmp.path()),
-        Vec::<String>::new(),
-        "the killed run's folder is gone"
-    );
+    assert_eq!(partial_folders(tmp.path()), Vec::<String>::new(), "the killed run's folder is gone");
 }
 
 #[test]
 fn convert_gguf_killed_before_publishing_leaves_nothing_and_the_next_run_cleans_up() {
     let tmp = tempfile::tempdir().unwrap();
     let input = tmp.path().join("in.gguf");
-    disp_fuzz::targets::tiny_llama_gguf(GgmlType::Q8_0, false)
-        .unwrap()
-        .write(&input)
-        .unwrap();
+    disp_fuzz::targets::tiny_llama_gguf(GgmlType::Q8_0, false).unwrap().write(&input).unwrap();
     let out_dir = tmp.path().join("converted");
     let args = ["convert-gguf", s(&input), s(&out_dir)];
     let staged = kill_before_publish(&args);
@@ -789,12 +499,7 @@ fn prune_killed_mid_search_resumes_to_the_same_plan() {
     };
     let mut args = search(&resumed);
     args.extend(["--checkpoint".into(), s(&checkpoint).into()]);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_disp"))
-        .args(&args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_disp")).args(&args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
     // Killed as soon as the first checkpoint exists: mid-search whatever the machine's speed.
     while !checkpoint.exists() {
         if let Some(status) = child.try_wait().unwrap() {
@@ -804,34 +509,13 @@ fn prune_killed_mid_search_resumes_to_the_same_plan() {
     }
     child.kill().unwrap();
     child.wait().unwrap();
-    assert!(
-        !resumed.exists(),
-        "the search finished before it was killed; give it more steps"
-    );
+    assert!(!resumed.exists(), "the search finished before it was killed; give it more steps");
 
     args.push("--resume".into());
-    let out = Command::new(env!("CARGO_BIN_EXE_disp"))
-        .args(&args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = Command::new(env!("CARGO_BIN_EXE_disp")).args(&args).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let uninterrupted = tmp.path().join("uninterrupted.json");
-    let out = Command::new(env!("CARGO_BIN_EXE_disp"))
-        .args(search(&uninterrupted))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(
-        std::fs::read(&resumed).unwrap(),
-        std::fs::read(&uninterrupted).unwrap(),
-        "byte-identical plans"
-    );
+    let out = Command::new(env!("CARGO_BIN_EXE_disp")).args(search(&uninterrupted)).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(std::fs::read(&resumed).unwrap(), std::fs::read(&uninterrupted).unwrap(), "byte-identical plans");
 }

@@ -27,8 +27,7 @@ fn byte_chars() -> Vec<char> {
 
 /// A byte-level tokenizer whose 256 ids are the 256 bytes: fits the fixtures' vocab of 256.
 fn byte_tokenizer_json() -> String {
-    let vocab: serde_json::Map<String, serde_json::Value> =
-        byte_chars().into_iter().enumerate().map(|(i, c)| (c.to_string(), i.into())).collect();
+    let vocab: serde_json::Map<String, serde_json::Value> = byte_chars().into_iter().enumerate().map(|(i, c)| (c.to_string(), i.into())).collect();
     serde_json::json!({
         "version": "1.0",
         "truncation": null, "padding": null, "added_tokens": [], "normalizer": null,
@@ -277,8 +276,21 @@ fn prune_then_evaluate_the_plan() {
     let text = text_file(tmp.path(), 3000);
     let plan = tmp.path().join("plan.json");
     let out = disp(&[
-        "prune", "--model", s(&model), "--ratio", "0.2", "--ratio-of", "blocks", "--data", s(&text), "--steps", "3",
-        "--seq-len", "32", "--out", s(&plan),
+        "prune",
+        "--model",
+        s(&model),
+        "--ratio",
+        "0.2",
+        "--ratio-of",
+        "blocks",
+        "--data",
+        s(&text),
+        "--steps",
+        "3",
+        "--seq-len",
+        "32",
+        "--out",
+        s(&plan),
     ]);
     assert_eq!(out.code, 0, "{}", out.stderr);
     let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&plan).unwrap()).unwrap();
@@ -336,8 +348,21 @@ fn opt_and_phi_prune_and_evaluate_through_the_same_commands() {
         let text = text_file(tmp.path(), 3000);
         let plan = tmp.path().join("plan.json");
         let out = disp(&[
-            "prune", "--model", s(&model), "--ratio", "0.2", "--ratio-of", "blocks", "--data", s(&text), "--steps", "3",
-            "--seq-len", "32", "--out", s(&plan),
+            "prune",
+            "--model",
+            s(&model),
+            "--ratio",
+            "0.2",
+            "--ratio-of",
+            "blocks",
+            "--data",
+            s(&text),
+            "--steps",
+            "3",
+            "--seq-len",
+            "32",
+            "--out",
+            s(&plan),
         ]);
         assert_eq!(out.code, 0, "{family}: {}", out.stderr);
         let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&plan).unwrap()).unwrap();
@@ -400,7 +425,11 @@ fn eval_mc_bad_task_file_is_reported() {
     let (tmp, model) = model_copy("llama_gqa_tied");
     let good = mc_task_file(tmp.path(), "good.jsonl", 3);
     let bad = tmp.path().join("bad.jsonl");
-    std::fs::write(&bad, "{\"context\": \"a\", \"choices\": [\" b\", \" c\"], \"gold\": 0}\n{\"context\": \"a\", \"choices\": [\" b\", \" c\"], \"gold\": 5}\n").unwrap();
+    std::fs::write(
+        &bad,
+        "{\"context\": \"a\", \"choices\": [\" b\", \" c\"], \"gold\": 0}\n{\"context\": \"a\", \"choices\": [\" b\", \" c\"], \"gold\": 5}\n",
+    )
+    .unwrap();
     // The good task comes first: nothing is evaluated or printed before every file is checked.
     let out = disp(&["eval", "mc", "--model", s(&model), "--tasks", s(&good), s(&bad)]);
     assert_one_line_error(&out, &["bad.jsonl:2", "gold 5 out of range for 2 choices"]);
@@ -458,7 +487,18 @@ fn wanda_2_4_without_export_is_a_one_line_error() {
     assert_one_line_error(&out, &["wanda-2:4 produces zeroed weights, not index sets: use --export DIR"]);
     let exported = tmp.path().join("sparse");
     let out = disp(&[
-        "prune", "--model", s(&model), "--method", "wanda-2:4", "--ratio", "0.5", "--data", s(&text), "--out", s(&plan), "--export",
+        "prune",
+        "--model",
+        s(&model),
+        "--method",
+        "wanda-2:4",
+        "--ratio",
+        "0.5",
+        "--data",
+        s(&text),
+        "--out",
+        s(&plan),
+        "--export",
         s(&exported),
     ]);
     assert_one_line_error(&out, &["drop --ratio and --out"]);
@@ -476,8 +516,21 @@ fn prune_export_reload_gives_the_same_perplexity_and_runs_everywhere() {
     let plan = tmp.path().join("plan.json");
     let exported = tmp.path().join("exported");
     let out = disp(&[
-        "prune", "--model", s(&model), "--ratio", "0.3", "--data", s(&text), "--steps", "3", "--seq-len", "32", "--out", s(&plan),
-        "--export", s(&exported),
+        "prune",
+        "--model",
+        s(&model),
+        "--ratio",
+        "0.3",
+        "--data",
+        s(&text),
+        "--steps",
+        "3",
+        "--seq-len",
+        "32",
+        "--out",
+        s(&plan),
+        "--export",
+        s(&exported),
     ]);
     assert_eq!(out.code, 0, "{}", out.stderr);
     assert!(exported.join("tokenizer.json").is_file(), "the tokenizer travels with the export");
@@ -537,9 +590,8 @@ fn bench_reports_dense_and_pruned_speed() {
     let plan = tmp.path().join("plan.json");
     let out = disp(&["prune", "--model", s(&model), "--ratio", "0.3", "--method", "uniform-magnitude", "--out", s(&plan)]);
     assert_eq!(out.code, 0, "{}", out.stderr);
-    let out = disp(&[
-        "bench", "--model", s(&model), "--plan", s(&plan), "--prompt-tokens", "16", "--decode-tokens", "4", "--repetitions", "3", "--json",
-    ]);
+    let out =
+        disp(&["bench", "--model", s(&model), "--plan", s(&plan), "--prompt-tokens", "16", "--decode-tokens", "4", "--repetitions", "3", "--json"]);
     assert_eq!(out.code, 0, "{}", out.stderr);
     let json: serde_json::Value = serde_json::from_str(out.stdout.trim()).unwrap();
     let models = json["models"].as_array().unwrap();

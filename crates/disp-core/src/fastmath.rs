@@ -10,10 +10,7 @@ pub fn exp_nonpositive(x: f32) -> f32 {
     let t = x.max(-87.0) * std::f32::consts::LOG2_E;
     let n = (t + ROUND) - ROUND;
     let f = (t - n) * std::f32::consts::LN_2;
-    let p = 1.0
-        + f * (1.0
-            + f * (0.5
-                + f * (1.0 / 6.0 + f * (1.0 / 24.0 + f * (1.0 / 120.0 + f * (1.0 / 720.0 + f * (1.0 / 5040.0)))))));
+    let p = 1.0 + f * (1.0 + f * (0.5 + f * (1.0 / 6.0 + f * (1.0 / 24.0 + f * (1.0 / 120.0 + f * (1.0 / 720.0 + f * (1.0 / 5040.0)))))));
     p * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 

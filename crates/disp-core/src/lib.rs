@@ -7,8 +7,7 @@
 //! ([`params`]), the regulariser of the search objective, the serialisable pruning plan
 //! ([`plan`]) and the run-time choice of compute device ([`device`]).
 
-pub mod activations;
-pub mod baseline;
+pub mod activation_stats;
 pub mod device;
 pub mod fastmath;
 pub mod memory;
@@ -19,7 +18,7 @@ pub mod selection;
 pub use device::{select_device, DeviceChoice};
 pub use params::{BlockShape, BlockWidths, MlpKind, ModelShape, RatioOf};
 pub use plan::{LayerIndices, PruningPlan};
-pub use selection::{BlockGates, BlockIndices, Selector, Site};
+pub use selection::{BlockGates, IndexTensors, Selector, Site};
 
 /// Atomic files and staged folders live in the tensor-free `disp-io`; re-exported for callers.
 pub use disp_io::fsutil;

@@ -15,11 +15,7 @@ pub fn available_bytes() -> Option<u64> {
 pub fn check_fits(what: &str, bytes: u128) -> anyhow::Result<()> {
     if let Some(available) = available_bytes() {
         if bytes > u128::from(available) {
-            anyhow::bail!(
-                "{what} needs {} but only {} of memory are available",
-                human_bytes(bytes),
-                human_bytes(available.into())
-            );
+            anyhow::bail!("{what} needs {} but only {} of memory are available", human_bytes(bytes), human_bytes(available.into()));
         }
     }
     Ok(())
@@ -42,13 +38,8 @@ mod tests {
     #[test]
     fn an_impossible_size_does_not_fit_and_a_small_one_does() {
         if super::available_bytes().is_some() {
-            let err = super::check_fits("the test", u128::from(u64::MAX))
-                .unwrap_err()
-                .to_string();
-            assert!(
-                err.starts_with("the test needs 18446744073.7 GB but only "),
-                "{err}"
-            );
+            let err = super::check_fits("the test", u128::from(u64::MAX)).unwrap_err().to_string();
+            assert!(err.starts_with("the test needs 18446744073.7 GB but only "), "{err}");
         }
         super::check_fits("the test", 1).unwrap();
         assert_eq!(super::human_bytes(2_500_000), "2.5 MB");

@@ -64,13 +64,7 @@ impl BlockWidths {
 
 impl BlockShape {
     pub fn full_widths(&self) -> BlockWidths {
-        BlockWidths {
-            attn_in: self.hidden,
-            attn_out: self.hidden,
-            mlp_in: self.hidden,
-            mlp_inter: self.intermediate,
-            mlp_out: self.hidden,
-        }
+        BlockWidths { attn_in: self.hidden, attn_out: self.hidden, mlp_in: self.hidden, mlp_inter: self.intermediate, mlp_out: self.hidden }
     }
 
     /// Width of each site's gate vector.

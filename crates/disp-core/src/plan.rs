@@ -34,13 +34,7 @@ impl LayerIndices {
     }
 
     pub fn from_sites(mut f: impl FnMut(Site) -> Vec<u32>) -> Self {
-        Self {
-            attn_in: f(Site::AttnIn),
-            attn_out: f(Site::AttnOut),
-            mlp_in: f(Site::MlpIn),
-            mlp_inter: f(Site::MlpInter),
-            mlp_out: f(Site::MlpOut),
-        }
+        Self { attn_in: f(Site::AttnIn), attn_out: f(Site::AttnOut), mlp_in: f(Site::MlpIn), mlp_inter: f(Site::MlpInter), mlp_out: f(Site::MlpOut) }
     }
 
     /// Every position kept.
@@ -126,8 +120,14 @@ impl PruningPlan {
         {
             anyhow::bail!(
                 "plan is for a {} model with {} layers, hidden {}, intermediate {}, but the model is {} with {} layers, hidden {}, intermediate {}",
-                p.model_type, p.num_layers, p.hidden_size, p.intermediate_size,
-                m.model_type, m.num_layers, m.hidden_size, m.intermediate_size
+                p.model_type,
+                p.num_layers,
+                p.hidden_size,
+                p.intermediate_size,
+                m.model_type,
+                m.num_layers,
+                m.hidden_size,
+                m.intermediate_size
             );
         }
         if let (Some(a), Some(b)) = (&m.fingerprint, &p.fingerprint) {
@@ -194,6 +194,20 @@ pub fn check_index_set(indices: &[u32], width: usize) -> Result<(), String> {
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn plan_fields_are_the_site_keys() {
+        let layer = LayerIndices::from_sites(|site| vec![site.index() as u32]);
+        let json = serde_json::to_value(&layer).unwrap();
+        let mut fields: Vec<&str> = json.as_object().unwrap().keys().map(String::as_str).collect();
+        let mut keys: Vec<&str> = Site::ALL.iter().map(|s| s.key()).collect();
+        fields.sort_unstable();
+        keys.sort_unstable();
+        assert_eq!(fields, keys);
+        for site in Site::ALL {
+            assert_eq!(json[site.key()], serde_json::json!([site.index()]));
+        }
+    }
     use crate::params::{BlockShape, MlpKind};
 
     fn shape() -> (ModelIdentity, ModelShape) {

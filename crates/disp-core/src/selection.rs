@@ -13,7 +13,7 @@ use std::sync::Arc;
 use burn::tensor::{Device, IndexingUpdateOp, Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
-use crate::activations::{ActivationPoint, ActivationRecorder};
+use crate::activation_stats::{ActivationPoint, ActivationRecorder};
 
 /// One of the five selections of a block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -39,6 +39,11 @@ impl Site {
     }
 
     /// The paper's name, S1..S5.
+    /// The name in files: plan JSON fields, pruned-folder index tensors (`attn_in` ...).
+    pub fn key(self) -> &'static str {
+        ["attn_in", "attn_out", "mlp_in", "mlp_inter", "mlp_out"][self.index()]
+    }
+
     pub fn label(self) -> &'static str {
         ["S1", "S2", "S3", "S4", "S5"][self.index()]
     }
@@ -105,11 +110,11 @@ impl BlockGates {
 
 /// Kept positions of one block (pruned mode), on the compute device.
 #[derive(Debug, Clone)]
-pub struct BlockIndices {
+pub struct IndexTensors {
     indices: [Tensor<1, Int>; 5],
 }
 
-impl BlockIndices {
+impl IndexTensors {
     pub fn new(layer: &LayerIndices, device: &Device) -> Self {
         Self {
             indices: Site::ALL.map(|site| {
@@ -132,7 +137,7 @@ pub use crate::plan::LayerIndices;
 pub enum Selector<'a> {
     Dense,
     Masked(&'a BlockGates),
-    Pruned(&'a BlockIndices),
+    Pruned(&'a IndexTensors),
 }
 
 impl Selector<'_> {

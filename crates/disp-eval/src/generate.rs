@@ -4,8 +4,8 @@
 use std::time::Instant;
 
 use burn::tensor::{Int, Tensor, TensorData};
-use disp_models::CausalLm;
 use disp_io::rng::SplitMix64;
+use disp_models::CausalLm;
 
 #[derive(Debug, Clone)]
 pub struct GenerateOptions {
@@ -42,8 +42,7 @@ fn pick(logits: Vec<f32>, opts: &GenerateOptions, rng: &mut SplitMix64) -> u32 {
 /// (transformers' temperature then top-p warpers); `temperature` must be positive.
 pub fn sample_token(logits: &[f32], temperature: f64, top_p: f64, uniform: f64) -> u32 {
     let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let mut probs: Vec<(usize, f64)> =
-        logits.iter().enumerate().map(|(i, &v)| (i, ((v as f64 - max) / temperature).exp())).collect();
+    let mut probs: Vec<(usize, f64)> = logits.iter().enumerate().map(|(i, &v)| (i, ((v as f64 - max) / temperature).exp())).collect();
     let total: f64 = probs.iter().map(|p| p.1).sum();
     probs.iter_mut().for_each(|p| p.1 /= total);
     probs.sort_by(|a, b| b.1.total_cmp(&a.1));
@@ -81,9 +80,8 @@ pub fn generate(model: &dyn CausalLm, prompt: &[u32], opts: &GenerateOptions) ->
     let mut cache = model.new_cache();
     let mut rng = SplitMix64::new(opts.seed);
     let vocab = model.vocab_size();
-    let last_logits = |logits: Tensor<2>| -> Vec<f32> {
-        logits.reshape([vocab]).into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 logits")
-    };
+    let last_logits =
+        |logits: Tensor<2>| -> Vec<f32> { logits.reshape([vocab]).into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 logits") };
     let start = Instant::now();
     let ids: Vec<i64> = prompt.iter().map(|&t| t as i64).collect();
     let input = Tensor::<2, Int>::from_data(TensorData::new(ids, [1, prompt.len()]), device);

@@ -26,12 +26,7 @@ pub fn summed_nll(logits: &[f32], vocab: usize, targets: &[u32]) -> f64 {
             .chunks(rows_per_thread * vocab)
             .zip(targets.chunks(rows_per_thread))
             .map(|(rows, targets)| {
-                scope.spawn(move || {
-                    rows.chunks_exact(vocab)
-                        .zip(targets)
-                        .map(|(row, &t)| log_sum_exp(row) - row[t as usize] as f64)
-                        .sum::<f64>()
-                })
+                scope.spawn(move || rows.chunks_exact(vocab).zip(targets).map(|(row, &t)| log_sum_exp(row) - row[t as usize] as f64).sum::<f64>())
             })
             .collect();
         handles.into_iter().map(|h| h.join().expect("NLL thread")).sum()

@@ -239,11 +239,8 @@ pub struct McReport {
 /// The log-likelihood of each choice of `example`, all choices in one forward pass.
 pub fn score_example(model: &dyn CausalLm, tokenizer: &TextTokenizer, example: &McExample) -> Result<ScoredExample> {
     example.check()?;
-    let pairs = example
-        .choices
-        .iter()
-        .map(|choice| encode_pair(|text| tokenizer.encode(text), &example.context, choice))
-        .collect::<Result<Vec<_>>>()?;
+    let pairs =
+        example.choices.iter().map(|choice| encode_pair(|text| tokenizer.encode(text), &example.context, choice)).collect::<Result<Vec<_>>>()?;
     Ok(ScoredExample {
         log_likelihoods: score_continuations(model, &pairs)?,
         choice_bytes: example.choices.iter().map(String::len).collect(),
@@ -270,7 +267,15 @@ pub fn evaluate_multiple_choice(
         on_progress(i + 1);
     }
     let Accuracy { acc, acc_stderr, acc_norm, acc_norm_stderr } = accuracy(&scored);
-    Ok(McReport { task: task.to_string(), examples: examples.len(), acc, acc_stderr, acc_norm, acc_norm_stderr, seconds: start.elapsed().as_secs_f64() })
+    Ok(McReport {
+        task: task.to_string(),
+        examples: examples.len(),
+        acc,
+        acc_stderr,
+        acc_norm,
+        acc_norm_stderr,
+        seconds: start.elapsed().as_secs_f64(),
+    })
 }
 
 #[cfg(test)]

@@ -202,7 +202,8 @@ fn evaluation_judges_the_scores_it_computes() {
             assert!(close(*score, expected), "{:?} + {choice:?}: {score} vs {expected}", example.context);
             independent.push((expected, expected / choice.len() as f64));
         }
-        let best = |key: fn(&(f64, f64)) -> f64| (0..independent.len()).fold(0, |b, i| if key(&independent[i]) > key(&independent[b]) { i } else { b });
+        let best =
+            |key: fn(&(f64, f64)) -> f64| (0..independent.len()).fold(0, |b, i| if key(&independent[i]) > key(&independent[b]) { i } else { b });
         hits += usize::from(best(|s| s.0) == example.gold);
         norm_hits += usize::from(best(|s| s.1) == example.gold);
     }

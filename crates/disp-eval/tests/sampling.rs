@@ -16,10 +16,7 @@ struct Setting {
 
 /// The reference row's last-position logits, its ids, and transformers' distributions.
 fn reference_distributions() -> (Vec<f32>, Vec<u32>, Vec<Setting>) {
-    let json: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(fixture("eval_reference/sampling.json")).unwrap(),
-    )
-    .unwrap();
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture("eval_reference/sampling.json")).unwrap()).unwrap();
     let dir = fixture(json["fixture"].as_str().unwrap());
     let (shape, logits) = reference(&dir, "logits");
     let (seq, vocab) = (shape[1], shape[2]);
@@ -35,12 +32,7 @@ fn reference_distributions() -> (Vec<f32>, Vec<u32>, Vec<Setting>) {
         .map(|s| Setting {
             temperature: s["temperature"].as_f64().unwrap(),
             top_p: s["top_p"].as_f64().unwrap(),
-            probs: s["probs"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|p| p.as_f64().unwrap())
-                .collect(),
+            probs: s["probs"].as_array().unwrap().iter().map(|p| p.as_f64().unwrap()).collect(),
         })
         .collect();
     (last, prompt, settings)
@@ -55,21 +47,12 @@ fn sample_token_follows_transformers_distribution_exactly() {
     for s in &settings {
         let mut counts = vec![0usize; logits.len()];
         for k in 0..DRAWS {
-            counts[sample_token(
-                &logits,
-                s.temperature,
-                s.top_p,
-                (k as f64 + 0.5) / DRAWS as f64,
-            ) as usize] += 1;
+            counts[sample_token(&logits, s.temperature, s.top_p, (k as f64 + 0.5) / DRAWS as f64) as usize] += 1;
         }
         for (token, (&count, &p)) in counts.iter().zip(&s.probs).enumerate() {
             let expected = p * DRAWS as f64;
             if p == 0.0 {
-                assert_eq!(
-                    count, 0,
-                    "T {} top-p {}: token {token} is outside transformers' nucleus",
-                    s.temperature, s.top_p
-                );
+                assert_eq!(count, 0, "T {} top-p {}: token {token} is outside transformers' nucleus", s.temperature, s.top_p);
             }
             assert!(
                 (count as f64 - expected).abs() <= 1.01,
@@ -89,22 +72,11 @@ fn seeded_generation_samples_the_reference_distribution() {
     let model = disp_models::load_model(&fixture("llama_mha_untied"), &Device::flex()).unwrap();
     let greedy = (0..logits.len()).fold(0, |b, i| if logits[i] > logits[b] { i } else { b }) as u32;
     const SEEDS: u64 = 2_000;
-    let setting = settings
-        .iter()
-        .find(|s| s.temperature == 0.7 && s.top_p == 0.9)
-        .unwrap();
-    let options = |temperature: f64, seed: u64| GenerateOptions {
-        max_new_tokens: 1,
-        temperature,
-        top_p: setting.top_p,
-        seed,
-        stop_tokens: vec![],
-    };
+    let setting = settings.iter().find(|s| s.temperature == 0.7 && s.top_p == 0.9).unwrap();
+    let options = |temperature: f64, seed: u64| GenerateOptions { max_new_tokens: 1, temperature, top_p: setting.top_p, seed, stop_tokens: vec![] };
     let mut counts = vec![0u64; logits.len()];
     for seed in 0..SEEDS {
-        let token = generate(model.as_ref(), &prompt, &options(setting.temperature, seed))
-            .unwrap()
-            .tokens[0];
+        let token = generate(model.as_ref(), &prompt, &options(setting.temperature, seed)).unwrap().tokens[0];
         counts[token as usize] += 1;
     }
     let n = SEEDS as f64;
@@ -113,22 +85,11 @@ fn seeded_generation_samples_the_reference_distribution() {
             assert_eq!(count, 0, "token {token} is outside the nucleus");
         }
         let sigma = (n * p * (1.0 - p)).sqrt();
-        assert!(
-            (count as f64 - n * p).abs() <= 5.0 * sigma + 1.0,
-            "token {token}: {count} of {SEEDS}, p {p:.4}"
-        );
+        assert!((count as f64 - n * p).abs() <= 5.0 * sigma + 1.0, "token {token}: {count} of {SEEDS}, p {p:.4}");
     }
-    assert!(
-        counts.iter().filter(|&&c| c > 0).count() > 20,
-        "spread over the nucleus: {counts:?}"
-    );
+    assert!(counts.iter().filter(|&&c| c > 0).count() > 20, "spread over the nucleus: {counts:?}");
     // Temperature 0 is greedy whatever the seed.
     for seed in [0, 1, 99] {
-        assert_eq!(
-            generate(model.as_ref(), &prompt, &options(0.0, seed))
-                .unwrap()
-                .tokens,
-            [greedy]
-        );
+        assert_eq!(generate(model.as_ref(), &prompt, &options(0.0, seed)).unwrap().tokens, [greedy]);
     }
 }

@@ -19,10 +19,10 @@ use std::io::Read;
 use std::path::Path;
 
 use anyhow::{anyhow, bail, Context, Result};
-use disp_io::fsutil::StagedFolder;
-use disp_io::hf_folder::{write_json, write_weights};
 use disp_core::plan::{check_index_set, LayerIndices, PruningPlan};
 use disp_core::selection::Site;
+use disp_io::fsutil::StagedFolder;
+use disp_io::hf_folder::{write_json, write_weights};
 use disp_models::layers::Linear;
 use disp_models::pruned_folder::{block_tensor, cut_axes, index_tensor_name, CutAxes, ExportManifest, LinearSlot, CONFIG_KEY};
 use disp_models::weights::{transpose, RawTensor};
@@ -98,7 +98,10 @@ pub fn export(model_dir: &Path, plan: &PruningPlan, format: ExportFormat, out_di
         ck.check_finite(name)?;
         let raw_tensor = ck.raw(name)?;
         let cut = match cut_axes(family, name) {
-            Some(axes) => Some(Cut::new(axes, plan.layers.get(axes.layer).ok_or_else(|| anyhow!("{}: tensor '{name}' is in a layer the plan does not have", ck.describe()))?)),
+            Some(axes) => Some(Cut::new(
+                axes,
+                plan.layers.get(axes.layer).ok_or_else(|| anyhow!("{}: tensor '{name}' is in a layer the plan does not have", ck.describe()))?,
+            )),
             None => None,
         };
         if cut.is_some() && element_size(raw_tensor.dtype).is_none() {
@@ -287,8 +290,7 @@ fn check_plan_fits(plan: &PruningPlan, raw: &RawConfig, family: Family, ck: &Che
     }
     for ((layer, _), (site, width)) in widths {
         let indices = plan.layers.get(layer).ok_or_else(|| fail(format!("the plan has no layer {layer}")))?;
-        check_index_set(indices.get(site), width)
-            .map_err(|e| fail(format!("plan layer {layer} {} ({}): {e}", site.label(), site.description())))?;
+        check_index_set(indices.get(site), width).map_err(|e| fail(format!("plan layer {layer} {} ({}): {e}", site.label(), site.description())))?;
     }
     Ok(())
 }

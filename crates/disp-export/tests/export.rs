@@ -9,9 +9,9 @@ use std::path::Path;
 
 use common::{fixture, load, logits, max_abs_diff, random_plan};
 use disp_core::selection::BlockGates;
+use disp_core::selection::Site;
 use disp_export::{export, ExportFormat};
 use disp_models::pruned_folder::{index_tensor_name, read_plan};
-use disp_core::selection::Site;
 use safetensors::SafeTensors;
 
 const FAMILY_FIXTURES: &[&str] =
@@ -134,10 +134,8 @@ fn tamper(source: &Path, replace: &HashMap<String, Vec<i64>>, edit_config: impl 
             None => owned.push((name, view.dtype(), view.shape().to_vec(), view.data().to_vec())),
         }
     }
-    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = owned
-        .iter()
-        .map(|(n, d, s, b)| (n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap()))
-        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> =
+        owned.iter().map(|(n, d, s, b)| (n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap())).collect();
     safetensors::serialize_to_file(views, None, &out.join("model.safetensors")).unwrap();
     let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(source.join("config.json")).unwrap()).unwrap();
     edit_config(&mut config);

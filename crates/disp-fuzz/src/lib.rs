@@ -27,36 +27,15 @@ use mutate::{anchors_after_names, mutate, Rng};
 pub use targets::{Harness, Target};
 
 /// Input number `index` of a run with `seed`: which seed it mutates, and its bytes.
-pub fn make_input(
-    harness: &Harness,
-    anchors: &[Vec<usize>],
-    seed: u64,
-    index: u64,
-) -> (usize, Vec<u8>) {
+pub fn make_input(harness: &Harness, anchors: &[Vec<usize>], seed: u64, index: u64) -> (usize, Vec<u8>) {
     let mut rng = Rng::new(seed, index);
     let which = rng.below(harness.seeds.len());
-    let input = mutate(
-        &mut rng,
-        &harness.seeds[which],
-        &harness.seeds,
-        harness.target.is_json(),
-        &anchors[which],
-    );
+    let input = mutate(&mut rng, &harness.seeds[which], &harness.seeds, harness.target.is_json(), &anchors[which]);
     (which, input)
 }
 
 fn anchors_of(harness: &Harness) -> Vec<Vec<usize>> {
-    harness
-        .seeds
-        .iter()
-        .map(|s| {
-            if harness.target.is_json() {
-                Vec::new()
-            } else {
-                anchors_after_names(s)
-            }
-        })
-        .collect()
+    harness.seeds.iter().map(|s| if harness.target.is_json() { Vec::new() } else { anchors_after_names(s) }).collect()
 }
 
 /// Peak resident memory of this process in KiB (`VmHWM`), where the platform says.
@@ -77,14 +56,7 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
 /// The worker: runs inputs `from..from + count`, writing `case I` before each and then `ok I`,
 /// `error I [multiline MESSAGE]` or `panic I MESSAGE`; `rss I KIB` (and stop) when the peak RSS passes
 /// `rss_limit_kib`; `peak KIB` at the end.
-pub fn run_worker(
-    target: Target,
-    seed: u64,
-    from: u64,
-    count: u64,
-    rss_limit_kib: u64,
-    out: &mut impl Write,
-) -> Result<()> {
+pub fn run_worker(target: Target, seed: u64, from: u64, count: u64, rss_limit_kib: u64, out: &mut impl Write) -> Result<()> {
     let harness = Harness::new(target)?;
     let anchors = anchors_of(&harness);
     // Panics are counted and reported by the parent; the default hook would print each one.
@@ -98,20 +70,12 @@ pub fn run_worker(
             Ok(Err(e)) => {
                 let message = format!("{e:#}");
                 if message.contains('\n') {
-                    writeln!(
-                        out,
-                        "error {index} multiline {}",
-                        message.replace('\n', "\\n")
-                    )?
+                    writeln!(out, "error {index} multiline {}", message.replace('\n', "\\n"))?
                 } else {
                     writeln!(out, "error {index}")?
                 }
             }
-            Err(payload) => writeln!(
-                out,
-                "panic {index} {}",
-                panic_message(payload.as_ref()).replace('\n', " ")
-            )?,
+            Err(payload) => writeln!(out, "panic {index} {}", panic_message(payload.as_ref()).replace('\n', " "))?,
         }
         if let Some(rss) = peak_rss_kib().filter(|&rss| rss > rss_limit_kib) {
             writeln!(out, "rss {index} {rss}")?;
@@ -170,19 +134,9 @@ const CHUNK: u64 = 1000;
 
 /// Runs `target` through workers started from `exe` (this binary) until `budget` is spent.
 /// Failing inputs are written to `failures` as `TARGET-SEED-INDEX.bin`.
-pub fn fuzz(
-    exe: &Path,
-    target: Target,
-    seed: u64,
-    budget: Budget,
-    rss_limit_mib: u64,
-    failures: &Path,
-) -> Result<Report> {
+pub fn fuzz(exe: &Path, target: Target, seed: u64, budget: Budget, rss_limit_mib: u64, failures: &Path) -> Result<Report> {
     let start = Instant::now();
-    let mut report = Report {
-        target: target.name().into(),
-        ..Default::default()
-    };
+    let mut report = Report { target: target.name().into(), ..Default::default() };
     let mut next = 0u64;
     loop {
         let count = match budget {
@@ -192,21 +146,8 @@ pub fn fuzz(
             Budget::Time(_) => CHUNK,
         };
         let mut child = Command::new(exe)
-            .args([
-                "--worker",
-                "--target",
-                target.name(),
-                "--seed",
-                &seed.to_string(),
-            ])
-            .args([
-                "--from",
-                &next.to_string(),
-                "--count",
-                &count.to_string(),
-                "--rss-limit-mib",
-                &rss_limit_mib.to_string(),
-            ])
+            .args(["--worker", "--target", target.name(), "--seed", &seed.to_string()])
+            .args(["--from", &next.to_string(), "--count", &count.to_string(), "--rss-limit-mib", &rss_limit_mib.to_string()])
             .stdout(Stdio::piped())
             .spawn()
             .with_context(|| format!("cannot start the worker {}", exe.display()))?;
@@ -216,40 +157,26 @@ pub fn fuzz(
         for line in BufReader::new(stdout).lines() {
             let line = line?;
             let mut words = line.splitn(3, ' ');
-            let (kind, index) = (
-                words.next().unwrap_or(""),
-                words.next().and_then(|w| w.parse::<u64>().ok()),
-            );
+            let (kind, index) = (words.next().unwrap_or(""), words.next().and_then(|w| w.parse::<u64>().ok()));
             match (kind, index) {
                 ("case", Some(i)) => current = Some(i),
                 ("ok", Some(_)) => report.ok += 1,
                 ("error", Some(_)) => {
                     report.errors += 1;
-                    if let Some(message) = words
-                        .next()
-                        .and_then(|rest| rest.strip_prefix("multiline "))
-                    {
+                    if let Some(message) = words.next().and_then(|rest| rest.strip_prefix("multiline ")) {
                         report.multiline_errors += 1;
-                        report
-                            .failures
-                            .push(format!("error of more than one line: {message}"));
+                        report.failures.push(format!("error of more than one line: {message}"));
                     }
                 }
                 ("panic", Some(i)) => {
                     report.panics += 1;
                     let saved = save_input(exe, target, seed, i, failures);
-                    report.failures.push(format!(
-                        "panic on input {i} ({saved}): {}",
-                        words.next().unwrap_or("")
-                    ));
+                    report.failures.push(format!("panic on input {i} ({saved}): {}", words.next().unwrap_or("")));
                 }
                 ("rss", Some(i)) => {
                     report.rss_exceeded += 1;
                     let saved = save_input(exe, target, seed, i, failures);
-                    report.failures.push(format!(
-                        "peak RSS {} KiB after input {i} ({saved})",
-                        words.next().unwrap_or("?")
-                    ));
+                    report.failures.push(format!("peak RSS {} KiB after input {i} ({saved})", words.next().unwrap_or("?")));
                 }
                 ("peak", Some(kib)) => {
                     report.max_rss_mib = report.max_rss_mib.max(kib as f64 / 1024.0);
@@ -270,9 +197,7 @@ pub fn fuzz(
                 report.aborts += 1;
                 report.inputs += 1;
                 let saved = save_input(exe, target, seed, at, failures);
-                report
-                    .failures
-                    .push(format!("worker died ({status}) on input {at} ({saved})"));
+                report.failures.push(format!("worker died ({status}) on input {at} ({saved})"));
                 next = at + 1;
             }
         }

@@ -56,9 +56,7 @@ unsafe impl GlobalAlloc for Bounded {
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        if new_size > layout.size() && !Self::admits(new_size - layout.size())
-            || new_size > SINGLE_LIMIT
-        {
+        if new_size > layout.size() && !Self::admits(new_size - layout.size()) || new_size > SINGLE_LIMIT {
             return std::ptr::null_mut();
         }
         let new = unsafe { System.realloc(ptr, layout, new_size) };
@@ -74,10 +72,7 @@ unsafe impl GlobalAlloc for Bounded {
 static ALLOCATOR: Bounded = Bounded;
 
 #[derive(Parser)]
-#[command(
-    name = "disp-fuzz",
-    about = "Seeded mutation fuzzing of disp's readers; fails on any panic, abort or RSS past the bound"
-)]
+#[command(name = "disp-fuzz", about = "Seeded mutation fuzzing of disp's readers; fails on any panic, abort or RSS past the bound")]
 struct Args {
     /// The reader to fuzz; all of them, one after the other, when absent.
     #[arg(long, value_enum)]
@@ -115,14 +110,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         };
         let stdout = std::io::stdout();
-        return match run_worker(
-            target,
-            args.seed,
-            args.from,
-            args.count,
-            args.rss_limit_mib * 1024,
-            &mut stdout.lock(),
-        ) {
+        return match run_worker(target, args.seed, args.from, args.count, args.rss_limit_mib * 1024, &mut stdout.lock()) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("error: {e:#}");
@@ -141,20 +129,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let targets = args
-        .target
-        .map(|t| vec![t])
-        .unwrap_or_else(|| Target::ALL.to_vec());
+    let targets = args.target.map(|t| vec![t]).unwrap_or_else(|| Target::ALL.to_vec());
     let mut failed = false;
     for target in targets {
-        match fuzz(
-            &exe,
-            target,
-            args.seed,
-            budget,
-            args.rss_limit_mib,
-            &args.failures,
-        ) {
+        match fuzz(&exe, target, args.seed, budget, args.rss_limit_mib, &args.failures) {
             Ok(report) => {
                 failed |= report.failed();
                 if args.json {
@@ -162,8 +140,15 @@ fn main() -> ExitCode {
                 } else {
                     println!(
                         "{:<16} {:>8} inputs {:>8} ok {:>8} errors {:>4} panics {:>4} aborts {:>4} over RSS  max RSS {:.0} MiB  {:.0} s",
-                        report.target, report.inputs, report.ok, report.errors, report.panics, report.aborts, report.rss_exceeded,
-                        report.max_rss_mib, report.seconds
+                        report.target,
+                        report.inputs,
+                        report.ok,
+                        report.errors,
+                        report.panics,
+                        report.aborts,
+                        report.rss_exceeded,
+                        report.max_rss_mib,
+                        report.seconds
                     );
                     for failure in &report.failures {
                         println!("    {failure}");

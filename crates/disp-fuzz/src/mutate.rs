@@ -83,13 +83,7 @@ const INTERESTING_JSON: &[&str] = &[
 
 /// `seed` mutated 1 to 4 times, using `others` for splices. `json` enables tree mutations;
 /// `anchors` are offsets just after key names, for header-aware integer writes.
-pub fn mutate(
-    rng: &mut Rng,
-    seed: &[u8],
-    others: &[Vec<u8>],
-    json: bool,
-    anchors: &[usize],
-) -> Vec<u8> {
+pub fn mutate(rng: &mut Rng, seed: &[u8], others: &[Vec<u8>], json: bool, anchors: &[usize]) -> Vec<u8> {
     let mut data = seed.to_vec();
     let rounds = 1 + rng.below(4);
     for _ in 0..rounds {
@@ -227,11 +221,7 @@ fn replace_value(value: &mut Value, rng: &mut Rng) {
             }
         }
         Value::Object(map) if !map.is_empty() && rng.below(2) == 0 => {
-            let key = map
-                .keys()
-                .nth(rng.below(map.len()))
-                .cloned()
-                .unwrap_or_default();
+            let key = map.keys().nth(rng.below(map.len())).cloned().unwrap_or_default();
             map.remove(&key);
         }
         Value::String(s) if rng.below(2) == 0 => {

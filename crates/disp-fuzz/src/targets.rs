@@ -30,15 +30,8 @@ pub enum Target {
 }
 
 impl Target {
-    pub const ALL: [Target; 7] = [
-        Target::Safetensors,
-        Target::Gguf,
-        Target::GgufConvert,
-        Target::Plan,
-        Target::PrunedManifest,
-        Target::Config,
-        Target::Tokenizer,
-    ];
+    pub const ALL: [Target; 7] =
+        [Target::Safetensors, Target::Gguf, Target::GgufConvert, Target::Plan, Target::PrunedManifest, Target::Config, Target::Tokenizer];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -54,10 +47,7 @@ impl Target {
 
     /// Whether inputs are JSON texts (then tree mutations apply).
     pub fn is_json(self) -> bool {
-        matches!(
-            self,
-            Target::Plan | Target::PrunedManifest | Target::Config | Target::Tokenizer
-        )
+        matches!(self, Target::Plan | Target::PrunedManifest | Target::Config | Target::Tokenizer)
     }
 }
 
@@ -108,29 +98,14 @@ fn every_other_plan(model: &dyn CausalLm) -> PruningPlan {
             })
         })
         .collect();
-    PruningPlan::from_layers(
-        model.identity(),
-        &shape,
-        "fuzz-seed",
-        RatioOf::Total,
-        0.5,
-        layers,
-        serde_json::json!({}),
-    )
+    PruningPlan::from_layers(model.identity(), &shape, "fuzz-seed", RatioOf::Total, 0.5, layers, serde_json::json!({}))
 }
 
 impl Harness {
     pub fn new(target: Target) -> Result<Self> {
         let scratch = tempfile::tempdir().context("cannot create a scratch folder")?;
         let device = disp_core::select_device(disp_core::DeviceChoice::Cpu)?;
-        let mut harness = Self {
-            target,
-            seeds: Vec::new(),
-            folders: Vec::new(),
-            models: Vec::new(),
-            scratch,
-            device,
-        };
+        let mut harness = Self { target, seeds: Vec::new(), folders: Vec::new(), models: Vec::new(), scratch, device };
         harness.prepare()?;
         Ok(harness)
     }
@@ -142,11 +117,7 @@ impl Harness {
                 for (i, name) in SEED_MODELS.iter().enumerate() {
                     let folder = root.join(format!("model{i}"));
                     copy_folder(&fixtures().join(name), &folder)?;
-                    let file = if self.target == Target::Config {
-                        "config.json"
-                    } else {
-                        "model.safetensors"
-                    };
+                    let file = if self.target == Target::Config { "config.json" } else { "model.safetensors" };
                     self.seeds.push(std::fs::read(folder.join(file))?);
                     self.folders.push(folder);
                 }
@@ -154,8 +125,7 @@ impl Harness {
             Target::Plan => {
                 for name in SEED_MODELS {
                     let model = disp_models::load_model(&fixtures().join(name), &self.device)?;
-                    self.seeds
-                        .push(every_other_plan(model.as_ref()).to_json().into_bytes());
+                    self.seeds.push(every_other_plan(model.as_ref()).to_json().into_bytes());
                     self.models.push(model);
                 }
             }
@@ -164,35 +134,20 @@ impl Harness {
                     let source = fixtures().join(name);
                     let model = disp_models::load_model(&source, &self.device)?;
                     let folder = root.join(format!("pruned{i}"));
-                    disp_export::export(
-                        &source,
-                        &every_other_plan(model.as_ref()),
-                        disp_export::ExportFormat::Pruned,
-                        &folder,
-                    )?;
+                    disp_export::export(&source, &every_other_plan(model.as_ref()), disp_export::ExportFormat::Pruned, &folder)?;
                     self.seeds.push(std::fs::read(folder.join("config.json"))?);
                     self.folders.push(folder);
                 }
             }
             Target::Tokenizer => {
-                self.seeds
-                    .push(std::fs::read(fixtures().join("byte_tokenizer.json"))?);
-                let text =
-                    "the quick brown fox jumps over the lazy dog; the dog sleeps. ".repeat(20);
-                let trained =
-                    disp_models::bpe::train_byte_level_bpe(std::iter::once(text.as_str()), 300)?;
-                self.seeds.push(
-                    trained
-                        .to_string(false)
-                        .map_err(|e| anyhow!("{e}"))?
-                        .into_bytes(),
-                );
+                self.seeds.push(std::fs::read(fixtures().join("byte_tokenizer.json"))?);
+                let text = "the quick brown fox jumps over the lazy dog; the dog sleeps. ".repeat(20);
+                let trained = disp_models::bpe::train_byte_level_bpe(std::iter::once(text.as_str()), 300)?;
+                self.seeds.push(trained.to_string(false).map_err(|e| anyhow!("{e}"))?.into_bytes());
             }
             Target::Gguf | Target::GgufConvert => {
-                self.seeds
-                    .push(tiny_llama_gguf(GgmlType::F32, false)?.to_bytes());
-                self.seeds
-                    .push(tiny_llama_gguf(GgmlType::Q8_0, true)?.to_bytes());
+                self.seeds.push(tiny_llama_gguf(GgmlType::F32, false)?.to_bytes());
+                self.seeds.push(tiny_llama_gguf(GgmlType::Q8_0, true)?.to_bytes());
             }
         }
         Ok(())
@@ -204,11 +159,7 @@ impl Harness {
         match self.target {
             Target::Safetensors | Target::Config | Target::PrunedManifest => {
                 let folder = &self.folders[seed % self.folders.len()];
-                let file = if self.target == Target::Safetensors {
-                    "model.safetensors"
-                } else {
-                    "config.json"
-                };
+                let file = if self.target == Target::Safetensors { "model.safetensors" } else { "config.json" };
                 std::fs::write(folder.join(file), input)?;
                 let model = disp_models::load_model(folder, &self.device)?;
                 // One token through the model: the sizes it was loaded with must be usable.
@@ -229,12 +180,8 @@ impl Harness {
                 let text = std::str::from_utf8(input).map_err(|e| anyhow!("not UTF-8: {e}"))?;
                 let tokenizer = disp_models::tokenizer::parse_tokenizer(text)?;
                 let sample = "Hello world, the dog — café 42\n";
-                let ids = tokenizer
-                    .encode(sample, false)
-                    .map_err(|e| anyhow!("{e}"))?;
-                tokenizer
-                    .decode(ids.get_ids(), false)
-                    .map_err(|e| anyhow!("{e}"))?;
+                let ids = tokenizer.encode(sample, false).map_err(|e| anyhow!("{e}"))?;
+                tokenizer.decode(ids.get_ids(), false).map_err(|e| anyhow!("{e}"))?;
                 Ok(())
             }
             Target::Gguf => {
@@ -243,11 +190,7 @@ impl Harness {
                 let gguf = GgufFile::open(&path)?;
                 for info in &gguf.tensors {
                     let mut values = vec![0f32; usize::try_from(info.element_count())?];
-                    disp_models::gguf::quant::dequantize(
-                        info.ggml_type,
-                        gguf.tensor_bytes(info),
-                        &mut values,
-                    )?;
+                    disp_models::gguf::quant::dequantize(info.ggml_type, gguf.tensor_bytes(info), &mut values)?;
                 }
                 Ok(())
             }
@@ -283,13 +226,7 @@ pub fn tiny_llama_gguf(matrix_type: GgmlType, with_bias: bool) -> Result<GgufWri
     let mut tokens: Vec<String> = vec!["<|endoftext|>".into()];
     tokens.extend(byte_symbols());
     let mut merges = Vec::new();
-    for (a, b) in [
-        ("t", "h"),
-        ("th", "e"),
-        ("Ġ", "t"),
-        ("h", "e"),
-        ("Ġt", "he"),
-    ] {
+    for (a, b) in [("t", "h"), ("th", "e"), ("Ġ", "t"), ("h", "e"), ("Ġt", "he")] {
         merges.push(format!("{a} {b}"));
         if !tokens.contains(&format!("{a}{b}")) {
             tokens.push(format!("{a}{b}"));
@@ -313,52 +250,31 @@ pub fn tiny_llama_gguf(matrix_type: GgmlType, with_bias: bool) -> Result<GgufWri
         .metadata("tokenizer.ggml.bos_token_id", 0u32)
         .metadata("tokenizer.ggml.eos_token_id", 0u32);
     let head_dim = HIDDEN / HEADS;
-    let values = |n: usize| -> Vec<f32> {
-        (0..n)
-            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 200.0)
-            .collect()
+    let values = |n: usize| -> Vec<f32> { (0..n).map(|i| ((i * 37 % 101) as f32 - 50.0) / 200.0).collect() };
+    let matrix = |w: &mut GgufWriter, name: &str, cols: usize, rows: usize, ty: GgmlType| -> Result<()> {
+        w.tensor_f32(name, &[cols as u64, rows as u64], ty, &values(cols * rows))?;
+        Ok(())
     };
-    let matrix =
-        |w: &mut GgufWriter, name: &str, cols: usize, rows: usize, ty: GgmlType| -> Result<()> {
-            w.tensor_f32(name, &[cols as u64, rows as u64], ty, &values(cols * rows))?;
-            Ok(())
-        };
     matrix(&mut w, "token_embd.weight", HIDDEN, vocab, GgmlType::F32)?;
     matrix(&mut w, "blk.0.attn_q.weight", HIDDEN, HIDDEN, matrix_type)?;
     matrix(&mut w, "blk.0.attn_k.weight", HIDDEN, head_dim, matrix_type)?;
     matrix(&mut w, "blk.0.attn_v.weight", HIDDEN, head_dim, matrix_type)?;
-    matrix(
-        &mut w,
-        "blk.0.attn_output.weight",
-        HIDDEN,
-        HIDDEN,
-        matrix_type,
-    )?;
+    matrix(&mut w, "blk.0.attn_output.weight", HIDDEN, HIDDEN, matrix_type)?;
     matrix(&mut w, "blk.0.ffn_gate.weight", HIDDEN, FFN, matrix_type)?;
     matrix(&mut w, "blk.0.ffn_up.weight", HIDDEN, FFN, matrix_type)?;
     matrix(&mut w, "blk.0.ffn_down.weight", FFN, HIDDEN, matrix_type)?;
-    for norm in [
-        "blk.0.attn_norm.weight",
-        "blk.0.ffn_norm.weight",
-        "output_norm.weight",
-    ] {
+    for norm in ["blk.0.attn_norm.weight", "blk.0.ffn_norm.weight", "output_norm.weight"] {
         w.tensor_f32(norm, &[HIDDEN as u64], GgmlType::F32, &[1.0; HIDDEN])?;
     }
     if with_bias {
-        w.tensor_f32(
-            "blk.0.attn_q.bias",
-            &[HIDDEN as u64],
-            GgmlType::F32,
-            &values(HIDDEN),
-        )?;
+        w.tensor_f32("blk.0.attn_q.bias", &[HIDDEN as u64], GgmlType::F32, &values(HIDDEN))?;
     }
     Ok(w)
 }
 
 /// GPT-2's byte-to-character table as strings, in byte order.
 fn byte_symbols() -> Vec<String> {
-    let printable =
-        |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+    let printable = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
     let mut extra = 0;
     (0..256u32)
         .map(|b| {

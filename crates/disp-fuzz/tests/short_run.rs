@@ -10,23 +10,11 @@ fn every_reader_survives_its_seeded_mutations() {
         .output()
         .expect("disp-fuzz runs");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let reports: Vec<serde_json::Value> = stdout
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    assert_eq!(
-        reports.len(),
-        7,
-        "one report per target:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let reports: Vec<serde_json::Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(reports.len(), 7, "one report per target:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     for r in &reports {
         let count = |key: &str| r[key].as_u64().unwrap();
-        assert_eq!(
-            (count("panics"), count("aborts"), count("rss_exceeded")),
-            (0, 0, 0),
-            "{r}"
-        );
+        assert_eq!((count("panics"), count("aborts"), count("rss_exceeded")), (0, 0, 0), "{r}");
         assert_eq!(count("multiline_errors"), 0, "every error is one line: {r}");
         assert_eq!(count("inputs"), 450, "{r}");
         assert_eq!(count("ok") + count("errors"), 450, "{r}");

@@ -40,8 +40,7 @@ pub fn check_output_folder(destination: &Path) -> anyhow::Result<()> {
         Err(e) => anyhow::bail!("cannot inspect output folder {}: {e}", destination.display()),
         Ok(meta) if !meta.is_dir() => anyhow::bail!("output path {} already exists and is not a folder", destination.display()),
         Ok(_) => {
-            let mut entries = std::fs::read_dir(destination)
-                .with_context(|| format!("cannot read output folder {}", destination.display()))?;
+            let mut entries = std::fs::read_dir(destination).with_context(|| format!("cannot read output folder {}", destination.display()))?;
             if entries.next().is_some() {
                 anyhow::bail!("output folder {} already exists and is not empty", destination.display());
             }
@@ -62,8 +61,7 @@ fn remove_stale_staging(parent: &Path, prefix: &str) -> anyhow::Result<()> {
         let path = entry.path();
         match pid.map(process_is_alive) {
             Some(Some(false)) => {
-                std::fs::remove_dir_all(&path)
-                    .map_err(|e| anyhow::anyhow!("cannot remove the stale partial output {}: {e}", path.display()))?;
+                std::fs::remove_dir_all(&path).map_err(|e| anyhow::anyhow!("cannot remove the stale partial output {}: {e}", path.display()))?;
                 tracing::info!(path = %path.display(), "removed a partial output left by a killed run");
             }
             Some(Some(true)) => tracing::warn!(path = %path.display(), "another run is writing the same output"),
@@ -104,11 +102,8 @@ impl StagedFolder {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
         };
-        std::fs::create_dir_all(&parent)
-            .with_context(|| format!("cannot create the output parent folder {}", parent.display()))?;
-        let name = destination
-            .file_name()
-            .ok_or_else(|| anyhow::anyhow!("output path {} has no folder name", destination.display()))?;
+        std::fs::create_dir_all(&parent).with_context(|| format!("cannot create the output parent folder {}", parent.display()))?;
+        let name = destination.file_name().ok_or_else(|| anyhow::anyhow!("output path {} has no folder name", destination.display()))?;
         let prefix = format!(".{}.partial-", name.to_string_lossy());
         remove_stale_staging(&parent, &prefix)?;
         // The process id in the name tells a later run whether the folder's writer still lives.
@@ -154,9 +149,8 @@ impl StagedFolder {
             std::fs::remove_dir(&self.destination)
                 .with_context(|| format!("cannot replace the empty output folder {}", self.destination.display()))?;
         }
-        std::fs::rename(self.staging.path(), &self.destination).with_context(|| {
-            format!("cannot move {} to {}", self.staging.path().display(), self.destination.display())
-        })?;
+        std::fs::rename(self.staging.path(), &self.destination)
+            .with_context(|| format!("cannot move {} to {}", self.staging.path().display(), self.destination.display()))?;
         // The folder now lives at the destination; stop the guard from deleting it.
         let _ = self.staging.keep();
         Ok(())

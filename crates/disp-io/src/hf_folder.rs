@@ -30,12 +30,8 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
 /// The distinct file names the `weight_map` of a shard index points to, sorted.
 pub fn shard_names(index: &Path) -> Result<Vec<String>> {
     let text = std::fs::read_to_string(index).with_context(|| format!("{}: cannot read", index.display()))?;
-    let json: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| anyhow!("{}: malformed JSON: {e}", index.display()))?;
-    let map = json
-        .get("weight_map")
-        .and_then(|m| m.as_object())
-        .ok_or_else(|| anyhow!("{}: no 'weight_map' object", index.display()))?;
+    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| anyhow!("{}: malformed JSON: {e}", index.display()))?;
+    let map = json.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| anyhow!("{}: no 'weight_map' object", index.display()))?;
     let mut shards = BTreeSet::new();
     for file in map.values() {
         let file = file.as_str().ok_or_else(|| anyhow!("{}: 'weight_map' values must be file names", index.display()))?;
@@ -59,8 +55,8 @@ pub fn tensor_shapes(dir: &Path) -> Result<Vec<(String, Vec<usize>)>> {
         // SAFETY: the map is read-only and dropped before returning; a file changed underneath
         // would at worst give a wrong header, which the parser rejects or reports.
         let map = unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("{}: cannot map", path.display()))?;
-        let (_, metadata) = safetensors::SafeTensors::read_metadata(&map)
-            .map_err(|e| anyhow!("{}: corrupt or truncated safetensors header: {e}", path.display()))?;
+        let (_, metadata) =
+            safetensors::SafeTensors::read_metadata(&map).map_err(|e| anyhow!("{}: corrupt or truncated safetensors header: {e}", path.display()))?;
         for (name, info) in metadata.tensors() {
             shapes.push((name, info.shape.clone()));
         }

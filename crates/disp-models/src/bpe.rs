@@ -40,10 +40,7 @@ pub fn train_byte_level_bpe<'a>(texts: impl Iterator<Item = &'a str> + Send, voc
     let byte_level = ByteLevel::new(false, true, true);
     let mut tokenizer: TokenizerImpl<ModelWrapper, NormalizerWrapper, PreTokenizerWrapper, PostProcessorWrapper, DecoderWrapper> =
         TokenizerImpl::new(BPE::default().into());
-    tokenizer
-        .with_pre_tokenizer(Some(byte_level))
-        .with_post_processor(Some(byte_level))
-        .with_decoder(Some(byte_level));
+    tokenizer.with_pre_tokenizer(Some(byte_level)).with_post_processor(Some(byte_level)).with_decoder(Some(byte_level));
     tokenizer.train(&mut trainer, texts).map_err(|e| anyhow!("BPE training failed: {e}"))?;
     let tokenizer = Tokenizer::from(tokenizer);
     let special = tokenizer.token_to_id(END_OF_TEXT);

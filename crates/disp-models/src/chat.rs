@@ -18,10 +18,7 @@ pub struct ChatMessage {
 
 impl ChatMessage {
     pub fn new(role: &str, content: &str) -> Self {
-        Self {
-            role: role.into(),
-            content: content.into(),
-        }
+        Self { role: role.into(), content: content.into() }
     }
 }
 
@@ -48,15 +45,13 @@ impl ChatTemplate {
     pub fn load(dir: &Path) -> Result<Self> {
         let config_path = dir.join("tokenizer_config.json");
         let config: Value = match std::fs::read_to_string(&config_path) {
-            Ok(text) => serde_json::from_str(&text)
-                .map_err(|e| anyhow!("{}: malformed JSON: {e}", config_path.display()))?,
+            Ok(text) => serde_json::from_str(&text).map_err(|e| anyhow!("{}: malformed JSON: {e}", config_path.display()))?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Value::Null,
             Err(e) => bail!("{}: cannot read: {e}", config_path.display()),
         };
         let jinja = dir.join("chat_template.jinja");
         let (source, path) = if jinja.is_file() {
-            let source = std::fs::read_to_string(&jinja)
-                .map_err(|e| anyhow!("{}: cannot read: {e}", jinja.display()))?;
+            let source = std::fs::read_to_string(&jinja).map_err(|e| anyhow!("{}: cannot read: {e}", jinja.display()))?;
             (source, jinja)
         } else {
             let source = match config.get("chat_template") {
@@ -69,26 +64,18 @@ impl ChatTemplate {
                     .ok_or_else(|| anyhow!("{}: chat_template lists no template named \"default\"", config_path.display()))?
                     .to_owned(),
                 Some(other) => bail!("{}: chat_template must be a string, found {other}", config_path.display()),
-                None => bail!("{}: the model has no chat template (no chat_template.jinja, no chat_template in tokenizer_config.json)", dir.display()),
+                None => {
+                    bail!("{}: the model has no chat template (no chat_template.jinja, no chat_template in tokenizer_config.json)", dir.display())
+                }
             };
             (source, config_path)
         };
-        Ok(Self {
-            source,
-            path,
-            bos_token: special_token(&config, "bos_token"),
-            eos_token: special_token(&config, "eos_token"),
-        })
+        Ok(Self { source, path, bos_token: special_token(&config, "bos_token"), eos_token: special_token(&config, "eos_token") })
     }
 
     /// A template given as source; `path` names it in errors.
     pub fn from_source(source: &str, path: &Path) -> Self {
-        Self {
-            source: source.into(),
-            path: path.into(),
-            bos_token: None,
-            eos_token: None,
-        }
+        Self { source: source.into(), path: path.into(), bos_token: None, eos_token: None }
     }
 
     /// The prompt text for `messages`; `add_generation_prompt` appends the opening of the
@@ -98,28 +85,18 @@ impl ChatTemplate {
         // transformers renders with these two on (and keeps no trailing newline).
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
-        env.add_function(
-            "raise_exception",
-            |message: String| -> std::result::Result<String, minijinja::Error> {
-                Err(minijinja::Error::new(
-                    minijinja::ErrorKind::InvalidOperation,
-                    message,
-                ))
-            },
-        );
+        env.add_function("raise_exception", |message: String| -> std::result::Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, message))
+        });
         let where_ = self.path.display();
-        let template = env
-            .template_from_str(&self.source)
-            .map_err(|e| anyhow!("{where_}: invalid chat template: {e}"))?;
+        let template = env.template_from_str(&self.source).map_err(|e| anyhow!("{where_}: invalid chat template: {e}"))?;
         let context = minijinja::context! {
             messages => messages,
             add_generation_prompt => add_generation_prompt,
             bos_token => self.bos_token,
             eos_token => self.eos_token,
         };
-        template
-            .render(context)
-            .map_err(|e| anyhow!("{where_}: cannot render the chat template: {e}"))
+        template.render(context).map_err(|e| anyhow!("{where_}: cannot render the chat template: {e}"))
     }
 }
 
@@ -132,32 +109,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let err = format!("{:#}", ChatTemplate::load(dir.path()).unwrap_err());
         assert!(err.contains("has no chat template"), "{err}");
-        std::fs::write(
-            dir.path().join("tokenizer_config.json"),
-            r#"{"chat_template": 3}"#,
-        )
-        .unwrap();
+        std::fs::write(dir.path().join("tokenizer_config.json"), r#"{"chat_template": 3}"#).unwrap();
         let err = format!("{:#}", ChatTemplate::load(dir.path()).unwrap_err());
-        assert!(
-            err.contains("tokenizer_config.json: chat_template must be a string"),
-            "{err}"
-        );
+        assert!(err.contains("tokenizer_config.json: chat_template must be a string"), "{err}");
 
-        let template = ChatTemplate::from_source(
-            "{{ raise_exception('roles must alternate') }}",
-            Path::new("t.jinja"),
-        );
-        let err = format!(
-            "{:#}",
-            template
-                .render(&[ChatMessage::new("user", "x")], true)
-                .unwrap_err()
-        );
-        assert!(
-            err.starts_with("t.jinja: cannot render the chat template")
-                && err.contains("roles must alternate"),
-            "{err}"
-        );
+        let template = ChatTemplate::from_source("{{ raise_exception('roles must alternate') }}", Path::new("t.jinja"));
+        let err = format!("{:#}", template.render(&[ChatMessage::new("user", "x")], true).unwrap_err());
+        assert!(err.starts_with("t.jinja: cannot render the chat template") && err.contains("roles must alternate"), "{err}");
         assert_eq!(err.lines().count(), 1, "{err}");
     }
 
@@ -169,17 +127,13 @@ mod tests {
             r#"{"chat_template": "unused", "bos_token": {"content": "<s>"}, "eos_token": "</s>"}"#,
         )
         .unwrap();
-        std::fs::write(dir.path().join("chat_template.jinja"), "{{ bos_token }}{% for m in messages %}\n  {{ m.role }}: {{ m.content }}{{ eos_token }}\n{% endfor %}\n").unwrap();
-        let text = ChatTemplate::load(dir.path())
-            .unwrap()
-            .render(
-                &[
-                    ChatMessage::new("user", "hi"),
-                    ChatMessage::new("assistant", "yes"),
-                ],
-                false,
-            )
-            .unwrap();
+        std::fs::write(
+            dir.path().join("chat_template.jinja"),
+            "{{ bos_token }}{% for m in messages %}\n  {{ m.role }}: {{ m.content }}{{ eos_token }}\n{% endfor %}\n",
+        )
+        .unwrap();
+        let text =
+            ChatTemplate::load(dir.path()).unwrap().render(&[ChatMessage::new("user", "hi"), ChatMessage::new("assistant", "yes")], false).unwrap();
         // trim_blocks drops the newline after a block tag, lstrip_blocks the indentation before one.
         assert_eq!(text, "<s>  user: hi</s>\n  assistant: yes</s>\n");
     }

@@ -44,6 +44,8 @@ const FAMILIES: [FamilyEntry; 6] = [
 ];
 
 impl Family {
+    // The table is constants, not file input: every variant is listed once, in FAMILIES above.
+    #[allow(clippy::expect_used)]
     fn entry(self) -> &'static FamilyEntry {
         FAMILIES.iter().find(|e| e.family == self).expect("every family has an entry")
     }
@@ -74,8 +76,7 @@ impl RawConfig {
     pub fn read(dir: &Path) -> Result<Self> {
         let path = dir.join("config.json");
         let text = std::fs::read_to_string(&path).with_context(|| format!("{}: cannot read", path.display()))?;
-        let json: Value =
-            serde_json::from_str(&text).map_err(|e| anyhow!("{}: malformed JSON: {e}", path.display()))?;
+        let json: Value = serde_json::from_str(&text).map_err(|e| anyhow!("{}: malformed JSON: {e}", path.display()))?;
         if !json.is_object() {
             bail!("{}: expected a JSON object", path.display());
         }
@@ -85,12 +86,7 @@ impl RawConfig {
     /// The family, from `model_type` or else `architectures`.
     pub fn family(&self) -> Result<Family> {
         let model_type = self.json.get("model_type").and_then(Value::as_str);
-        let architecture = self
-            .json
-            .get("architectures")
-            .and_then(Value::as_array)
-            .and_then(|a| a.first())
-            .and_then(Value::as_str);
+        let architecture = self.json.get("architectures").and_then(Value::as_array).and_then(|a| a.first()).and_then(Value::as_str);
         let known = FAMILIES.iter().find(|e| match model_type {
             Some(model_type) => e.model_type == model_type,
             None => architecture == Some(e.architecture),
@@ -107,8 +103,7 @@ impl RawConfig {
 
     /// Deserialises the family's config struct, naming the file on error.
     pub fn parse<T: DeserializeOwned>(&self, family: &str) -> Result<T> {
-        serde_json::from_value(self.json.clone())
-            .map_err(|e| anyhow!("{}: invalid {family} config: {e}", self.path.display()))
+        serde_json::from_value(self.json.clone()).map_err(|e| anyhow!("{}: invalid {family} config: {e}", self.path.display()))
     }
 
     pub fn error(&self, problem: impl std::fmt::Display) -> anyhow::Error {
@@ -127,19 +122,12 @@ impl RawConfig {
             .unwrap_or(default_theta);
         let scaling = self.json.get("rope_scaling").filter(|v| v.is_object()).or(params);
         let Some(scaling) = scaling else { return Ok((theta, None)) };
-        let kind = scaling
-            .get("rope_type")
-            .or_else(|| scaling.get("type"))
-            .and_then(Value::as_str)
-            .unwrap_or("default");
+        let kind = scaling.get("rope_type").or_else(|| scaling.get("type")).and_then(Value::as_str).unwrap_or("default");
         match kind {
             "default" => Ok((theta, None)),
             "llama3" => {
                 let field = |name: &str| {
-                    scaling
-                        .get(name)
-                        .and_then(Value::as_f64)
-                        .ok_or_else(|| self.error(format!("rope scaling 'llama3' needs a numeric '{name}'")))
+                    scaling.get(name).and_then(Value::as_f64).ok_or_else(|| self.error(format!("rope scaling 'llama3' needs a numeric '{name}'")))
                 };
                 Ok((
                     theta,
@@ -236,7 +224,17 @@ impl RawConfig {
         let ff = intermediate.or(ffn_dim).unwrap_or(0);
         // OPT stores a learned embedding per position (plus its offset of 2); RoPE families none.
         let learned_positions = if self.family().ok() == Some(Family::Opt) { positions.unwrap_or(2048).saturating_add(2) } else { 0 };
-        let claims = SizeClaims { layers, hidden, heads, kv_heads: kv_heads.unwrap_or(heads), head_dim, vocab, ff, embed_dim: embed_dim.unwrap_or(hidden), learned_positions };
+        let claims = SizeClaims {
+            layers,
+            hidden,
+            heads,
+            kv_heads: kv_heads.unwrap_or(heads),
+            head_dim,
+            vocab,
+            ff,
+            embed_dim: embed_dim.unwrap_or(hidden),
+            learned_positions,
+        };
         self.check_capacity(claims, capacity)
     }
 
@@ -260,13 +258,18 @@ impl RawConfig {
                 let bytes = u128::from(bytes);
                 let stored_at_least = if pruned { embedding } else { dense };
                 if stored_at_least.saturating_mul(MIN_STORED_BYTES_PER_VALUE) > bytes {
-                    let what = if pruned { format!("vocab_size = {} x hidden_size = {} embedding values", c.vocab, c.embed_dim) } else { claims.clone() };
+                    let what =
+                        if pruned { format!("vocab_size = {} x hidden_size = {} embedding values", c.vocab, c.embed_dim) } else { claims.clone() };
                     bail!("{}: {what}, more than the {bytes} bytes of weight files can hold", self.path.display());
                 }
                 // A pruned folder holds fewer values than its dense sizes; what it stores is at least a
                 // quarter of its bytes in f32.
                 let dense_held = dense.saturating_mul(HELD_BYTES_PER_VALUE);
-                if pruned { bytes.min(dense_held) } else { dense_held }
+                if pruned {
+                    bytes.min(dense_held)
+                } else {
+                    dense_held
+                }
             }
             CheckpointCapacity::Memory => dense.saturating_mul(HELD_BYTES_PER_VALUE),
         };
@@ -345,7 +348,9 @@ mod tests {
         assert_eq!(problem(|c| c["rms_norm_eps"] = 0.into(), FILES), "m/config.json: 'rms_norm_eps' must be a positive number, got 0");
         assert!(problem(|c| c["rms_norm_eps"] = 2.into(), FILES).contains("'rms_norm_eps' = 2 is not a small epsilon"));
         assert!(problem(|c| c["partial_rotary_factor"] = 1.5.into(), FILES).contains("'partial_rotary_factor' = 1.5 must be in (0, 1]"));
-        assert!(problem(|c| c["num_key_value_heads"] = 3.into(), FILES).contains("num_attention_heads = 4 is not a multiple of num_key_value_heads = 3"));
+        assert!(
+            problem(|c| c["num_key_value_heads"] = 3.into(), FILES).contains("num_attention_heads = 4 is not a multiple of num_key_value_heads = 3")
+        );
         assert!(problem(|c| c["hidden_size"] = 66.into(), FILES).contains("hidden_size = 66 is not divisible by num_attention_heads = 4"));
         // An explicit head_dim lifts the divisibility requirement.
         config(|c| {

@@ -12,12 +12,10 @@ use anyhow::{bail, Result};
 use burn::tensor::{Device, Int, Tensor};
 use disp_core::params::{BlockShape, MlpKind, ModelShape};
 use disp_core::plan::PruningPlan;
-use disp_core::selection::{BlockGates, BlockIndices, Selector, Site};
+use disp_core::selection::{BlockGates, IndexTensors, Selector, Site};
 
 use crate::config::Family;
-use crate::layers::{
-    causal_attention, split_heads, Activation, KvCache, LayerNorm, Linear, RmsNorm, Rope,
-};
+use crate::layers::{causal_attention, split_heads, Activation, KvCache, LayerNorm, Linear, RmsNorm, Rope};
 use crate::weights::Checkpoint;
 use crate::{BlockLinears, BlockLinearsMut, CausalLm};
 
@@ -65,19 +63,9 @@ pub struct BlockKeys {
 impl BlockKeys {
     /// Every block linear with its slot, in loading order.
     pub fn linears(&self) -> impl Iterator<Item = (LinearSlot, &'static str)> + '_ {
-        let attn = self
-            .attn_inputs
-            .iter()
-            .enumerate()
-            .map(|(i, k)| (LinearSlot::AttnInput(i), *k));
-        let mlp = self
-            .mlp_inputs
-            .iter()
-            .enumerate()
-            .map(|(i, k)| (LinearSlot::MlpInput(i), *k));
-        attn.chain([(LinearSlot::AttnOutput, self.attn_output)])
-            .chain(mlp)
-            .chain([(LinearSlot::MlpOutput, self.mlp_output)])
+        let attn = self.attn_inputs.iter().enumerate().map(|(i, k)| (LinearSlot::AttnInput(i), *k));
+        let mlp = self.mlp_inputs.iter().enumerate().map(|(i, k)| (LinearSlot::MlpInput(i), *k));
+        attn.chain([(LinearSlot::AttnOutput, self.attn_output)]).chain(mlp).chain([(LinearSlot::MlpOutput, self.mlp_output)])
     }
 
     pub fn mlp_kind(&self) -> MlpKind {
@@ -120,32 +108,16 @@ pub enum NormKind {
 
 impl NormKind {
     /// Loads `{prefix}.weight` (and `{prefix}.bias` for a LayerNorm).
-    pub fn load(
-        self,
-        ck: &Checkpoint,
-        prefix: &str,
-        width: usize,
-        device: &Device,
-    ) -> Result<Norm> {
+    pub fn load(self, ck: &Checkpoint, prefix: &str, width: usize, device: &Device) -> Result<Norm> {
         Ok(match self {
             Self::Rms { eps } => {
                 let name = format!("{prefix}.weight");
                 Norm::Rms(Box::new(RmsNorm::load(ck, &name, width, eps, device)?))
             }
-            Self::Layer { eps, affine: true } => Norm::Layer {
-                norm: Box::new(LayerNorm::load(ck, prefix, width, eps, device)?),
-                stored: true,
-            },
+            Self::Layer { eps, affine: true } => Norm::Layer { norm: Box::new(LayerNorm::load(ck, prefix, width, eps, device)?), stored: true },
             Self::Layer { eps, affine: false } => {
-                let norm = LayerNorm {
-                    weight: Tensor::ones([width], device),
-                    bias: Tensor::zeros([width], device),
-                    eps,
-                };
-                Norm::Layer {
-                    norm: Box::new(norm),
-                    stored: false,
-                }
+                let norm = LayerNorm { weight: Tensor::ones([width], device), bias: Tensor::zeros([width], device), eps };
+                Norm::Layer { norm: Box::new(norm), stored: false }
             }
         })
     }
@@ -170,8 +142,7 @@ impl Norm {
     /// Normalises each head of `[B, H, T, hd]` over its `hd` channels.
     fn forward_heads(&self, x: Tensor<4>) -> Tensor<4> {
         let [batch, heads, seq, head_dim] = x.dims();
-        self.forward(x.reshape([batch, heads * seq, head_dim]))
-            .reshape([batch, heads, seq, head_dim])
+        self.forward(x.reshape([batch, heads * seq, head_dim])).reshape([batch, heads, seq, head_dim])
     }
 
     fn stored_params(&self) -> usize {
@@ -200,14 +171,7 @@ pub struct BlockSpec {
 impl BlockSpec {
     /// The shape of a block with `heads`·`head_dim` query and `kv_heads`·`head_dim` key/value
     /// widths; biases default to none (set the `shape` fields that a family has).
-    pub fn shape_without_biases(
-        hidden: usize,
-        intermediate: usize,
-        heads: usize,
-        kv_heads: usize,
-        head_dim: usize,
-        mlp: MlpKind,
-    ) -> BlockShape {
+    pub fn shape_without_biases(hidden: usize, intermediate: usize, heads: usize, kv_heads: usize, head_dim: usize, mlp: MlpKind) -> BlockShape {
         BlockShape {
             hidden,
             intermediate,
@@ -243,20 +207,13 @@ pub struct Block {
     /// Sliding-window attention: a query sees only the keys of its last `window` positions.
     window: Option<usize>,
     /// Set once the block is pruned: its weights are then cut to these positions.
-    kept: Option<BlockIndices>,
+    kept: Option<IndexTensors>,
 }
 
 impl Block {
     /// Loads block `{prefix}.*`: the attention norm, q/k/v/o, the q/k norms, the MLP norm and the
     /// MLP linears, in that order (training from scratch numbers parameters by it).
-    fn load(
-        ck: &Checkpoint,
-        prefix: &str,
-        keys: &BlockKeys,
-        spec: &BlockSpec,
-        window: Option<usize>,
-        device: &Device,
-    ) -> Result<Self> {
+    fn load(ck: &Checkpoint, prefix: &str, keys: &BlockKeys, spec: &BlockSpec, window: Option<usize>, device: &Device) -> Result<Self> {
         let s = &spec.shape;
         let key = |name: &str| format!("{prefix}.{name}");
         let linear = |(slot, name): (LinearSlot, &str)| {
@@ -270,91 +227,42 @@ impl Block {
             Linear::load(ck, &key(name), inputs, outputs, bias, device)
         };
         let attn_norm = spec.norm.load(ck, &key(keys.attn_norm), s.hidden, device)?;
-        let mut attn = keys
-            .linears()
-            .take(4)
-            .map(&linear)
-            .collect::<Result<Vec<_>>>()?;
+        let mut attn = keys.linears().take(4).map(&linear).collect::<Result<Vec<_>>>()?;
         let qk_norms = match keys.qk_norms {
-            Some([q, k]) => Some([
-                spec.norm.load(ck, &key(q), spec.head_dim, device)?,
-                spec.norm.load(ck, &key(k), spec.head_dim, device)?,
-            ]),
+            Some([q, k]) => Some([spec.norm.load(ck, &key(q), spec.head_dim, device)?, spec.norm.load(ck, &key(k), spec.head_dim, device)?]),
             None => None,
         };
-        let mlp_norm = keys
-            .mlp_norm
-            .map(|name| spec.norm.load(ck, &key(name), s.hidden, device))
-            .transpose()?;
-        let mut mlp_inputs = keys
-            .linears()
-            .skip(4)
-            .map(&linear)
-            .collect::<Result<Vec<_>>>()?;
+        let mlp_norm = keys.mlp_norm.map(|name| spec.norm.load(ck, &key(name), s.hidden, device)).transpose()?;
+        let mut mlp_inputs = keys.linears().skip(4).map(&linear).collect::<Result<Vec<_>>>()?;
         let norms = match (spec.wiring, mlp_norm) {
-            (Wiring::PreNorm, Some(mlp)) => BlockNorms::Pre {
-                attn: attn_norm,
-                mlp,
-            },
-            (Wiring::PostNorm, Some(mlp)) => BlockNorms::Post {
-                attn: attn_norm,
-                mlp,
-            },
+            (Wiring::PreNorm, Some(mlp)) => BlockNorms::Pre { attn: attn_norm, mlp },
+            (Wiring::PostNorm, Some(mlp)) => BlockNorms::Post { attn: attn_norm, mlp },
             (Wiring::Parallel, None) => BlockNorms::Parallel(attn_norm),
             (wiring, _) => bail!("{wiring:?} blocks and the keys' MLP norm disagree"),
         };
         let mlp_output = mlp_inputs.pop().expect("an MLP output key");
         let attn_output = attn.pop().expect("an attention output key");
         let attn_inputs: [Linear; 3] = attn.try_into().expect("three attention input keys");
-        Ok(Self {
-            norms,
-            qk_norms,
-            attn_inputs,
-            attn_output,
-            mlp_inputs,
-            mlp_output,
-            window,
-            kept: None,
-        })
+        Ok(Self { norms, qk_norms, attn_inputs, attn_output, mlp_inputs, mlp_output, window, kept: None })
     }
 
-    fn forward(
-        &self,
-        x: Tensor<3>,
-        sel: Selector,
-        spec: &BlockSpec,
-        start: usize,
-        cache: Option<(&mut KvCache, usize)>,
-    ) -> Tensor<3> {
+    fn forward(&self, x: Tensor<3>, sel: Selector, spec: &BlockSpec, start: usize, cache: Option<(&mut KvCache, usize)>) -> Tensor<3> {
         match &self.norms {
             BlockNorms::Pre { attn, mlp } => {
-                let attn = self.attention(
-                    sel.read(Site::AttnIn, attn.forward(x.clone())),
-                    sel,
-                    spec,
-                    start,
-                    cache,
-                );
+                let attn = self.attention(sel.read(Site::AttnIn, attn.forward(x.clone())), sel, spec, start, cache);
                 let x = sel.write(Site::AttnOut, x, attn);
                 let out = self.mlp(sel.read(Site::MlpIn, mlp.forward(x.clone())), sel, spec);
                 sel.write(Site::MlpOut, x, out)
             }
             BlockNorms::Post { attn, mlp } => {
-                let attn_out =
-                    self.attention(sel.read(Site::AttnIn, x.clone()), sel, spec, start, cache);
+                let attn_out = self.attention(sel.read(Site::AttnIn, x.clone()), sel, spec, start, cache);
                 let x = attn.forward(sel.write(Site::AttnOut, x, attn_out));
                 let out = self.mlp(sel.read(Site::MlpIn, x.clone()), sel, spec);
                 mlp.forward(sel.write(Site::MlpOut, x, out))
             }
             BlockNorms::Parallel(norm) => {
                 let normed = norm.forward(x.clone());
-                let attn = self.attention(
-                    sel.read(Site::AttnIn, normed.clone()),
-                    sel,
-                    spec,
-                    start,
-                    cache,
-                );
+                let attn = self.attention(sel.read(Site::AttnIn, normed.clone()), sel, spec, start, cache);
                 let out = self.mlp(sel.read(Site::MlpIn, normed), sel, spec);
                 sel.write(Site::MlpOut, sel.write(Site::AttnOut, x, attn), out)
             }
@@ -362,23 +270,10 @@ impl Block {
     }
 
     /// q/k/v → heads → q/k norms → rotary → cache → causal attention → output projection.
-    fn attention(
-        &self,
-        input: Tensor<3>,
-        sel: Selector,
-        spec: &BlockSpec,
-        start: usize,
-        cache: Option<(&mut KvCache, usize)>,
-    ) -> Tensor<3> {
+    fn attention(&self, input: Tensor<3>, sel: Selector, spec: &BlockSpec, start: usize, cache: Option<(&mut KvCache, usize)>) -> Tensor<3> {
         let [q, k, v] = &self.attn_inputs;
-        let heads = |linear: &Linear, count: usize| {
-            split_heads(linear.forward(input.clone()), count, spec.head_dim)
-        };
-        let (mut q, mut k, v) = (
-            heads(q, spec.heads),
-            heads(k, spec.kv_heads),
-            heads(v, spec.kv_heads),
-        );
+        let heads = |linear: &Linear, count: usize| split_heads(linear.forward(input.clone()), count, spec.head_dim);
+        let (mut q, mut k, v) = (heads(q, spec.heads), heads(k, spec.kv_heads), heads(v, spec.kv_heads));
         if let Some([q_norm, k_norm]) = &self.qk_norms {
             q = q_norm.forward_heads(q);
             k = k_norm.forward_heads(k);
@@ -424,20 +319,14 @@ impl Block {
     }
 
     /// The block with every linear cut to `kept` as its slot says.
-    fn pruned(&self, kept: BlockIndices) -> Self {
+    fn pruned(&self, kept: IndexTensors) -> Self {
         let cut = |slot: LinearSlot, linear: &Linear| {
             let (rows, cols) = slot.cut_sites();
-            let linear =
-                cols.map_or_else(|| linear.clone(), |site| linear.keep_inputs(kept.get(site)));
+            let linear = cols.map_or_else(|| linear.clone(), |site| linear.keep_inputs(kept.get(site)));
             rows.map_or(linear.clone(), |site| linear.keep_outputs(kept.get(site)))
         };
         let attn_inputs = [0, 1, 2].map(|i| cut(LinearSlot::AttnInput(i), &self.attn_inputs[i]));
-        let mlp_inputs = self
-            .mlp_inputs
-            .iter()
-            .enumerate()
-            .map(|(i, l)| cut(LinearSlot::MlpInput(i), l))
-            .collect();
+        let mlp_inputs = self.mlp_inputs.iter().enumerate().map(|(i, l)| cut(LinearSlot::MlpInput(i), l)).collect();
         Self {
             attn_output: cut(LinearSlot::AttnOutput, &self.attn_output),
             mlp_output: cut(LinearSlot::MlpOutput, &self.mlp_output),
@@ -450,12 +339,7 @@ impl Block {
 
     fn linear_params(&self) -> usize {
         let l = self.linears();
-        l.attn_inputs
-            .iter()
-            .chain(&l.mlp_inputs)
-            .chain([&l.attn_output, &l.mlp_output])
-            .map(|l| l.num_params())
-            .sum()
+        l.attn_inputs.iter().chain(&l.mlp_inputs).chain([&l.attn_output, &l.mlp_output]).map(|l| l.num_params()).sum()
     }
 
     fn norm_params(&self) -> usize {
@@ -463,11 +347,7 @@ impl Block {
             BlockNorms::Pre { attn, mlp } | BlockNorms::Post { attn, mlp } => vec![attn, mlp],
             BlockNorms::Parallel(norm) => vec![norm],
         };
-        norms
-            .into_iter()
-            .chain(self.qk_norms.iter().flatten())
-            .map(Norm::stored_params)
-            .sum()
+        norms.into_iter().chain(self.qk_norms.iter().flatten()).map(Norm::stored_params).sum()
     }
 }
 
@@ -484,10 +364,7 @@ pub fn load_blocks(
     (0..windows.len())
         .map(|i| {
             let block = Block::load(ck, &format!("{prefix}.{i}"), keys, spec, windows[i], device)?;
-            Ok(Block {
-                kept: ck.kept_indices(i, device),
-                ..block
-            })
+            Ok(Block { kept: ck.kept_indices(i, device), ..block })
         })
         .collect()
 }
@@ -517,30 +394,14 @@ pub struct Ends {
 impl Ends {
     /// The head: the transposed token embedding when `tied` (with `lm_head.bias` if `bias`), or
     /// `lm_head.*`.
-    pub fn load_head(
-        ck: &Checkpoint,
-        tokens: &Tensor<2>,
-        tied: bool,
-        bias: bool,
-        device: &Device,
-    ) -> Result<Linear> {
+    pub fn load_head(ck: &Checkpoint, tokens: &Tensor<2>, tied: bool, bias: bool, device: &Device) -> Result<Linear> {
         let [vocab, width] = tokens.dims();
         if tied {
-            let bias = if bias {
-                Some(ck.tensor("lm_head.bias", [vocab], device)?)
-            } else {
-                None
-            };
-            return Ok(Linear {
-                weight: tokens.clone().transpose(),
-                bias,
-            });
+            let bias = if bias { Some(ck.tensor("lm_head.bias", [vocab], device)?) } else { None };
+            return Ok(Linear { weight: tokens.clone().transpose(), bias });
         }
         if !ck.contains("lm_head.weight") {
-            bail!(
-                "{}: missing tensor 'lm_head.weight' (and tie_word_embeddings is false)",
-                ck.describe()
-            );
+            bail!("{}: missing tensor 'lm_head.weight' (and tie_word_embeddings is false)", ck.describe());
         }
         Linear::load(ck, "lm_head", width, vocab, bias, device)
     }
@@ -559,25 +420,13 @@ impl Ends {
         let head = Self::load_head(ck, &tokens, tied, head_bias, device)?;
         let (kind, name) = final_norm;
         let final_norm = Some(kind.load(ck, name, shape[1], device)?);
-        Ok(Self {
-            tokens,
-            positions: None,
-            project_in: None,
-            project_out: None,
-            final_norm,
-            head,
-            tied,
-        })
+        Ok(Self { tokens, positions: None, project_in: None, project_out: None, final_norm, head, tied })
     }
 
     fn embed(&self, tokens: Tensor<2, Int>, start: usize) -> Tensor<3> {
         let [batch, seq] = tokens.dims();
         let width = self.tokens.dims()[1];
-        let x = self
-            .tokens
-            .clone()
-            .select(0, tokens.reshape([batch * seq]))
-            .reshape([batch, seq, width]);
+        let x = self.tokens.clone().select(0, tokens.reshape([batch * seq])).reshape([batch, seq, width]);
         let x = match &self.project_in {
             Some(project_in) => project_in.forward(x),
             None => x,
@@ -587,16 +436,8 @@ impl Ends {
         };
         // The table simply ends; callers check max_positions() and report it.
         let rows = positions.table.dims()[0] - positions.offset;
-        assert!(
-            start + seq <= rows,
-            "positions {start}..{} exceed the {rows} learned positions",
-            start + seq
-        );
-        x + positions
-            .table
-            .clone()
-            .narrow(0, start + positions.offset, seq)
-            .unsqueeze::<3>()
+        assert!(start + seq <= rows, "positions {start}..{} exceed the {rows} learned positions", start + seq);
+        x + positions.table.clone().narrow(0, start + positions.offset, seq).unsqueeze::<3>()
     }
 
     fn finish(&self, x: Tensor<3>) -> Tensor<3> {
@@ -611,27 +452,11 @@ impl Ends {
     }
 
     fn stored_params(&self) -> usize {
-        let linears = self
-            .project_in
-            .iter()
-            .chain(&self.project_out)
-            .map(Linear::num_params)
-            .sum::<usize>();
-        let head = if self.tied {
-            self.head.bias.as_ref().map_or(0, |b| b.dims()[0])
-        } else {
-            self.head.num_params()
-        };
-        let positions = self
-            .positions
-            .as_ref()
-            .map_or(0, |p| p.table.dims().iter().product::<usize>());
+        let linears = self.project_in.iter().chain(&self.project_out).map(Linear::num_params).sum::<usize>();
+        let head = if self.tied { self.head.bias.as_ref().map_or(0, |b| b.dims()[0]) } else { self.head.num_params() };
+        let positions = self.positions.as_ref().map_or(0, |p| p.table.dims().iter().product::<usize>());
         let [vocab, width] = self.tokens.dims();
-        vocab * width
-            + positions
-            + linears
-            + head
-            + self.final_norm.as_ref().map_or(0, Norm::stored_params)
+        vocab * width + positions + linears + head + self.final_norm.as_ref().map_or(0, Norm::stored_params)
     }
 }
 
@@ -648,22 +473,8 @@ pub struct DecoderLm {
 }
 
 impl DecoderLm {
-    pub fn new(
-        family: Family,
-        spec: BlockSpec,
-        blocks: Vec<Block>,
-        ends: Ends,
-        max_positions: usize,
-        device: &Device,
-    ) -> Self {
-        Self {
-            family,
-            spec,
-            blocks,
-            ends,
-            max_positions,
-            device: device.clone(),
-        }
+    pub fn new(family: Family, spec: BlockSpec, blocks: Vec<Block>, ends: Ends, max_positions: usize, device: &Device) -> Self {
+        Self { family, spec, blocks, ends, max_positions, device: device.clone() }
     }
 }
 
@@ -695,34 +506,20 @@ impl CausalLm for DecoderLm {
     fn model_shape(&self) -> ModelShape {
         let norms: usize = self.blocks.iter().map(Block::norm_params).sum();
         let other_params = (self.ends.stored_params() + norms) as u64;
-        ModelShape {
-            blocks: vec![self.spec.shape; self.blocks.len()],
-            other_params,
-        }
+        ModelShape { blocks: vec![self.spec.shape; self.blocks.len()], other_params }
     }
 
     fn stored_linear_params(&self) -> usize {
         self.blocks.iter().map(Block::linear_params).sum()
     }
 
-    fn hidden_states(
-        &self,
-        tokens: Tensor<2, Int>,
-        gates: Option<&[BlockGates]>,
-        mut cache: Option<&mut KvCache>,
-    ) -> Tensor<3> {
+    fn hidden_states(&self, tokens: Tensor<2, Int>, gates: Option<&[BlockGates]>, mut cache: Option<&mut KvCache>) -> Tensor<3> {
         let seq = tokens.dims()[1];
         let start = cache.as_ref().map_or(0, |c| c.len());
         let mut x = self.ends.embed(tokens, start);
         for (i, block) in self.blocks.iter().enumerate() {
             let sel = crate::selector(block.kept.as_ref(), gates.map(|g| &g[i]));
-            x = block.forward(
-                x,
-                sel,
-                &self.spec,
-                start,
-                cache.as_deref_mut().map(|c| (c, i)),
-            );
+            x = block.forward(x, sel, &self.spec, start, cache.as_deref_mut().map(|c| (c, i)));
         }
         if let Some(c) = cache {
             c.advance(seq);
@@ -747,15 +544,7 @@ impl CausalLm for DecoderLm {
             bail!("model is already pruned");
         }
         plan.validate(&self.identity(), &self.model_shape())?;
-        let blocks = self
-            .blocks
-            .iter()
-            .zip(&plan.layers)
-            .map(|(b, indices)| b.pruned(BlockIndices::new(indices, &self.device)))
-            .collect();
-        Ok(Box::new(Self {
-            blocks,
-            ..self.clone()
-        }))
+        let blocks = self.blocks.iter().zip(&plan.layers).map(|(b, indices)| b.pruned(IndexTensors::new(indices, &self.device))).collect();
+        Ok(Box::new(Self { blocks, ..self.clone() }))
     }
 }

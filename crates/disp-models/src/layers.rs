@@ -54,10 +54,7 @@ impl Linear {
 
     /// Keeps only the output columns (and bias entries) at `kept`.
     pub fn keep_outputs(&self, kept: &Tensor<1, Int>) -> Self {
-        Self {
-            weight: self.weight.clone().select(1, kept.clone()),
-            bias: self.bias.clone().map(|b| b.select(0, kept.clone())),
-        }
+        Self { weight: self.weight.clone().select(1, kept.clone()), bias: self.bias.clone().map(|b| b.select(0, kept.clone())) }
     }
 }
 
@@ -100,8 +97,7 @@ impl LayerNorm {
         let mean = x.clone().mean_dim(2);
         let centred = x - mean;
         let var = centred.clone().powi_scalar(2).mean_dim(2);
-        centred / var.add_scalar(self.eps).sqrt() * self.weight.clone().unsqueeze::<3>()
-            + self.bias.clone().unsqueeze::<3>()
+        centred / var.add_scalar(self.eps).sqrt() * self.weight.clone().unsqueeze::<3>() + self.bias.clone().unsqueeze::<3>()
     }
 }
 
@@ -167,9 +163,7 @@ pub struct Rope {
 
 impl Rope {
     pub fn new(theta: f64, head_dim: usize, rotary_dim: usize, scaling: Option<Llama3Scaling>) -> Self {
-        let mut inv_freq: Vec<f64> = (0..rotary_dim / 2)
-            .map(|i| 1.0 / theta.powf((2 * i) as f64 / rotary_dim as f64))
-            .collect();
+        let mut inv_freq: Vec<f64> = (0..rotary_dim / 2).map(|i| 1.0 / theta.powf((2 * i) as f64 / rotary_dim as f64)).collect();
         if let Some(s) = scaling {
             let low_wavelen = s.original_max_position_embeddings / s.low_freq_factor;
             let high_wavelen = s.original_max_position_embeddings / s.high_freq_factor;
@@ -178,8 +172,7 @@ impl Rope {
                 if wavelen > low_wavelen {
                     *f /= s.factor;
                 } else if wavelen >= high_wavelen {
-                    let smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor)
-                        / (s.high_freq_factor - s.low_freq_factor);
+                    let smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
                     *f = (1.0 - smooth) * *f / s.factor + smooth * *f;
                 }
             }
@@ -203,10 +196,7 @@ impl Rope {
             }
         }
         let shape = [len, self.rotary_dim];
-        (
-            Tensor::from_data(TensorData::new(cos, shape), device),
-            Tensor::from_data(TensorData::new(sin, shape), device),
-        )
+        (Tensor::from_data(TensorData::new(cos, shape), device), Tensor::from_data(TensorData::new(sin, shape), device))
     }
 
     /// Rotates `[B, H, T, head_dim]` for positions starting at `start`.

@@ -29,11 +29,11 @@ use anyhow::{anyhow, bail, Result};
 use burn::tensor::{Device, Int, Tensor};
 use disp_core::params::ModelShape;
 use disp_core::plan::{ModelIdentity, PruningPlan};
-use disp_core::selection::{BlockGates, BlockIndices, Selector};
+use disp_core::selection::{BlockGates, IndexTensors, Selector};
 
+pub use config::{Family, RawConfig};
 /// GGUF import lives in the tensor-free `disp-io` (so `cargo xtask fetch-assets` needs no burn).
 pub use disp_io::gguf;
-pub use config::{Family, RawConfig};
 pub use layers::KvCache;
 pub use tokenizer::TextTokenizer;
 pub use weights::Checkpoint;
@@ -127,35 +127,8 @@ pub struct BlockLinearsMut<'a> {
     pub mlp_output: &'a mut layers::Linear,
 }
 
-/// Per layer and site, the L2 norm of all weights attached to each position: the "magnitude"
-/// importance used by the uniform-width baseline.
-pub fn weight_magnitudes(model: &dyn CausalLm) -> Vec<[Vec<f32>; 5]> {
-    fn rows(l: &layers::Linear) -> Tensor<1> {
-        l.weight.clone().powi_scalar(2).sum_dim(1).squeeze_dim::<1>(1)
-    }
-    fn cols(l: &layers::Linear) -> Tensor<1> {
-        l.weight.clone().powi_scalar(2).sum_dim(0).squeeze_dim::<1>(0)
-    }
-    fn total(parts: Vec<Tensor<1>>) -> Vec<f32> {
-        let sum = parts.into_iter().reduce(|a, b| a + b).expect("at least one layer");
-        sum.sqrt().into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 data")
-    }
-    (0..model.num_layers())
-        .map(|layer| {
-            let b = model.block_linears(layer);
-            [
-                total(b.attn_inputs.iter().map(|l| rows(l)).collect()),
-                total(vec![cols(b.attn_output)]),
-                total(b.mlp_inputs.iter().map(|l| rows(l)).collect()),
-                total(b.mlp_inputs.iter().map(|l| cols(l)).chain([rows(b.mlp_output)]).collect()),
-                total(vec![cols(b.mlp_output)]),
-            ]
-        })
-        .collect()
-}
-
 /// Picks how a block applies its index sets: pruned weights win; gates make it masked.
-pub(crate) fn selector<'a>(kept: Option<&'a BlockIndices>, gates: Option<&'a BlockGates>) -> Selector<'a> {
+pub(crate) fn selector<'a>(kept: Option<&'a IndexTensors>, gates: Option<&'a BlockGates>) -> Selector<'a> {
     match (kept, gates) {
         (Some(_), Some(_)) => panic!("gates apply to the dense model, not to a pruned one"),
         (Some(kept), None) => Selector::Pruned(kept),
@@ -174,7 +147,12 @@ pub fn load_model(dir: &Path, device: &Device) -> Result<Box<dyn CausalLm>> {
     let mut plan = None;
     if let Some(manifest) = manifest {
         if manifest.source.num_layers != manifest.layer_widths.len() {
-            bail!("{}: 'disp' section lists {} layer widths for {} layers", raw.path.display(), manifest.layer_widths.len(), manifest.source.num_layers);
+            bail!(
+                "{}: 'disp' section lists {} layer widths for {} layers",
+                raw.path.display(),
+                manifest.layer_widths.len(),
+                manifest.source.num_layers
+            );
         }
         let layers = pruned_folder::read_index_sets(&ck, &manifest)?;
         let stored = manifest.into_plan(layers);

@@ -66,8 +66,7 @@ impl LlamaConfig {
     }
 
     pub fn head_dim(&self) -> usize {
-        self.head_dim
-            .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
     }
 }
 
@@ -85,94 +84,35 @@ pub struct LlamaVariant {
 pub fn load(raw: &RawConfig, ck: &Checkpoint, device: &Device) -> Result<DecoderLm> {
     let config: LlamaConfig = raw.parse("LLaMA")?;
     let (bias, mlp_bias) = (config.attention_bias, config.mlp_bias);
-    let variant = LlamaVariant {
-        family: Family::Llama,
-        keys: &KEYS,
-        qkv_bias: bias,
-        out_bias: bias,
-        mlp_bias,
-        window: None,
-    };
+    let variant = LlamaVariant { family: Family::Llama, keys: &KEYS, qkv_bias: bias, out_bias: bias, mlp_bias, window: None };
     load_variant(raw, ck, device, &config, variant)
 }
 
 /// Loads a LLaMA-like model: blocks `model.layers.{i}`, then `model.embed_tokens`, the head
 /// (`lm_head` or tied) and `model.norm`.
-pub fn load_variant(
-    raw: &RawConfig,
-    ck: &Checkpoint,
-    device: &Device,
-    config: &LlamaConfig,
-    variant: LlamaVariant,
-) -> Result<DecoderLm> {
+pub fn load_variant(raw: &RawConfig, ck: &Checkpoint, device: &Device, config: &LlamaConfig, variant: LlamaVariant) -> Result<DecoderLm> {
     let name = variant.family.model_type();
-    let activation = Activation::from_hf_name(&config.hidden_act).ok_or_else(|| {
-        raw.error(format!(
-            "unsupported hidden_act '{}' for {name} (supported: {})",
-            config.hidden_act,
-            Activation::SUPPORTED
-        ))
-    })?;
-    if config.num_attention_heads == 0
-        || config.kv_heads() == 0
-        || !config.num_attention_heads.is_multiple_of(config.kv_heads())
-    {
+    let activation = Activation::from_hf_name(&config.hidden_act)
+        .ok_or_else(|| raw.error(format!("unsupported hidden_act '{}' for {name} (supported: {})", config.hidden_act, Activation::SUPPORTED)))?;
+    if config.num_attention_heads == 0 || config.kv_heads() == 0 || !config.num_attention_heads.is_multiple_of(config.kv_heads()) {
         return Err(raw.error("num_attention_heads must be a multiple of num_key_value_heads"));
     }
     let hd = config.head_dim();
     if hd == 0 || !hd.is_multiple_of(2) {
-        return Err(raw.error(format!(
-            "head_dim {hd} must be even and positive for rotary embeddings"
-        )));
+        return Err(raw.error(format!("head_dim {hd} must be even and positive for rotary embeddings")));
     }
     let (theta, scaling) = raw.rope(10_000.0)?;
-    let (d, heads, kv_heads) = (
-        config.hidden_size,
-        config.num_attention_heads,
-        config.kv_heads(),
-    );
-    let mut shape = BlockSpec::shape_without_biases(
-        d,
-        config.intermediate_size,
-        heads,
-        kv_heads,
-        hd,
-        variant.keys.mlp_kind(),
-    );
+    let (d, heads, kv_heads) = (config.hidden_size, config.num_attention_heads, config.kv_heads());
+    let mut shape = BlockSpec::shape_without_biases(d, config.intermediate_size, heads, kv_heads, hd, variant.keys.mlp_kind());
     (shape.qkv_bias, shape.out_bias) = (variant.qkv_bias, variant.out_bias);
     (shape.mlp_in_bias, shape.mlp_out_bias) = (variant.mlp_bias, variant.mlp_bias);
-    let norm = NormKind::Rms {
-        eps: config.rms_norm_eps,
-    };
+    let norm = NormKind::Rms { eps: config.rms_norm_eps };
     let rope = Some(Rope::new(theta, hd, hd, scaling));
-    let spec = BlockSpec {
-        shape,
-        heads,
-        kv_heads,
-        head_dim: hd,
-        rope,
-        activation,
-        wiring: Wiring::PreNorm,
-        norm,
-    };
+    let spec = BlockSpec { shape, heads, kv_heads, head_dim: hd, rope, activation, wiring: Wiring::PreNorm, norm };
     let windows = vec![variant.window; config.num_hidden_layers];
     let blocks = load_blocks(ck, "model.layers", variant.keys, &spec, &windows, device)?;
     let tied = config.tie_word_embeddings;
-    let ends = Ends::load_rotary(
-        ck,
-        [config.vocab_size, d],
-        (norm, "model.norm"),
-        tied,
-        false,
-        device,
-    )?;
+    let ends = Ends::load_rotary(ck, [config.vocab_size, d], (norm, "model.norm"), tied, false, device)?;
     let max_positions = config.max_position_embeddings;
-    Ok(DecoderLm::new(
-        variant.family,
-        spec,
-        blocks,
-        ends,
-        max_positions,
-        device,
-    ))
+    Ok(DecoderLm::new(variant.family, spec, blocks, ends, max_positions, device))
 }

@@ -20,20 +20,9 @@ pub fn load(raw: &RawConfig, ck: &Checkpoint, device: &Device) -> Result<Decoder
         Some(Value::Null) => None,
         Some(value) => match value.as_u64() {
             Some(window) if window > 0 => Some(window as usize),
-            _ => {
-                return Err(raw.error(format!(
-                    "sliding_window must be a positive integer or null, not {value}"
-                )))
-            }
+            _ => return Err(raw.error(format!("sliding_window must be a positive integer or null, not {value}"))),
         },
     };
-    let variant = LlamaVariant {
-        family: Family::Mistral,
-        keys: &llama::KEYS,
-        qkv_bias: false,
-        out_bias: false,
-        mlp_bias: false,
-        window,
-    };
+    let variant = LlamaVariant { family: Family::Mistral, keys: &llama::KEYS, qkv_bias: false, out_bias: false, mlp_bias: false, window };
     llama::load_variant(raw, ck, device, &config, variant)
 }

@@ -8,9 +8,7 @@ use disp_core::params::MlpKind;
 use serde::Deserialize;
 
 use crate::config::{Family, RawConfig};
-use crate::decoder::{
-    load_blocks, BlockKeys, BlockSpec, DecoderLm, Ends, LearnedPositions, NormKind, Wiring,
-};
+use crate::decoder::{load_blocks, BlockKeys, BlockSpec, DecoderLm, Ends, LearnedPositions, NormKind, Wiring};
 use crate::layers::{Activation, Linear};
 use crate::weights::Checkpoint;
 
@@ -78,115 +76,39 @@ impl OptConfig {
 pub fn load(raw: &RawConfig, ck: &Checkpoint, device: &Device) -> Result<DecoderLm> {
     let config: OptConfig = raw.parse("OPT")?;
     let activation = Activation::from_hf_name(&config.activation_function).ok_or_else(|| {
-        raw.error(format!(
-            "unsupported activation_function '{}' for opt (supported: {})",
-            config.activation_function,
-            Activation::SUPPORTED
-        ))
+        raw.error(format!("unsupported activation_function '{}' for opt (supported: {})", config.activation_function, Activation::SUPPORTED))
     })?;
     let (d, heads) = (config.hidden_size, config.num_attention_heads);
     if heads == 0 || !d.is_multiple_of(heads) {
         return Err(raw.error("hidden_size must be a multiple of num_attention_heads"));
     }
     // transformers 5 saves `model.decoder.*`; the facebook/opt-* files on the Hub `decoder.*`.
-    let root = if !ck.contains("model.decoder.embed_tokens.weight")
-        && ck.contains("decoder.embed_tokens.weight")
-    {
-        "decoder"
-    } else {
-        "model.decoder"
-    };
-    let mut shape = BlockSpec::shape_without_biases(
-        d,
-        config.ffn_dim,
-        heads,
-        heads,
-        d / heads,
-        MlpKind::TwoMatrix,
-    );
+    let root =
+        if !ck.contains("model.decoder.embed_tokens.weight") && ck.contains("decoder.embed_tokens.weight") { "decoder" } else { "model.decoder" };
+    let mut shape = BlockSpec::shape_without_biases(d, config.ffn_dim, heads, heads, d / heads, MlpKind::TwoMatrix);
     let bias = config.enable_bias;
-    (
-        shape.qkv_bias,
-        shape.out_bias,
-        shape.mlp_in_bias,
-        shape.mlp_out_bias,
-    ) = (bias, bias, bias, bias);
-    let norm = NormKind::Layer {
-        eps: LAYER_NORM_EPS,
-        affine: config.layer_norm_elementwise_affine,
-    };
-    let wiring = if config.do_layer_norm_before {
-        Wiring::PreNorm
-    } else {
-        Wiring::PostNorm
-    };
-    let spec = BlockSpec {
-        shape,
-        heads,
-        kv_heads: heads,
-        head_dim: d / heads,
-        rope: None,
-        activation,
-        wiring,
-        norm,
-    };
-    let blocks = load_blocks(
-        ck,
-        &format!("{root}.layers"),
-        &KEYS,
-        &spec,
-        &vec![None; config.num_hidden_layers],
-        device,
-    )?;
+    (shape.qkv_bias, shape.out_bias, shape.mlp_in_bias, shape.mlp_out_bias) = (bias, bias, bias, bias);
+    let norm = NormKind::Layer { eps: LAYER_NORM_EPS, affine: config.layer_norm_elementwise_affine };
+    let wiring = if config.do_layer_norm_before { Wiring::PreNorm } else { Wiring::PostNorm };
+    let spec = BlockSpec { shape, heads, kv_heads: heads, head_dim: d / heads, rope: None, activation, wiring, norm };
+    let blocks = load_blocks(ck, &format!("{root}.layers"), &KEYS, &spec, &vec![None; config.num_hidden_layers], device)?;
 
     let (e, v) = (config.embed_dim(), config.vocab_size);
     let (project_in, project_out) = if e != d {
         let project_in = Linear::load(ck, &format!("{root}.project_in"), e, d, false, device)?;
-        (
-            Some(project_in),
-            Some(Linear::load(
-                ck,
-                &format!("{root}.project_out"),
-                d,
-                e,
-                false,
-                device,
-            )?),
-        )
+        (Some(project_in), Some(Linear::load(ck, &format!("{root}.project_out"), d, e, false, device)?))
     } else {
         (None, None)
     };
     // transformers builds the decoder's final layer norm only for pre-LN models.
     let has_final_norm = config.do_layer_norm_before && !config.remove_final_layer_norm;
-    let final_norm = if has_final_norm {
-        Some(norm.load(ck, &format!("{root}.final_layer_norm"), d, device)?)
-    } else {
-        None
-    };
+    let final_norm = if has_final_norm { Some(norm.load(ck, &format!("{root}.final_layer_norm"), d, device)?) } else { None };
     let tokens = ck.tensor(&format!("{root}.embed_tokens.weight"), [v, e], device)?;
     let rows = config.max_position_embeddings + POSITION_OFFSET;
     let table = ck.tensor(&format!("{root}.embed_positions.weight"), [rows, d], device)?;
-    let positions = Some(LearnedPositions {
-        table,
-        offset: POSITION_OFFSET,
-    });
+    let positions = Some(LearnedPositions { table, offset: POSITION_OFFSET });
     let head = Ends::load_head(ck, &tokens, config.tie_word_embeddings, false, device)?;
-    let ends = Ends {
-        tokens,
-        positions,
-        project_in,
-        project_out,
-        final_norm,
-        head,
-        tied: config.tie_word_embeddings,
-    };
+    let ends = Ends { tokens, positions, project_in, project_out, final_norm, head, tied: config.tie_word_embeddings };
     let max_positions = config.max_position_embeddings;
-    Ok(DecoderLm::new(
-        Family::Opt,
-        spec,
-        blocks,
-        ends,
-        max_positions,
-        device,
-    ))
+    Ok(DecoderLm::new(Family::Opt, spec, blocks, ends, max_positions, device))
 }

@@ -66,8 +66,7 @@ impl PhiConfig {
     }
 
     pub fn head_dim(&self) -> usize {
-        self.head_dim
-            .unwrap_or(self.hidden_size / self.num_attention_heads)
+        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads)
     }
 }
 
@@ -75,15 +74,10 @@ impl PhiConfig {
 /// `rope_parameters` in transformers 5 ones.
 fn partial_rotary_factor(raw: &RawConfig) -> Result<f64> {
     let top = raw.json.get("partial_rotary_factor");
-    let nested = raw
-        .json
-        .get("rope_parameters")
-        .and_then(|p| p.get("partial_rotary_factor"));
+    let nested = raw.json.get("rope_parameters").and_then(|p| p.get("partial_rotary_factor"));
     match top.or(nested) {
         None | Some(Value::Null) => Ok(DEFAULT_PARTIAL_ROTARY_FACTOR),
-        Some(v) => v
-            .as_f64()
-            .ok_or_else(|| raw.error("partial_rotary_factor must be a number")),
+        Some(v) => v.as_f64().ok_or_else(|| raw.error("partial_rotary_factor must be a number")),
     }
 }
 
@@ -92,13 +86,8 @@ pub fn load(raw: &RawConfig, ck: &Checkpoint, device: &Device) -> Result<Decoder
     if config.qk_layernorm {
         return Err(raw.error("qk_layernorm is not supported"));
     }
-    let activation = Activation::from_hf_name(&config.hidden_act).ok_or_else(|| {
-        raw.error(format!(
-            "unsupported hidden_act '{}' for phi (supported: {})",
-            config.hidden_act,
-            Activation::SUPPORTED
-        ))
-    })?;
+    let activation = Activation::from_hf_name(&config.hidden_act)
+        .ok_or_else(|| raw.error(format!("unsupported hidden_act '{}' for phi (supported: {})", config.hidden_act, Activation::SUPPORTED)))?;
     let (heads, kv_heads) = (config.num_attention_heads, config.kv_heads());
     if heads == 0 || kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
         return Err(raw.error("num_attention_heads must be a multiple of num_key_value_heads"));
@@ -107,66 +96,19 @@ pub fn load(raw: &RawConfig, ck: &Checkpoint, device: &Device) -> Result<Decoder
     // transformers truncates head_dim × factor to an integer, as here.
     let rotary_dim = (hd as f64 * partial_rotary_factor(raw)?) as usize;
     if rotary_dim == 0 || rotary_dim > hd || !rotary_dim.is_multiple_of(2) {
-        return Err(raw.error(format!(
-            "partial_rotary_factor gives {rotary_dim} rotary dims of head_dim {hd}; need an even number in 2..={hd}"
-        )));
+        return Err(raw.error(format!("partial_rotary_factor gives {rotary_dim} rotary dims of head_dim {hd}; need an even number in 2..={hd}")));
     }
     let (theta, scaling) = raw.rope(10_000.0)?;
     let (d, v) = (config.hidden_size, config.vocab_size);
-    let mut shape = BlockSpec::shape_without_biases(
-        d,
-        config.intermediate_size,
-        heads,
-        kv_heads,
-        hd,
-        MlpKind::TwoMatrix,
-    );
-    (
-        shape.qkv_bias,
-        shape.out_bias,
-        shape.mlp_in_bias,
-        shape.mlp_out_bias,
-    ) = (true, true, true, true);
-    let norm = NormKind::Layer {
-        eps: config.layer_norm_eps,
-        affine: true,
-    };
+    let mut shape = BlockSpec::shape_without_biases(d, config.intermediate_size, heads, kv_heads, hd, MlpKind::TwoMatrix);
+    (shape.qkv_bias, shape.out_bias, shape.mlp_in_bias, shape.mlp_out_bias) = (true, true, true, true);
+    let norm = NormKind::Layer { eps: config.layer_norm_eps, affine: true };
     let rope = Some(Rope::new(theta, hd, rotary_dim, scaling));
-    let spec = BlockSpec {
-        shape,
-        heads,
-        kv_heads,
-        head_dim: hd,
-        rope,
-        activation,
-        wiring: Wiring::Parallel,
-        norm,
-    };
-    let blocks = load_blocks(
-        ck,
-        "model.layers",
-        &KEYS,
-        &spec,
-        &vec![None; config.num_hidden_layers],
-        device,
-    )?;
+    let spec = BlockSpec { shape, heads, kv_heads, head_dim: hd, rope, activation, wiring: Wiring::Parallel, norm };
+    let blocks = load_blocks(ck, "model.layers", &KEYS, &spec, &vec![None; config.num_hidden_layers], device)?;
     // The head keeps its bias even when its weight is tied.
     let final_norm = (norm, "model.final_layernorm");
-    let ends = Ends::load_rotary(
-        ck,
-        [v, d],
-        final_norm,
-        config.tie_word_embeddings,
-        true,
-        device,
-    )?;
+    let ends = Ends::load_rotary(ck, [v, d], final_norm, config.tie_word_embeddings, true, device)?;
     let max_positions = config.max_position_embeddings;
-    Ok(DecoderLm::new(
-        Family::Phi,
-        spec,
-        blocks,
-        ends,
-        max_positions,
-        device,
-    ))
+    Ok(DecoderLm::new(Family::Phi, spec, blocks, ends, max_positions, device))
 }

@@ -66,7 +66,7 @@ impl ExportManifest {
             dense_params: plan.dense_params,
             pruned_params: plan.pruned_params,
             layer_widths: plan.widths().iter().map(BlockWidths::as_array).collect(),
-            index_tensors: index_tensor_name_pattern().into(),
+            index_tensors: index_tensor_name_pattern(),
             search: plan.search.clone(),
         }
     }
@@ -93,35 +93,23 @@ impl ExportManifest {
         let version = section.get("export_format_version").and_then(serde_json::Value::as_u64);
         match version {
             Some(v) if v == EXPORT_FORMAT_VERSION as u64 => {}
-            Some(v) => bail!(
-                "{}: 'disp' section has export_format_version {v}; this build reads version {EXPORT_FORMAT_VERSION}",
-                raw.path.display()
-            ),
+            Some(v) => {
+                bail!("{}: 'disp' section has export_format_version {v}; this build reads version {EXPORT_FORMAT_VERSION}", raw.path.display())
+            }
             None => bail!("{}: 'disp' section has no export_format_version", raw.path.display()),
         }
-        serde_json::from_value(section.clone())
-            .map(Some)
-            .map_err(|e| anyhow!("{}: malformed 'disp' section: {e}", raw.path.display()))
+        serde_json::from_value(section.clone()).map(Some).map_err(|e| anyhow!("{}: malformed 'disp' section: {e}", raw.path.display()))
     }
 }
 
-fn site_key(site: Site) -> &'static str {
-    match site {
-        Site::AttnIn => "attn_in",
-        Site::AttnOut => "attn_out",
-        Site::MlpIn => "mlp_in",
-        Site::MlpInter => "mlp_inter",
-        Site::MlpOut => "mlp_out",
-    }
-}
-
-fn index_tensor_name_pattern() -> &'static str {
-    "disp.layers.{layer}.{attn_in|attn_out|mlp_in|mlp_inter|mlp_out}"
+fn index_tensor_name_pattern() -> String {
+    let keys: Vec<&str> = Site::ALL.iter().map(|s| s.key()).collect();
+    format!("disp.layers.{{layer}}.{{{}}}", keys.join("|"))
 }
 
 /// The tensor holding the kept positions of `site` in block `layer`.
 pub fn index_tensor_name(layer: usize, site: Site) -> String {
-    format!("disp.layers.{layer}.{}", site_key(site))
+    format!("disp.layers.{layer}.{}", site.key())
 }
 
 /// Which selections cut a block tensor: `rows` the HF first axis (outputs, and bias entries),

@@ -12,14 +12,14 @@
 // Reads untrusted input: no panicking shortcuts (issue 12).
 #![warn(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use anyhow::{anyhow, bail, Context, Result};
 use burn::tensor::{Device, Tensor, TensorData};
-use disp_core::selection::BlockIndices;
+use disp_core::selection::IndexTensors;
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 
@@ -60,15 +60,7 @@ pub struct RawTensor<'a> {
 impl Checkpoint {
     /// Opens `model.safetensors`, or the shards listed in `model.safetensors.index.json`.
     pub fn open(dir: &Path) -> Result<Self> {
-        let single = dir.join("model.safetensors");
-        let index = dir.join("model.safetensors.index.json");
-        let shard_paths: Vec<PathBuf> = if single.exists() {
-            vec![single]
-        } else if index.exists() {
-            read_shard_list(&index)?.into_iter().map(|f| dir.join(f)).collect()
-        } else {
-            bail!("{}: no model.safetensors or model.safetensors.index.json", dir.display());
-        };
+        let shard_paths = disp_io::hf_folder::weight_files(dir)?;
         let mut files = Vec::new();
         let mut location = HashMap::new();
         for path in shard_paths {
@@ -76,8 +68,7 @@ impl Checkpoint {
             // SAFETY: the map is read-only; a file changed by another process underneath us is
             // outside what any loader can guard against.
             let map = unsafe { Mmap::map(&file) }.with_context(|| format!("{}: cannot map", path.display()))?;
-            let tensors = SafeTensors::deserialize(&map)
-                .map_err(|e| anyhow!("{}: corrupt or truncated safetensors file: {e}", path.display()))?;
+            let tensors = SafeTensors::deserialize(&map).map_err(|e| anyhow!("{}: corrupt or truncated safetensors file: {e}", path.display()))?;
             for name in tensors.names() {
                 location.insert(name.to_string(), files.len());
             }
@@ -122,9 +113,9 @@ impl Checkpoint {
     }
 
     /// The kept positions of block `layer` when this is a pruned folder.
-    pub fn kept_indices(&self, layer: usize, device: &Device) -> Option<BlockIndices> {
+    pub fn kept_indices(&self, layer: usize, device: &Device) -> Option<IndexTensors> {
         let kept = self.layout.as_ref()?.layers.get(layer)?;
-        Some(BlockIndices::new(kept, device))
+        Some(IndexTensors::new(kept, device))
     }
 
     /// The shape `name` is stored with, given the shape of the dense tensor.
@@ -146,8 +137,7 @@ impl Checkpoint {
     pub fn raw(&self, name: &str) -> Result<RawTensor<'_>> {
         let (path, map) = self.file_of(name)?;
         // Validated when opened; parsed again here (cheap: the header only) to borrow the data.
-        let tensors = SafeTensors::deserialize(map)
-            .map_err(|e| anyhow!("{}: corrupt or truncated safetensors file: {e}", path.display()))?;
+        let tensors = SafeTensors::deserialize(map).map_err(|e| anyhow!("{}: corrupt or truncated safetensors file: {e}", path.display()))?;
         let view = tensors.tensor(name).map_err(|e| anyhow!("{}: tensor '{name}': {e}", path.display()))?;
         Ok(RawTensor { dtype: view.dtype(), shape: view.shape().to_vec(), bytes: view.data() })
     }
@@ -329,22 +319,6 @@ fn check_finite_values(file: &str, name: &str, values: &[f32]) -> Result<()> {
         Some(at) => bail!("{file}: tensor '{name}' holds {} at flat index {at}; weights must be finite", values.get(at).copied().unwrap_or(f32::NAN)),
         None => Ok(()),
     }
-}
-
-fn read_shard_list(index: &Path) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(index).with_context(|| format!("{}: cannot read", index.display()))?;
-    let json: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| anyhow!("{}: malformed JSON: {e}", index.display()))?;
-    let map = json
-        .get("weight_map")
-        .and_then(|m| m.as_object())
-        .ok_or_else(|| anyhow!("{}: no 'weight_map' object", index.display()))?;
-    let mut shards = BTreeMap::new();
-    for file in map.values() {
-        let file = file.as_str().ok_or_else(|| anyhow!("{}: 'weight_map' values must be file names", index.display()))?;
-        shards.insert(file.to_string(), ());
-    }
-    Ok(shards.into_keys().collect())
 }
 
 /// Row-major `[rows, cols]` to `[cols, rows]`, blocked for cache locality. `values` must hold

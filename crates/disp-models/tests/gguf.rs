@@ -4,9 +4,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use disp_models::gguf::writer::GgufWriter;
-use disp_models::gguf::{
-    convert_gguf_to_hf, quant, ConvertSummary, GgmlType, GgufFile, MetadataValue,
-};
+use disp_models::gguf::{convert_gguf_to_hf, quant, ConvertSummary, GgmlType, GgufFile, MetadataValue};
 use half::{bf16, f16};
 use serde_json::Value;
 
@@ -66,13 +64,9 @@ fn f16_at(b: &[u8], at: usize) -> f32 {
 fn reference_dequant(ty: GgmlType, raw: &[u8]) -> Vec<f32> {
     let mut out = Vec::new();
     match ty {
-        GgmlType::F32 => raw
-            .chunks(4)
-            .for_each(|b| out.push(f32::from_le_bytes(b.try_into().unwrap()))),
+        GgmlType::F32 => raw.chunks(4).for_each(|b| out.push(f32::from_le_bytes(b.try_into().unwrap()))),
         GgmlType::F16 => raw.chunks(2).for_each(|b| out.push(f16_at(b, 0))),
-        GgmlType::BF16 => raw
-            .chunks(2)
-            .for_each(|b| out.push(bf16::from_le_bytes([b[0], b[1]]).to_f32())),
+        GgmlType::BF16 => raw.chunks(2).for_each(|b| out.push(bf16::from_le_bytes([b[0], b[1]]).to_f32())),
         GgmlType::Q8_0 => {
             for block in raw.chunks(34) {
                 let d = f16_at(block, 0);
@@ -86,11 +80,7 @@ fn reference_dequant(ty: GgmlType, raw: &[u8]) -> Vec<f32> {
                 let d = f16_at(block, 0);
                 let nibbles = &block[2..18];
                 for j in 0..32 {
-                    let q = if j < 16 {
-                        nibbles[j] & 15
-                    } else {
-                        nibbles[j - 16] >> 4
-                    };
+                    let q = if j < 16 { nibbles[j] & 15 } else { nibbles[j - 16] >> 4 };
                     out.push(d * (q as i32 - 8) as f32);
                 }
             }
@@ -100,11 +90,7 @@ fn reference_dequant(ty: GgmlType, raw: &[u8]) -> Vec<f32> {
                 let (d, m) = (f16_at(block, 0), f16_at(block, 2));
                 let nibbles = &block[4..20];
                 for j in 0..32 {
-                    let q = if j < 16 {
-                        nibbles[j] & 15
-                    } else {
-                        nibbles[j - 16] >> 4
-                    };
+                    let q = if j < 16 { nibbles[j] & 15 } else { nibbles[j - 16] >> 4 };
                     out.push(q as f32 * d + m);
                 }
             }
@@ -141,23 +127,10 @@ struct Vocab {
 /// the smollm digit splitting must keep from ever applying).
 fn tiny_vocab() -> Vocab {
     let chars = byte_to_char();
-    let mut tokens: Vec<String> = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-        .map(String::from)
-        .to_vec();
+    let mut tokens: Vec<String> = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"].map(String::from).to_vec();
     tokens.extend(chars.iter().map(|c| c.to_string()));
     let mut merges = Vec::new();
-    let words = [
-        "Ġhello",
-        "Ġworld",
-        "Ġthe",
-        "Ġand",
-        "Ġpruning",
-        "hello",
-        "ing",
-        "Ġtoken",
-        "er",
-        "20",
-    ];
+    let words = ["Ġhello", "Ġworld", "Ġthe", "Ġand", "Ġpruning", "hello", "ing", "Ġtoken", "er", "20"];
     for word in words {
         let symbols: Vec<String> = word.chars().map(|c| c.to_string()).collect();
         let mut left = symbols[0].clone();
@@ -172,11 +145,7 @@ fn tiny_vocab() -> Vocab {
     }
     let mut token_types = vec![1; tokens.len()];
     token_types[..3].fill(3);
-    Vocab {
-        tokens,
-        merges,
-        token_types,
-    }
+    Vocab { tokens, merges, token_types }
 }
 
 #[derive(Clone, Copy)]
@@ -189,12 +158,7 @@ struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        Self {
-            tied: false,
-            q_bias: false,
-            version: 3,
-            alignment: None,
-        }
+        Self { tied: false, q_bias: false, version: 3, alignment: None }
     }
 }
 
@@ -280,10 +244,7 @@ fn tiny_model(opts: Options) -> TinyModel {
         .metadata("tokenizer.ggml.eos_token_id", 2u32)
         .metadata("tokenizer.ggml.unknown_token_id", 0u32)
         .metadata("tokenizer.ggml.add_bos_token", false)
-        .metadata(
-            "tokenizer.chat_template",
-            "{% for m in messages %}{{ m.content }}{% endfor %}",
-        );
+        .metadata("tokenizer.chat_template", "{% for m in messages %}{{ m.content }}{% endfor %}");
 
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
     let mut expected = HashMap::new();
@@ -305,36 +266,12 @@ fn tiny_model(opts: Options) -> TinyModel {
         };
         let raw = quant::quantize(ty, &stored).unwrap();
         let decoded = reference_dequant(ty, &raw);
-        let ne: Vec<u64> = if rows == 1 {
-            vec![cols as u64]
-        } else {
-            vec![cols as u64, rows as u64]
-        };
+        let ne: Vec<u64> = if rows == 1 { vec![cols as u64] } else { vec![cols as u64, rows as u64] };
         w.tensor_raw(gguf_name, &ne, ty, raw);
-        let shape = if rows == 1 {
-            vec![cols]
-        } else {
-            vec![rows, cols]
-        };
-        expected.insert(
-            hf_name,
-            Expected {
-                shape,
-                gguf_order: decoded,
-                permuted_heads: permute_heads,
-            },
-        );
+        let shape = if rows == 1 { vec![cols] } else { vec![rows, cols] };
+        expected.insert(hf_name, Expected { shape, gguf_order: decoded, permuted_heads: permute_heads });
     };
-    add(
-        &mut w,
-        "token_embd.weight",
-        "model.embed_tokens.weight".into(),
-        n_vocab,
-        HIDDEN,
-        GgmlType::Q8_0,
-        None,
-        &mut rng,
-    );
+    add(&mut w, "token_embd.weight", "model.embed_tokens.weight".into(), n_vocab, HIDDEN, GgmlType::Q8_0, None, &mut rng);
     for layer in 0..LAYERS {
         for (part, ty) in layer_types(layer) {
             let (rows, cols) = match part {
@@ -350,80 +287,27 @@ fn tiny_model(opts: Options) -> TinyModel {
                 _ => None,
             };
             let hf_name = format!("model.layers.{layer}.{}.weight", hf_projection(part));
-            add(
-                &mut w,
-                &format!("blk.{layer}.{part}.weight"),
-                hf_name,
-                rows,
-                cols,
-                ty,
-                heads,
-                &mut rng,
-            );
+            add(&mut w, &format!("blk.{layer}.{part}.weight"), hf_name, rows, cols, ty, heads, &mut rng);
         }
-        for (part, hf) in [
-            ("attn_norm", "input_layernorm"),
-            ("ffn_norm", "post_attention_layernorm"),
-        ] {
-            add(
-                &mut w,
-                &format!("blk.{layer}.{part}.weight"),
-                format!("model.layers.{layer}.{hf}.weight"),
-                1,
-                HIDDEN,
-                GgmlType::F32,
-                None,
-                &mut rng,
-            );
+        for (part, hf) in [("attn_norm", "input_layernorm"), ("ffn_norm", "post_attention_layernorm")] {
+            add(&mut w, &format!("blk.{layer}.{part}.weight"), format!("model.layers.{layer}.{hf}.weight"), 1, HIDDEN, GgmlType::F32, None, &mut rng);
         }
     }
-    add(
-        &mut w,
-        "output_norm.weight",
-        "model.norm.weight".into(),
-        1,
-        HIDDEN,
-        GgmlType::F32,
-        None,
-        &mut rng,
-    );
+    add(&mut w, "output_norm.weight", "model.norm.weight".into(), 1, HIDDEN, GgmlType::F32, None, &mut rng);
     if !opts.tied {
-        add(
-            &mut w,
-            "output.weight",
-            "lm_head.weight".into(),
-            n_vocab,
-            HIDDEN,
-            GgmlType::Q4_1,
-            None,
-            &mut rng,
-        );
+        add(&mut w, "output.weight", "lm_head.weight".into(), n_vocab, HIDDEN, GgmlType::Q4_1, None, &mut rng);
     }
     if opts.q_bias {
         // A bias is a one-column matrix for the permutation.
         let hf = rng.vec(HEADS * HEAD_DIM, 0.5);
         let stored = llama_cpp_permute(&hf, HEADS * HEAD_DIM, 1, HEADS);
-        w.tensor_f32(
-            "blk.0.attn_q.bias",
-            &[(HEADS * HEAD_DIM) as u64],
-            GgmlType::F32,
-            &stored,
-        )
-        .unwrap();
+        w.tensor_f32("blk.0.attn_q.bias", &[(HEADS * HEAD_DIM) as u64], GgmlType::F32, &stored).unwrap();
         expected.insert(
             "model.layers.0.self_attn.q_proj.bias".into(),
-            Expected {
-                shape: vec![HEADS * HEAD_DIM],
-                gguf_order: stored,
-                permuted_heads: Some(HEADS),
-            },
+            Expected { shape: vec![HEADS * HEAD_DIM], gguf_order: stored, permuted_heads: Some(HEADS) },
         );
     }
-    TinyModel {
-        writer: w,
-        expected,
-        vocab,
-    }
+    TinyModel { writer: w, expected, vocab }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -435,9 +319,7 @@ struct Scratch {
 
 impl Scratch {
     fn new() -> Self {
-        Self {
-            dir: tempfile::tempdir().unwrap(),
-        }
+        Self { dir: tempfile::tempdir().unwrap() }
     }
     fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
@@ -449,10 +331,8 @@ impl Scratch {
     }
     /// Entries of the scratch folder, to prove no output or staging folder was left behind.
     fn entries(&self) -> Vec<String> {
-        let mut names: Vec<String> = std::fs::read_dir(self.dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
+        let mut names: Vec<String> =
+            std::fs::read_dir(self.dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
         names.sort();
         names
     }
@@ -465,11 +345,7 @@ fn read_f32_tensors(path: &Path) -> HashMap<String, (Vec<usize>, Vec<f32>)> {
         .into_iter()
         .map(|(name, view)| {
             assert_eq!(view.dtype(), safetensors::Dtype::F32, "{name}");
-            let values = view
-                .data()
-                .chunks(4)
-                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-                .collect();
+            let values = view.data().chunks(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
             (name, (view.shape().to_vec(), values))
         })
         .collect()
@@ -479,32 +355,20 @@ fn read_json(path: &Path) -> Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
-fn assert_matches_expected(
-    out: &Path,
-    model: &TinyModel,
-) -> HashMap<String, (Vec<usize>, Vec<f32>)> {
+fn assert_matches_expected(out: &Path, model: &TinyModel) -> HashMap<String, (Vec<usize>, Vec<f32>)> {
     let got = read_f32_tensors(&out.join("model.safetensors"));
     for (name, expected) in &model.expected {
-        let (got_shape, got_values) = got
-            .get(name)
-            .unwrap_or_else(|| panic!("{name} missing from output"));
+        let (got_shape, got_values) = got.get(name).unwrap_or_else(|| panic!("{name} missing from output"));
         assert_eq!(got_shape, &expected.shape, "{name} shape");
         let comparable = match expected.permuted_heads {
             Some(heads) => {
-                let cols = if expected.shape.len() == 2 {
-                    expected.shape[1]
-                } else {
-                    1
-                };
+                let cols = if expected.shape.len() == 2 { expected.shape[1] } else { 1 };
                 llama_cpp_permute(got_values, expected.shape[0], cols, heads)
             }
             None => got_values.clone(),
         };
         // Exact: the converter and the reference apply the same formula to the same bytes.
-        let mismatch = comparable
-            .iter()
-            .zip(&expected.gguf_order)
-            .position(|(a, b)| a.to_bits() != b.to_bits());
+        let mismatch = comparable.iter().zip(&expected.gguf_order).position(|(a, b)| a.to_bits() != b.to_bits());
         assert_eq!(mismatch, None, "{name}: first mismatch at {mismatch:?}");
     }
     got
@@ -514,14 +378,8 @@ fn convert_err(gguf: &Path, out: &Path) -> String {
     let err = convert_gguf_to_hf(gguf, out).expect_err("conversion should fail");
     let msg = format!("{err:#}");
     assert!(!msg.contains('\n'), "error must be one line: {msg}");
-    assert!(
-        msg.contains(&gguf.display().to_string()),
-        "error must name the file: {msg}"
-    );
-    assert!(
-        !out.exists(),
-        "nothing may be left at the output path after: {msg}"
-    );
+    assert!(msg.contains(&gguf.display().to_string()), "error must name the file: {msg}");
+    assert!(!out.exists(), "nothing may be left at the output path after: {msg}");
     msg
 }
 
@@ -548,10 +406,7 @@ fn converts_tiny_untied_model_with_every_supported_type() {
     assert_eq!(summary.tensors, got.len());
     assert!(got.contains_key("lm_head.weight"));
     assert!(!summary.tie_word_embeddings);
-    let params: u64 = got
-        .values()
-        .map(|(s, _)| s.iter().product::<usize>() as u64)
-        .sum();
+    let params: u64 = got.values().map(|(s, _)| s.iter().product::<usize>() as u64).sum();
     assert_eq!(summary.parameters, params);
     assert_eq!(summary.vocab_size, n_vocab);
     assert_eq!(summary.architecture, "llama");
@@ -588,24 +443,14 @@ fn converts_tiny_untied_model_with_every_supported_type() {
     assert_eq!(tok_config["eos_token"], "<|im_end|>");
     assert_eq!(tok_config["unk_token"], "<|endoftext|>");
     assert_eq!(tok_config["add_bos_token"], false);
-    assert!(tok_config["chat_template"]
-        .as_str()
-        .unwrap()
-        .contains("m.content"));
+    assert!(tok_config["chat_template"].as_str().unwrap().contains("m.content"));
 
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
         for name in ["", "model.safetensors", "config.json", "tokenizer.json"] {
-            let mode = std::fs::metadata(out.join(name))
-                .unwrap()
-                .permissions()
-                .mode();
-            assert_eq!(
-                mode & 0o044,
-                0o044,
-                "{name:?} must be readable by others (mode {mode:o})"
-            );
+            let mode = std::fs::metadata(out.join(name)).unwrap().permissions().mode();
+            assert_eq!(mode & 0o044, 0o044, "{name:?} must be readable by others (mode {mode:o})");
         }
     }
 
@@ -615,30 +460,20 @@ fn converts_tiny_untied_model_with_every_supported_type() {
 
 #[test]
 fn tied_embeddings_write_no_lm_head() {
-    let (_scratch, model, out, summary) = convert_tiny(Options {
-        tied: true,
-        ..Options::default()
-    });
+    let (_scratch, model, out, summary) = convert_tiny(Options { tied: true, ..Options::default() });
     let got = assert_matches_expected(&out, &model);
     assert!(!got.contains_key("lm_head.weight"));
     assert!(summary.tie_word_embeddings);
-    assert_eq!(
-        read_json(&out.join("config.json"))["tie_word_embeddings"],
-        true
-    );
+    assert_eq!(read_json(&out.join("config.json"))["tie_word_embeddings"], true);
 }
 
 #[test]
 fn qk_unpermutation_restores_the_hf_matrix_exactly() {
     // An HF-layout q_proj with recognisable rows: value = row * 1000 + col.
     let (rows, cols, heads) = (HEADS * HEAD_DIM, HIDDEN, HEADS);
-    let hf_q: Vec<f32> = (0..rows * cols)
-        .map(|i| ((i / cols) * 1000 + i % cols) as f32)
-        .collect();
+    let hf_q: Vec<f32> = (0..rows * cols).map(|i| ((i / cols) * 1000 + i % cols) as f32).collect();
     let (kv_rows, kv_heads) = (KV_HEADS * HEAD_DIM, KV_HEADS);
-    let hf_k: Vec<f32> = (0..kv_rows * cols)
-        .map(|i| -(((i / cols) * 1000 + i % cols) as f32))
-        .collect();
+    let hf_k: Vec<f32> = (0..kv_rows * cols).map(|i| -(((i / cols) * 1000 + i % cols) as f32)).collect();
     let permuted_q = llama_cpp_permute(&hf_q, rows, cols, heads);
     let permuted_k = llama_cpp_permute(&hf_k, kv_rows, cols, kv_heads);
     // The permutation really moves rows: GGUF row 1 is HF row head_dim / 2 of head 0.
@@ -650,27 +485,9 @@ fn qk_unpermutation_restores_the_hf_matrix_exactly() {
     for layer in 0..LAYERS {
         // Replace the random q/k with F32 tensors so the round trip must be bit-exact.
         let mut w = std::mem::take(&mut model.writer);
-        w = rebuild_without(
-            &w,
-            &[
-                &format!("blk.{layer}.attn_q.weight"),
-                &format!("blk.{layer}.attn_k.weight"),
-            ],
-        );
-        w.tensor_f32(
-            format!("blk.{layer}.attn_q.weight"),
-            &[cols as u64, rows as u64],
-            GgmlType::F32,
-            &permuted_q,
-        )
-        .unwrap();
-        w.tensor_f32(
-            format!("blk.{layer}.attn_k.weight"),
-            &[cols as u64, kv_rows as u64],
-            GgmlType::F32,
-            &permuted_k,
-        )
-        .unwrap();
+        w = rebuild_without(&w, &[&format!("blk.{layer}.attn_q.weight"), &format!("blk.{layer}.attn_k.weight")]);
+        w.tensor_f32(format!("blk.{layer}.attn_q.weight"), &[cols as u64, rows as u64], GgmlType::F32, &permuted_q).unwrap();
+        w.tensor_f32(format!("blk.{layer}.attn_k.weight"), &[cols as u64, kv_rows as u64], GgmlType::F32, &permuted_k).unwrap();
         model.writer = w;
     }
     let gguf = scratch.write("perm.gguf", &model.writer.to_bytes());
@@ -699,12 +516,7 @@ fn rebuild_without(w: &GgufWriter, drop: &[&str]) -> GgufWriter {
     }
     for t in &file.tensors {
         if !drop.contains(&t.name.as_str()) {
-            out.tensor_raw(
-                t.name.clone(),
-                &t.ne,
-                t.ggml_type,
-                file.tensor_bytes(t).to_vec(),
-            );
+            out.tensor_raw(t.name.clone(), &t.ne, t.ggml_type, file.tensor_bytes(t).to_vec());
         }
     }
     out
@@ -712,21 +524,13 @@ fn rebuild_without(w: &GgufWriter, drop: &[&str]) -> GgufWriter {
 
 #[test]
 fn partial_attention_biases_are_unpermuted_and_completed_with_zeros() {
-    let (_scratch, model, out, _) = convert_tiny(Options {
-        q_bias: true,
-        ..Options::default()
-    });
+    let (_scratch, model, out, _) = convert_tiny(Options { q_bias: true, ..Options::default() });
     let got = assert_matches_expected(&out, &model);
     let config = read_json(&out.join("config.json"));
     assert_eq!(config["attention_bias"], true);
     assert_eq!(config["mlp_bias"], false);
     for layer in 0..LAYERS {
-        for (proj, len) in [
-            ("q", HEADS * HEAD_DIM),
-            ("k", KV_HEADS * HEAD_DIM),
-            ("v", KV_HEADS * HEAD_DIM),
-            ("o", HIDDEN),
-        ] {
+        for (proj, len) in [("q", HEADS * HEAD_DIM), ("k", KV_HEADS * HEAD_DIM), ("v", KV_HEADS * HEAD_DIM), ("o", HIDDEN)] {
             let name = format!("model.layers.{layer}.self_attn.{proj}_proj.bias");
             let (shape, values) = got.get(&name).unwrap_or_else(|| panic!("{name} missing"));
             assert_eq!(shape, &vec![len], "{name}");
@@ -740,11 +544,7 @@ fn partial_attention_biases_are_unpermuted_and_completed_with_zeros() {
 
 #[test]
 fn gguf_v2_and_wider_alignment_convert_the_same() {
-    let (_s1, model, out, _) = convert_tiny(Options {
-        version: 2,
-        alignment: Some(64),
-        ..Options::default()
-    });
+    let (_s1, model, out, _) = convert_tiny(Options { version: 2, alignment: Some(64), ..Options::default() });
     assert_matches_expected(&out, &model);
     let scratch = Scratch::new();
     let path = scratch.write("a.gguf", &model.writer.to_bytes());
@@ -765,26 +565,15 @@ fn tokenizer_json_loads_and_round_trips() {
 
     // Merges apply: " hello" is one token.
     let id_of = |t: &str| model.vocab.tokens.iter().position(|x| x == t).unwrap() as u32;
-    assert_eq!(
-        tokenizer.encode(" hello", false).unwrap().get_ids(),
-        &[id_of("Ġhello")]
-    );
+    assert_eq!(tokenizer.encode(" hello", false).unwrap().get_ids(), &[id_of("Ġhello")]);
     // smollm splits digits one by one, so the "2 0" merge never applies.
-    assert_eq!(
-        tokenizer.encode("2024", false).unwrap().get_ids(),
-        &[id_of("2"), id_of("0"), id_of("2"), id_of("4")]
-    );
+    assert_eq!(tokenizer.encode("2024", false).unwrap().get_ids(), &[id_of("2"), id_of("0"), id_of("2"), id_of("4")]);
     // Control tokens are matched whole and are special.
-    let chat = tokenizer
-        .encode("<|im_start|>hello<|im_end|>", false)
-        .unwrap();
+    let chat = tokenizer.encode("<|im_start|>hello<|im_end|>", false).unwrap();
     assert_eq!(chat.get_ids(), &[1, id_of("hello"), 2]);
     assert_eq!(tokenizer.decode(chat.get_ids(), true).unwrap(), "hello");
     // No BOS is added (add_bos_token = false).
-    assert_eq!(
-        tokenizer.encode("hello", true).unwrap().get_ids(),
-        &[id_of("hello")]
-    );
+    assert_eq!(tokenizer.encode("hello", true).unwrap().get_ids(), &[id_of("hello")]);
 }
 
 #[test]
@@ -799,10 +588,7 @@ fn add_bos_token_adds_bos_in_the_post_processor() {
     let ids = tokenizer.encode("hello", true).unwrap().get_ids().to_vec();
     assert_eq!(ids.first(), Some(&1));
     assert_eq!(ids.len(), 2);
-    assert_eq!(
-        read_json(&out.join("tokenizer_config.json"))["add_bos_token"],
-        true
-    );
+    assert_eq!(read_json(&out.join("tokenizer_config.json"))["add_bos_token"], true);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -815,19 +601,8 @@ fn quantisers_match_llama_cpp_reference_on_a_known_block() {
     let block: Vec<f32> = (0..32).map(|i| i as f32 - 16.0).collect();
     let q4_0 = quant::quantize_q4_0(&block);
     assert_eq!(f16_at(&q4_0, 0), 2.0);
-    let q: Vec<u8> = (0..32)
-        .map(|j| {
-            if j < 16 {
-                q4_0[2 + j] & 15
-            } else {
-                q4_0[2 + j - 16] >> 4
-            }
-        })
-        .collect();
-    let expected: Vec<u8> = block
-        .iter()
-        .map(|x| ((x / 2.0 + 8.5) as i32).min(15) as u8)
-        .collect();
+    let q: Vec<u8> = (0..32).map(|j| if j < 16 { q4_0[2 + j] & 15 } else { q4_0[2 + j - 16] >> 4 }).collect();
+    let expected: Vec<u8> = block.iter().map(|x| ((x / 2.0 + 8.5) as i32).min(15) as u8).collect();
     assert_eq!(q, expected);
     assert_eq!((q[0], q[1], q[2], q[31]), (0, 1, 1, 15));
 
@@ -836,11 +611,7 @@ fn quantisers_match_llama_cpp_reference_on_a_known_block() {
     let d = 16.0f32 / 127.0;
     assert_eq!(f16_at(&q8, 0), f16::from_f32(d).to_f32());
     for (j, x) in block.iter().enumerate() {
-        assert_eq!(
-            q8[2 + j] as i8,
-            (x * (1.0 / d)).round() as i8,
-            "element {j}"
-        );
+        assert_eq!(q8[2 + j] as i8, (x * (1.0 / d)).round() as i8, "element {j}");
     }
     assert_eq!(q8[2] as i8, -127);
 
@@ -857,31 +628,15 @@ fn quantise_then_dequantise_stays_within_the_format_error() {
     let mut values = rng.vec(32 * 64, 3.0);
     values[5] = 0.0;
     values[64..96].fill(0.25); // a constant block: d = 0 must not divide by zero
-    for ty in [
-        GgmlType::Q8_0,
-        GgmlType::Q4_0,
-        GgmlType::Q4_1,
-        GgmlType::F16,
-        GgmlType::BF16,
-    ] {
+    for ty in [GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::F16, GgmlType::BF16] {
         let raw = quant::quantize(ty, &values).unwrap();
-        assert_eq!(
-            raw.len() as u64,
-            ty.bytes_for(values.len() as u64).unwrap(),
-            "{ty}"
-        );
+        assert_eq!(raw.len() as u64, ty.bytes_for(values.len() as u64).unwrap(), "{ty}");
         let mut back = vec![0f32; values.len()];
         quant::dequantize(ty, &raw, &mut back).unwrap();
-        assert_eq!(
-            back,
-            reference_dequant(ty, &raw),
-            "{ty}: crate decoder vs reference"
-        );
+        assert_eq!(back, reference_dequant(ty, &raw), "{ty}: crate decoder vs reference");
         for (block, got) in values.chunks(32).zip(back.chunks(32)) {
             let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let (min, max) = block
-                .iter()
-                .fold((f32::MAX, f32::MIN), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+            let (min, max) = block.iter().fold((f32::MAX, f32::MIN), |(lo, hi), &v| (lo.min(v), hi.max(v)));
             // Half a step, plus the f16 rounding of the scale (and of the minimum for Q4_1);
             // Q4_0 clips the positive end to 7 steps, up to one full step.
             let bound = match ty {
@@ -899,11 +654,7 @@ fn quantise_then_dequantise_stays_within_the_format_error() {
         // Q4_0: d = -0.25 / 8 is exact in f16), except in Q8_0, whose scale 0.25 / 127 is
         // rounded to f16.
         if ty != GgmlType::Q8_0 {
-            assert!(
-                back[64..96].iter().all(|&v| v == 0.25),
-                "{ty}: {:?}",
-                &back[64..96]
-            );
+            assert!(back[64..96].iter().all(|&v| v == 0.25), "{ty}: {:?}", &back[64..96]);
         }
     }
 }
@@ -918,10 +669,7 @@ fn bad_magic_is_rejected() {
     bytes[..4].copy_from_slice(b"GGML");
     let gguf = scratch.write("bad.gguf", &bytes);
     let msg = convert_err(&gguf, &scratch.path("hf"));
-    assert!(
-        msg.contains("not a GGUF file: bad magic 47 47 4d 4c"),
-        "{msg}"
-    );
+    assert!(msg.contains("not a GGUF file: bad magic 47 47 4d 4c"), "{msg}");
     assert_eq!(scratch.entries(), vec!["bad.gguf"]);
 }
 
@@ -933,31 +681,19 @@ fn truncated_files_are_rejected() {
     // Cut inside the tensor data: the last tensor (output.weight) no longer fits.
     let gguf = scratch.write("cut.gguf", &bytes[..bytes.len() - 100]);
     let msg = convert_err(&gguf, &scratch.path("hf"));
-    assert!(
-        msg.contains("truncated: tensor output.weight needs bytes"),
-        "{msg}"
-    );
-    assert!(
-        msg.contains(&format!("but the file has {}", bytes.len() - 100)),
-        "{msg}"
-    );
+    assert!(msg.contains("truncated: tensor output.weight needs bytes"), "{msg}");
+    assert!(msg.contains(&format!("but the file has {}", bytes.len() - 100)), "{msg}");
 
     // Cut inside the metadata (the token list).
     let gguf = scratch.write("cut2.gguf", &bytes[..1000]);
     let msg = convert_err(&gguf, &scratch.path("hf"));
-    assert!(
-        msg.contains("truncated: metadata value 'tokenizer.ggml.tokens'"),
-        "{msg}"
-    );
+    assert!(msg.contains("truncated: metadata value 'tokenizer.ggml.tokens'"), "{msg}");
 
     // Nothing at all.
     let gguf = scratch.write("empty.gguf", b"");
     let msg = convert_err(&gguf, &scratch.path("hf"));
     assert!(msg.contains("truncated"), "{msg}");
-    assert_eq!(
-        scratch.entries(),
-        vec!["cut.gguf", "cut2.gguf", "empty.gguf"]
-    );
+    assert_eq!(scratch.entries(), vec!["cut.gguf", "cut2.gguf", "empty.gguf"]);
 }
 
 #[test]
@@ -967,33 +703,17 @@ fn unsupported_tensor_type_is_named() {
     let mut w = rebuild_without(&model.writer, &["blk.0.attn_q.weight"]);
     // Q5_0: 22-byte blocks of 32 values.
     let blocks = HIDDEN * HEADS * HEAD_DIM / 32;
-    w.tensor_raw(
-        "blk.0.attn_q.weight",
-        &[HIDDEN as u64, (HEADS * HEAD_DIM) as u64],
-        GgmlType::Q5_0,
-        vec![0; blocks * 22],
-    );
+    w.tensor_raw("blk.0.attn_q.weight", &[HIDDEN as u64, (HEADS * HEAD_DIM) as u64], GgmlType::Q5_0, vec![0; blocks * 22]);
     let gguf = scratch.write("q5.gguf", &w.to_bytes());
     let msg = convert_err(&gguf, &scratch.path("hf"));
-    assert!(
-        msg.contains("tensor blk.0.attn_q.weight has unsupported GGUF type Q5_0 (6)"),
-        "{msg}"
-    );
+    assert!(msg.contains("tensor blk.0.attn_q.weight has unsupported GGUF type Q5_0 (6)"), "{msg}");
 
     // An id ggml does not define at all.
     let mut w = rebuild_without(&model.writer, &["blk.1.ffn_up.weight"]);
-    w.tensor_raw(
-        "blk.1.ffn_up.weight",
-        &[HIDDEN as u64, FFN as u64],
-        GgmlType(99),
-        vec![0; 64],
-    );
+    w.tensor_raw("blk.1.ffn_up.weight", &[HIDDEN as u64, FFN as u64], GgmlType(99), vec![0; 64]);
     let gguf = scratch.write("unknown.gguf", &w.to_bytes());
     let msg = convert_err(&gguf, &scratch.path("hf"));
-    assert!(
-        msg.contains("tensor blk.1.ffn_up.weight has unknown GGUF type 99"),
-        "{msg}"
-    );
+    assert!(msg.contains("tensor blk.1.ffn_up.weight has unknown GGUF type 99"), "{msg}");
 }
 
 #[test]
@@ -1003,19 +723,13 @@ fn unsupported_architecture_and_tokenizer_are_rejected() {
     model.writer.metadata("general.architecture", "phi3");
     let gguf = scratch.write("phi.gguf", &model.writer.to_bytes());
     let msg = convert_err(&gguf, &scratch.path("hf"));
-    assert!(
-        msg.contains("unsupported GGUF architecture 'phi3'"),
-        "{msg}"
-    );
+    assert!(msg.contains("unsupported GGUF architecture 'phi3'"), "{msg}");
 
     let mut model = tiny_model(Options::default());
     model.writer.metadata("tokenizer.ggml.model", "llama");
     let gguf = scratch.write("spm.gguf", &model.writer.to_bytes());
     let msg = convert_err(&gguf, &scratch.path("hf"));
-    assert!(
-        msg.contains("unsupported GGUF tokenizer model 'llama'"),
-        "{msg}"
-    );
+    assert!(msg.contains("unsupported GGUF tokenizer model 'llama'"), "{msg}");
     assert_eq!(scratch.entries(), vec!["phi.gguf", "spm.gguf"]);
 }
 
@@ -1029,10 +743,7 @@ fn unknown_metadata_value_type_is_rejected() {
     bytes[type_at..type_at + 4].copy_from_slice(&13u32.to_le_bytes());
     let gguf = scratch.write("type.gguf", &bytes);
     let msg = convert_err(&gguf, &scratch.path("hf"));
-    assert!(
-        msg.contains("metadata value 'general.architecture': unknown metadata value type 13"),
-        "{msg}"
-    );
+    assert!(msg.contains("metadata value 'general.architecture': unknown metadata value type 13"), "{msg}");
 }
 
 #[test]
@@ -1042,36 +753,19 @@ fn missing_tensor_and_wrong_shape_are_rejected() {
     let w = rebuild_without(&model.writer, &["blk.1.ffn_down.weight"]);
     let gguf = scratch.write("missing.gguf", &w.to_bytes());
     let msg = convert_err(&gguf, &scratch.path("hf"));
-    assert!(
-        msg.contains("tensor blk.1.ffn_down.weight is missing"),
-        "{msg}"
-    );
+    assert!(msg.contains("tensor blk.1.ffn_down.weight is missing"), "{msg}");
 
     let mut w = rebuild_without(&model.writer, &["blk.1.ffn_down.weight"]);
-    w.tensor_f32(
-        "blk.1.ffn_down.weight",
-        &[HIDDEN as u64, FFN as u64],
-        GgmlType::F32,
-        &vec![0.0; HIDDEN * FFN],
-    )
-    .unwrap();
+    w.tensor_f32("blk.1.ffn_down.weight", &[HIDDEN as u64, FFN as u64], GgmlType::F32, &vec![0.0; HIDDEN * FFN]).unwrap();
     let gguf = scratch.write("shape.gguf", &w.to_bytes());
     let msg = convert_err(&gguf, &scratch.path("hf"));
-    assert!(
-        msg.contains(
-            "tensor blk.1.ffn_down.weight has ne [64, 96] but the metadata implies [96, 64]"
-        ),
-        "{msg}"
-    );
+    assert!(msg.contains("tensor blk.1.ffn_down.weight has ne [64, 96] but the metadata implies [96, 64]"), "{msg}");
 }
 
 #[test]
 fn existing_output_folder_is_refused_unless_empty() {
     let scratch = Scratch::new();
-    let gguf = scratch.write(
-        "tiny.gguf",
-        &tiny_model(Options::default()).writer.to_bytes(),
-    );
+    let gguf = scratch.write("tiny.gguf", &tiny_model(Options::default()).writer.to_bytes());
     let out = scratch.path("hf");
     std::fs::create_dir(&out).unwrap();
     std::fs::write(out.join("keep.txt"), "mine").unwrap();
@@ -1079,18 +773,9 @@ fn existing_output_folder_is_refused_unless_empty() {
     let msg = format!("{err:#}");
     assert!(!msg.contains('\n'));
     assert!(msg.contains(&gguf.display().to_string()), "{msg}");
-    assert!(
-        msg.contains(&format!(
-            "output folder {} already exists and is not empty",
-            out.display()
-        )),
-        "{msg}"
-    );
+    assert!(msg.contains(&format!("output folder {} already exists and is not empty", out.display())), "{msg}");
     // The existing folder is untouched and no staging folder is left next to it.
-    assert_eq!(
-        std::fs::read_to_string(out.join("keep.txt")).unwrap(),
-        "mine"
-    );
+    assert_eq!(std::fs::read_to_string(out.join("keep.txt")).unwrap(), "mine");
     assert_eq!(std::fs::read_dir(&out).unwrap().count(), 1);
     assert_eq!(scratch.entries(), vec!["hf", "tiny.gguf"]);
 
@@ -1147,20 +832,12 @@ fn metadata_round_trips_through_writer_and_reader() {
 
 /// The SmolLM2 GGUF to convert, or `None` (with the reason printed) when it is absent outside CI.
 fn real_smollm2_gguf() -> Option<PathBuf> {
-    let path = std::env::var_os("DISP_SMOLLM2_GGUF").map_or_else(
-        || {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .join("../../models/.cache/SmolLM2-135M-Instruct.Q4_1.gguf")
-        },
-        PathBuf::from,
-    );
+    let path = std::env::var_os("DISP_SMOLLM2_GGUF")
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/.cache/SmolLM2-135M-Instruct.Q4_1.gguf"), PathBuf::from);
     if path.is_file() {
         return Some(path);
     }
-    let reason = format!(
-        "{} is missing: run `cargo xtask fetch-assets` (or set DISP_SMOLLM2_GGUF)",
-        path.display()
-    );
+    let reason = format!("{} is missing: run `cargo xtask fetch-assets` (or set DISP_SMOLLM2_GGUF)", path.display());
     assert!(std::env::var("CI").as_deref() != Ok("true"), "{reason}");
     eprintln!("skipping the real-file conversion: {reason}");
     None
@@ -1173,8 +850,7 @@ fn real_smollm2_gguf_converts() {
     };
     let scratch = Scratch::new();
     // DISP_SMOLLM2_HF_OUT keeps the converted folder (it must not exist yet).
-    let out = std::env::var_os("DISP_SMOLLM2_HF_OUT")
-        .map_or_else(|| scratch.path("smollm2"), PathBuf::from);
+    let out = std::env::var_os("DISP_SMOLLM2_HF_OUT").map_or_else(|| scratch.path("smollm2"), PathBuf::from);
     let start = std::time::Instant::now();
     let summary = convert_gguf_to_hf(&path, &out).unwrap();
     eprintln!("converted in {:.2?}: {summary:?}", start.elapsed());
@@ -1190,22 +866,14 @@ fn real_smollm2_gguf_converts() {
     let text = "The quick brown fox jumps over 13 lazy dogs.";
     let ids = tokenizer.encode(text, false).unwrap().get_ids().to_vec();
     assert_eq!(tokenizer.decode(&ids, false).unwrap(), text);
-    assert_eq!(
-        tokenizer.encode("<|im_start|>", false).unwrap().get_ids(),
-        &[1]
-    );
+    assert_eq!(tokenizer.encode("<|im_start|>", false).unwrap().get_ids(), &[1]);
     // transformers' tokenizer of the same GGUF (with SmolLM2's digit step, see smollm2.rs).
     let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/smollm2");
     let texts = read_json(&fixtures.join("texts.json"));
     let expected = read_json(&fixtures.join("digit_ids.json"));
     for (i, text) in texts["texts"].as_array().unwrap().iter().enumerate() {
         let ids = tokenizer.encode(text.as_str().unwrap(), false).unwrap();
-        let want: Vec<u32> = expected["ids"][i]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap() as u32)
-            .collect();
+        let want: Vec<u32> = expected["ids"][i].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
         assert_eq!(ids.get_ids(), want, "text {i}");
     }
 }

@@ -98,10 +98,7 @@ fn in_memory_checkpoint_names_missing_and_misshapen_tensors() {
     let raw = RawConfig::read(&fixture("llama_gqa_tied")).unwrap();
     let full = stored_tensors("llama_gqa_tied");
     let to_map = |tensors: &BTreeMap<String, (Vec<usize>, Vec<f32>)>| -> HashMap<String, (Vec<usize>, Tensor<1>)> {
-        tensors
-            .iter()
-            .map(|(n, (s, v))| (n.clone(), (s.clone(), Tensor::from_data(TensorData::new(v.clone(), [v.len()]), &device))))
-            .collect()
+        tensors.iter().map(|(n, (s, v))| (n.clone(), (s.clone(), Tensor::from_data(TensorData::new(v.clone(), [v.len()]), &device)))).collect()
     };
 
     let mut missing = full.clone();

@@ -137,10 +137,7 @@ fn configs_in_the_transformers_5_layout_load_the_same_model() {
         let theta = obj.remove("rope_theta").unwrap();
         let factor = obj.remove("partial_rotary_factor").unwrap();
         obj.remove("rope_scaling");
-        obj.insert(
-            "rope_parameters".into(),
-            serde_json::json!({"rope_type": "default", "rope_theta": theta, "partial_rotary_factor": factor}),
-        );
+        obj.insert("rope_parameters".into(), serde_json::json!({"rope_type": "default", "rope_theta": theta, "partial_rotary_factor": factor}));
     });
     let device = Device::flex();
     let nested = disp_models::load_model(dir.path(), &device).unwrap();
@@ -156,11 +153,8 @@ fn hub_style_opt_tensor_names_without_the_model_prefix_load() {
     let dir = fixture_with_config("opt_pre_ln", |_| {});
     let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let renamed: Vec<(String, safetensors::tensor::TensorView)> = st
-        .tensors()
-        .into_iter()
-        .map(|(name, view)| (name.strip_prefix("model.").unwrap_or(&name).to_string(), view))
-        .collect();
+    let renamed: Vec<(String, safetensors::tensor::TensorView)> =
+        st.tensors().into_iter().map(|(name, view)| (name.strip_prefix("model.").unwrap_or(&name).to_string(), view)).collect();
     safetensors::serialize_to_file(renamed, None, &dir.path().join("model.safetensors")).unwrap();
     let device = Device::flex();
     let hub = disp_models::load_model(dir.path(), &device).unwrap();

@@ -13,11 +13,7 @@ use disp_models::TextTokenizer;
 
 fn model_dir() -> PathBuf {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/smollm2-135m-instruct");
-    assert!(
-        dir.join("model.safetensors").exists(),
-        "{} is missing: run `cargo xtask fetch-assets` first",
-        dir.display()
-    );
+    assert!(dir.join("model.safetensors").exists(), "{} is missing: run `cargo xtask fetch-assets` first", dir.display());
     dir
 }
 
@@ -28,14 +24,12 @@ fn ids(name: &str) -> Vec<u32> {
 #[test]
 fn tokenizer_matches_transformers() {
     let tokenizer = TextTokenizer::load(&model_dir()).unwrap();
-    let texts: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture("smollm2").join("texts.json")).unwrap()).unwrap();
+    let texts: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture("smollm2").join("texts.json")).unwrap()).unwrap();
     // SmolLM2's own tokenizer (and llama.cpp's `smollm` pre-tokenizer) split every numeric
     // character (Unicode \p{N}, which includes '½') off before the byte-level step;
     // transformers' GGUF loader drops that step, so " ½" becomes "Ġ" "Â½" there. digit_ids.json
     // is transformers' GGUF tokenizer with the Digits step put back (make_ppl_reference.py).
-    let digit_ids: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture("smollm2").join("digit_ids.json")).unwrap()).unwrap();
+    let digit_ids: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture("smollm2").join("digit_ids.json")).unwrap()).unwrap();
     for (i, text) in texts["texts"].as_array().unwrap().iter().enumerate() {
         let text = text.as_str().unwrap();
         let ours = tokenizer.encode(text).unwrap();

@@ -18,7 +18,7 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let model = disp_models::load_model(&dir, &Device::flex())?;
-    let report = disp_train::bench_step(model.as_ref(), seq_len, steps, 0)?;
+    let report = disp_train::time_search_steps(model.as_ref(), seq_len, steps, 0)?;
     println!(
         "{}: hypernetwork step, batch 1, seq_len {seq_len}: median {:.3} s (forward {:.3}, backward {:.3}, optimizer {:.3}) over {steps} steps; min {:.3} max {:.3}",
         dir.display(),

@@ -72,11 +72,7 @@ impl HyperNet {
         let net = Self {
             gru: BiGruConfig::new(INPUT_WIDTH, GRU_HIDDEN, true).init(device),
             norm: LayerNormConfig::new(feature).init(device),
-            heads: shape
-                .widths
-                .iter()
-                .map(|&w| Param::from_tensor(Tensor::zeros([shape.layers, feature, w], device)))
-                .collect(),
+            heads: shape.widths.iter().map(|&w| Param::from_tensor(Tensor::zeros([shape.layers, feature, w], device))).collect(),
         };
         net.map(&mut SeededInit { rng: crate::rng::stream(seed, Purpose::Init, 0), path: Vec::new() })
     }

@@ -10,9 +10,7 @@
 //! [`PruningPlan`]. Runs are reproducible from the seed, checkpointable and resumable to the
 //! same final masks.
 
-pub mod activations;
-pub mod bench;
-pub mod checkpoint;
+pub mod activation_stats;
 pub mod gates;
 pub mod generator;
 pub mod hypernet;
@@ -22,6 +20,8 @@ pub mod pretrain;
 pub mod prune;
 pub mod rng;
 pub mod search;
+pub mod search_state;
+pub mod step_timing;
 pub mod uniform;
 pub mod wanda;
 
@@ -32,12 +32,12 @@ use disp_core::plan::PruningPlan;
 use disp_models::CausalLm;
 use serde::{Deserialize, Serialize};
 
-pub use bench::{bench_step, BenchReport};
 pub use generator::{DirectLogits, GateGenerator, GateSource};
 pub use hypernet::{HyperNet, HyperNetShape};
 pub use masks::{calibrate, final_indices, Calibration, GateScores};
 pub use prune::{prune, Method, PruneOutcome, PruneRequest};
 pub use search::Searcher;
+pub use step_timing::{time_search_steps, StepTimingReport};
 
 /// Settings of one search. [`Default`] holds the paper's values.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -107,12 +107,7 @@ pub struct StepReport {
 /// Trains the gate generator (by default the hypernetwork) on `windows` (token windows of one length, tokenised by the caller)
 /// and returns the pruning plan. `on_step` is called after every update (and not for steps
 /// restored from a checkpoint).
-pub fn search(
-    model: &dyn CausalLm,
-    windows: &[Vec<u32>],
-    cfg: &SearchConfig,
-    mut on_step: impl FnMut(&StepReport),
-) -> anyhow::Result<PruningPlan> {
+pub fn search(model: &dyn CausalLm, windows: &[Vec<u32>], cfg: &SearchConfig, mut on_step: impl FnMut(&StepReport)) -> anyhow::Result<PruningPlan> {
     let mut searcher = Searcher::new(model, windows, cfg)?;
     if cfg.resume {
         searcher.resume()?;

@@ -13,10 +13,7 @@ pub type GateScores = Vec<[Vec<f32>; 5]>;
 /// The index sets that keep every position scoring strictly above `threshold`. A set that would
 /// be empty keeps its top-scoring position instead (the first one on ties).
 pub fn final_indices(scores: &GateScores, threshold: f32) -> Vec<LayerIndices> {
-    scores
-        .iter()
-        .map(|layer| LayerIndices::from_sites(|site| kept_positions(&layer[site.index()], threshold)))
-        .collect()
+    scores.iter().map(|layer| LayerIndices::from_sites(|site| kept_positions(&layer[site.index()], threshold))).collect()
 }
 
 fn kept_positions(scores: &[f32], threshold: f32) -> Vec<u32> {
@@ -124,9 +121,7 @@ mod tests {
 
     fn scores(layers: usize, seed: u64) -> GateScores {
         let mut rng = crate::rng::SplitMix64::new(seed);
-        (0..layers)
-            .map(|_| std::array::from_fn(|s| (0..if s == 3 { 16 } else { 8 }).map(|_| rng.symmetric(2.0) as f32).collect()))
-            .collect()
+        (0..layers).map(|_| std::array::from_fn(|s| (0..if s == 3 { 16 } else { 8 }).map(|_| rng.symmetric(2.0) as f32).collect())).collect()
     }
 
     #[test]
@@ -150,10 +145,7 @@ mod tests {
             // Brute force over every distinct threshold.
             let mut all: Vec<f32> = s.iter().flat_map(|l| l.iter().flatten().copied()).collect();
             all.push(f32::NEG_INFINITY);
-            let best = all
-                .iter()
-                .map(|&t| (shape.removed_ratio(&widths_at(&s, t), RatioOf::Total) - target).abs())
-                .fold(f64::INFINITY, f64::min);
+            let best = all.iter().map(|&t| (shape.removed_ratio(&widths_at(&s, t), RatioOf::Total) - target).abs()).fold(f64::INFINITY, f64::min);
             assert!(((c.ratio - target).abs() - best).abs() < 1e-12, "target {target}: got {} best err {best}", c.ratio);
             let widths: Vec<BlockWidths> = c.layers.iter().map(BlockWidths::of).collect();
             assert_eq!(shape.total_params(&widths), c.total_params);

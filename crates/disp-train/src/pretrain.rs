@@ -66,12 +66,7 @@ impl ModelSize {
 /// BOS and EOS; there is no padding token.
 pub fn hf_config(family: Family, size: &ModelSize, special_token: u32) -> Result<Value> {
     if size.heads == 0 || size.kv_heads == 0 || !size.hidden.is_multiple_of(size.heads) || !size.heads.is_multiple_of(size.kv_heads) {
-        bail!(
-            "hidden {} must be a multiple of {} heads, and the heads a multiple of {} KV heads",
-            size.hidden,
-            size.heads,
-            size.kv_heads
-        );
+        bail!("hidden {} must be a multiple of {} heads, and the heads a multiple of {} KV heads", size.hidden, size.heads, size.kv_heads);
     }
     let head_dim = size.hidden / size.heads;
     Ok(match family {
@@ -434,8 +429,8 @@ impl Pretrainer {
             .iter()
             .zip(&bytes)
             .map(|((name, shape, _), b)| {
-                let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), b)
-                    .map_err(|e| anyhow!("tensor '{name}': {e}"))?;
+                let view =
+                    safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), b).map_err(|e| anyhow!("tensor '{name}': {e}"))?;
                 Ok((name.clone(), view))
             })
             .collect::<Result<Vec<_>>>()?;
@@ -480,7 +475,13 @@ mod tests {
 
     #[test]
     fn initialisation_is_decided_by_the_name() {
-        for name in ["model.layers.0.input_layernorm.weight", "model.norm.weight", "model.decoder.layers.3.self_attn_layer_norm.weight", "model.final_layernorm.weight", "model.decoder.final_layer_norm.weight"] {
+        for name in [
+            "model.layers.0.input_layernorm.weight",
+            "model.norm.weight",
+            "model.decoder.layers.3.self_attn_layer_norm.weight",
+            "model.final_layernorm.weight",
+            "model.decoder.final_layer_norm.weight",
+        ] {
             assert_eq!(Init::of(name), Init::Ones, "{name}");
         }
         for name in ["model.decoder.layers.0.fc1.bias", "lm_head.bias", "model.final_layernorm.bias", "model.layers.1.self_attn.q_proj.bias"] {
@@ -505,7 +506,15 @@ mod tests {
     fn configs_load_in_their_family_with_the_intended_structure() {
         let device = Device::flex();
         for family in [Family::Llama, Family::Opt, Family::Phi] {
-            let size = ModelSize { hidden: 32, layers: 2, heads: 4, kv_heads: if family == Family::Llama { 2 } else { 4 }, intermediate: 64, vocab: 300, max_positions: 64 };
+            let size = ModelSize {
+                hidden: 32,
+                layers: 2,
+                heads: 4,
+                kv_heads: if family == Family::Llama { 2 } else { 4 },
+                intermediate: 64,
+                vocab: 300,
+                max_positions: 64,
+            };
             let raw = RawConfig { path: format!("<{family:?} config>").into(), json: hf_config(family, &size, 0).unwrap() };
             assert_eq!(raw.family().unwrap(), family);
             let names = disp_models::parameter_shapes(&raw, &device).unwrap();

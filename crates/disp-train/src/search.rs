@@ -11,13 +11,13 @@ use disp_core::plan::{PruningPlan, PLAN_FORMAT_VERSION};
 use disp_models::CausalLm;
 use serde_json::json;
 
-use crate::checkpoint::{self, CheckpointHeader, CHECKPOINT_FORMAT_VERSION};
 use crate::gates::{self, SampledGates};
-use crate::loss::{lm_loss, LmLoss};
 use crate::generator::{GateGenerator, GateSource};
 use crate::hypernet::{HyperNet, HyperNetShape};
+use crate::loss::{lm_loss, LmLoss};
 use crate::masks::{calibrate, GateScores};
 use crate::rng::{mix64, Purpose, ShuffledBatches};
+use crate::search_state::{self, SearchStateHeader, SEARCH_STATE_FORMAT_VERSION};
 use crate::{SearchConfig, StepReport};
 
 /// The differentiable losses of one step, before `backward`.
@@ -108,7 +108,7 @@ impl<'a> Searcher<'a> {
         if !(cfg.lambda >= 0.0 && cfg.lambda.is_finite()) {
             bail!("λ must be non-negative, got {}", cfg.lambda);
         }
-        if !(cfg.weight_decay >= 0.0 && cfg.weight_decay.is_finite()) || !cfg.offset.is_finite() {
+        if !(cfg.weight_decay >= 0.0 && cfg.weight_decay.is_finite() && cfg.offset.is_finite()) {
             bail!("weight decay must be non-negative and the offset finite");
         }
         if cfg.resume && cfg.checkpoint.is_none() {
@@ -254,14 +254,14 @@ impl<'a> Searcher<'a> {
         self.last = Some(report.clone());
 
         let every = (self.cfg.steps / 100).max(1);
-        if step == 1 || step % every == 0 || step == self.cfg.steps {
+        if step == 1 || step.is_multiple_of(every) || step == self.cfg.steps {
             tracing::info!(step, steps = self.cfg.steps, lm_loss, regulariser, achieved_ratio, "hypernetwork step");
         } else {
             tracing::debug!(step, lm_loss, regulariser, achieved_ratio, "hypernetwork step");
         }
         if let Some(path) = self.cfg.checkpoint.clone() {
             let every = self.cfg.checkpoint_every;
-            if (every > 0 && step % every == 0) || step == self.cfg.steps {
+            if (every > 0 && step.is_multiple_of(every)) || step == self.cfg.steps {
                 self.save_checkpoint(&path)?;
             }
         }
@@ -363,11 +363,7 @@ impl<'a> Searcher<'a> {
 
     /// The settings a resumed run must share with the one that wrote the checkpoint.
     fn settings(&self) -> serde_json::Value {
-        let digest = self
-            .windows
-            .iter()
-            .flatten()
-            .fold(mix64(self.windows.len() as u64), |h, &t| mix64(h ^ t as u64));
+        let digest = self.windows.iter().flatten().fold(mix64(self.windows.len() as u64), |h, &t| mix64(h ^ t as u64));
         let mut settings = json!({
             "target_ratio": self.cfg.target_ratio,
             "ratio_of": self.cfg.ratio_of,
@@ -393,8 +389,8 @@ impl<'a> Searcher<'a> {
 
     /// Writes the gate generator, the optimizer state and the step (atomically).
     pub fn save_checkpoint(&self, path: &Path) -> Result<()> {
-        let header = CheckpointHeader {
-            format_version: CHECKPOINT_FORMAT_VERSION,
+        let header = SearchStateHeader {
+            format_version: SEARCH_STATE_FORMAT_VERSION,
             step: self.steps_done,
             model: self.model.identity(),
             settings: self.settings(),
@@ -403,7 +399,7 @@ impl<'a> Searcher<'a> {
         };
         let net = self.generator.to_bytes()?;
         let opt = self.optim.into_bytes().map_err(|e| anyhow::anyhow!("cannot serialise the optimizer state: {e:?}"))?;
-        checkpoint::write(path, &header, &net, &opt)?;
+        search_state::write(path, &header, &net, &opt)?;
         tracing::debug!(step = self.steps_done, path = %path.display(), "checkpoint written");
         Ok(())
     }
@@ -423,7 +419,7 @@ impl<'a> Searcher<'a> {
 
     /// Restores the state saved by [`Self::save_checkpoint`].
     pub fn load_checkpoint(&mut self, path: &Path) -> Result<()> {
-        let data = checkpoint::read(path)?;
+        let data = search_state::read(path)?;
         let h = &data.header;
         let identity = self.model.identity();
         if h.model != identity {
@@ -463,16 +459,10 @@ impl<'a> Searcher<'a> {
         tracing::info!(step = h.step, path = %path.display(), "resumed from checkpoint");
         Ok(())
     }
-
 }
 
 fn adamw(cfg: &SearchConfig) -> ModuleOptimizer {
-    AdamWConfig::new()
-        .with_beta_1(0.9)
-        .with_beta_2(0.999)
-        .with_epsilon(1e-8)
-        .with_weight_decay(cfg.weight_decay as f32)
-        .init()
+    AdamWConfig::new().with_beta_1(0.9).with_beta_2(0.999).with_epsilon(1e-8).with_weight_decay(cfg.weight_decay as f32).init()
 }
 
 /// Calibration windows must exist, share one length of at least 2 tokens that the model's
@@ -508,4 +498,3 @@ pub(crate) fn check_windows(windows: &[Vec<u32>], model: &dyn CausalLm) -> Resul
     }
     Ok(())
 }
-

@@ -13,10 +13,10 @@
 //!   4 consecutive input weights with the largest |W_ij|·‖X_j‖; half of the block linear weights
 //!   become zero and no shape changes, so it is not a [`PruningPlan`].
 
+use crate::uniform::uniform_width_layers;
 use anyhow::{bail, Result};
 use burn::tensor::{Tensor, TensorData};
-use disp_core::activations::BlockActivationNorms;
-use disp_core::baseline::uniform_width_layers;
+use disp_core::activation_stats::BlockActivationNorms;
 use disp_core::params::RatioOf;
 use disp_core::plan::PruningPlan;
 use disp_models::layers::Linear;
@@ -79,7 +79,7 @@ pub fn wanda_sp_plan(model: &dyn CausalLm, windows: &[Vec<u32>], target_ratio: f
     let shape = model.model_shape();
     let kept = shape.kept_block_fraction(target_ratio, ratio_of)?;
     let target_params = (kept * shape.dense_block_params() as f64).round() as u64;
-    let norms = crate::activations::collect(model, windows)?;
+    let norms = crate::activation_stats::collect(model, windows)?;
     let scores: Vec<[Vec<f32>; 5]> = norms
         .iter()
         .enumerate()
@@ -178,7 +178,7 @@ pub fn apply_wanda_2_4(model: &mut dyn CausalLm, windows: &[Vec<u32>]) -> Result
     if model.is_pruned() {
         bail!("wanda-2:4 needs the dense model, not a pruned one");
     }
-    let norms = crate::activations::collect(model, windows)?;
+    let norms = crate::activation_stats::collect(model, windows)?;
     let (mut zeroed, mut total) = (0u64, 0u64);
     for (layer, n) in norms.iter().enumerate() {
         let b = model.block_linears_mut(layer);
@@ -202,15 +202,7 @@ mod tests {
     use super::*;
 
     fn norms(attn_in: Vec<f32>, mlp_in: Vec<f32>, mlp_inter: Vec<f32>) -> BlockActivationNorms {
-        BlockActivationNorms {
-            tokens: 10,
-            attn_in,
-            mlp_in,
-            mlp_inter,
-            attn_context: vec![],
-            attn_out: vec![7.0, 8.0],
-            mlp_out: vec![9.0, 0.5],
-        }
+        BlockActivationNorms { tokens: 10, attn_in, mlp_in, mlp_inter, attn_context: vec![], attn_out: vec![7.0, 8.0], mlp_out: vec![9.0, 0.5] }
     }
 
     #[test]

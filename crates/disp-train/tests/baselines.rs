@@ -4,11 +4,11 @@
 use std::path::PathBuf;
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use disp_core::baseline::top_k_sorted;
 use disp_core::params::RatioOf;
 use disp_core::selection::BlockGates;
 use disp_models::CausalLm;
 use disp_train::rng::SplitMix64;
+use disp_train::uniform::top_k_sorted;
 
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(name)
@@ -72,10 +72,14 @@ fn collected_norms_match_transformers_hooks() {
         serde_json::from_str(&std::fs::read_to_string(fixture("eval_reference/activation_norms.json")).unwrap()).unwrap();
     for name in FAMILIES {
         let expected = &reference["fixtures"][name];
-        let data: Vec<Vec<u32>> =
-            expected["input_ids"].as_array().unwrap().iter().map(|row| row.as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect()).collect();
+        let data: Vec<Vec<u32>> = expected["input_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|row| row.as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect())
+            .collect();
         let model = load(name);
-        let norms = disp_train::activations::collect(model.as_ref(), &data).unwrap();
+        let norms = disp_train::activation_stats::collect(model.as_ref(), &data).unwrap();
         assert_eq!(norms.len(), expected["layers"].as_array().unwrap().len(), "{name}");
         for (layer, (ours, theirs)) in norms.iter().zip(expected["layers"].as_array().unwrap()).enumerate() {
             assert_eq!(ours.tokens, 24, "{name}");
@@ -103,7 +107,7 @@ fn recorded_attention_input_norms_equal_the_rms_normed_embeddings() {
     let dir = fixture("llama_gqa_tied");
     let model = load("llama_gqa_tied");
     let data = windows(3, 16, 2);
-    let norms = disp_train::activations::collect(model.as_ref(), &data).unwrap();
+    let norms = disp_train::activation_stats::collect(model.as_ref(), &data).unwrap();
 
     // Layer 0 reads RMSNorm(embedding) · γ: recompute it in f64 from the checkpoint.
     let ck = disp_models::Checkpoint::open(&dir).unwrap();
@@ -133,9 +137,9 @@ fn activation_statistics_refuse_a_pruned_model_and_bad_windows() {
     let model = load("llama_gqa_tied");
     let plan = disp_train::uniform::uniform_magnitude_plan(model.as_ref(), 0.2, RatioOf::Blocks).unwrap();
     let pruned = model.prune(&plan).unwrap();
-    let err = disp_train::activations::collect(pruned.as_ref(), &windows(1, 8, 3)).unwrap_err().to_string();
+    let err = disp_train::activation_stats::collect(pruned.as_ref(), &windows(1, 8, 3)).unwrap_err().to_string();
     assert!(err.contains("dense model"), "{err}");
-    let err = disp_train::activations::collect(model.as_ref(), &[]).unwrap_err().to_string();
+    let err = disp_train::activation_stats::collect(model.as_ref(), &[]).unwrap_err().to_string();
     assert!(err.contains("no calibration windows"), "{err}");
 }
 
@@ -160,7 +164,7 @@ fn wanda_sp_plan_is_uniform_width_at_the_target_and_ranks_by_activations() {
     assert_ne!(plan.layers, uniform.layers);
 
     // S4 of layer 0 is exactly the top channels of ‖h_j‖ · Σ_k |W_down,jk|.
-    let norms = disp_train::activations::collect(model.as_ref(), &data).unwrap();
+    let norms = disp_train::activation_stats::collect(model.as_ref(), &data).unwrap();
     let down = disp_train::wanda::HostWeight::of(model.block_linears(0).mlp_output);
     let score: Vec<f32> = (0..down.inputs)
         .map(|j| norms[0].mlp_inter[j] * down.values[j * down.outputs..(j + 1) * down.outputs].iter().map(|w| w.abs()).sum::<f32>())

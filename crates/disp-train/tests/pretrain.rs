@@ -110,7 +110,15 @@ fn family_named(name: &str) -> Family {
 
 fn size_from(json: &serde_json::Value) -> ModelSize {
     let n = |k: &str| json[k].as_u64().unwrap() as usize;
-    ModelSize { hidden: n("hidden"), layers: n("layers"), heads: n("heads"), kv_heads: n("kv_heads"), intermediate: n("intermediate"), vocab: n("vocab"), max_positions: n("max_positions") }
+    ModelSize {
+        hidden: n("hidden"),
+        layers: n("layers"),
+        heads: n("heads"),
+        kv_heads: n("kv_heads"),
+        intermediate: n("intermediate"),
+        vocab: n("vocab"),
+        max_positions: n("max_positions"),
+    }
 }
 
 #[test]
@@ -133,7 +141,10 @@ fn hf_config_is_what_transformers_save_pretrained_writes() {
 fn small_trained(family: Family, name: &str) -> Pretrainer {
     let entry = &transformers_configs()[&format!("small/{name}")];
     let size = size_from(&entry["size"]);
-    let raw = RawConfig { path: format!("<small {name} config>").into(), json: hf_config(family, &size, entry["special_token"].as_u64().unwrap() as u32).unwrap() };
+    let raw = RawConfig {
+        path: format!("<small {name} config>").into(),
+        json: hf_config(family, &size, entry["special_token"].as_u64().unwrap() as u32).unwrap(),
+    };
     let windows: Vec<Vec<u32>> = windows().into_iter().map(|w| w[..16].iter().map(|t| t % 64).collect()).collect();
     let cfg = PretrainConfig { steps: 2, batch_size: 4, learning_rate: 1e-2, warmup_steps: 1, seed: 0, ..Default::default() };
     let mut trainer = Pretrainer::new(raw, windows, &cfg, &Device::flex()).unwrap();
@@ -183,7 +194,8 @@ fn transformers_loads_the_written_folders_and_computes_the_same_logits() {
         for file in ["config.json", "generation_config.json"] {
             assert_eq!(read_json(&written.path().join(file)), read_json(&committed.join(file)), "{name}: {file}");
         }
-        let (ours, theirs) = (safetensors_values(&written.path().join("model.safetensors")), safetensors_values(&committed.join("model.safetensors")));
+        let (ours, theirs) =
+            (safetensors_values(&written.path().join("model.safetensors")), safetensors_values(&committed.join("model.safetensors")));
         assert_eq!(ours.len(), theirs.len(), "{name}");
         for ((n1, s1, v1), (n2, s2, v2)) in ours.iter().zip(&theirs) {
             assert_eq!((n1, s1), (n2, s2), "{name}: the same tensors");

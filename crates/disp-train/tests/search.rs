@@ -59,10 +59,7 @@ impl ModuleVisitor for GradCollector<'_> {
 fn gradients_reach_every_hypernet_parameter_and_the_model_stays_frozen() {
     let model = model();
     let data = windows(6, 24, 1);
-    let tokens = Tensor::<2, Int>::from_data(
-        TensorData::new(data[0].iter().map(|&t| t as i64).collect::<Vec<_>>(), [1, 24]),
-        model.device(),
-    );
+    let tokens = Tensor::<2, Int>::from_data(TensorData::new(data[0].iter().map(|&t| t as i64).collect::<Vec<_>>(), [1, 24]), model.device());
     let before = bits(model.forward(tokens.clone(), None, None));
 
     let mut searcher = Searcher::new(model.as_ref(), &data, &cfg(4)).unwrap();
@@ -148,12 +145,9 @@ fn resuming_from_a_checkpoint_ends_at_the_uninterrupted_masks() {
             first.step().unwrap();
         }
     }
-    assert_eq!(disp_train::checkpoint::read(&path).unwrap().header.step, 3);
+    assert_eq!(disp_train::search_state::read(&path).unwrap().header.step, 3);
     let mut seen = Vec::new();
-    let resumed = search(model.as_ref(), &data, &SearchConfig { resume: true, ..with_ckpt.clone() }, |r: &StepReport| {
-        seen.push(r.step)
-    })
-    .unwrap();
+    let resumed = search(model.as_ref(), &data, &SearchConfig { resume: true, ..with_ckpt.clone() }, |r: &StepReport| seen.push(r.step)).unwrap();
     assert_eq!(seen, (4..=steps).collect::<Vec<_>>(), "resumed at step 4");
     assert_eq!(resumed, expected, "resumed plan differs from the uninterrupted one");
 
@@ -182,7 +176,10 @@ fn the_search_moves_towards_the_target_and_calibration_lands_on_it() {
     let (head, tail) = (&reports[..5], &reports[steps - 5..]);
     let (reg0, reg1) = (mean(head, |r| r.regulariser), mean(tail, |r| r.regulariser));
     let (gap0, gap1) = (mean(head, |r| (r.achieved_ratio - 0.3).abs()), mean(tail, |r| (r.achieved_ratio - 0.3).abs()));
-    eprintln!("regulariser {reg0:.4} -> {reg1:.4}; |hard ratio - target| {gap0:.4} -> {gap1:.4}; plan {} (raw {})", plan.achieved_ratio, plan.search["raw_ratio"]);
+    eprintln!(
+        "regulariser {reg0:.4} -> {reg1:.4}; |hard ratio - target| {gap0:.4} -> {gap1:.4}; plan {} (raw {})",
+        plan.achieved_ratio, plan.search["raw_ratio"]
+    );
     assert!(reg1 < 0.5 * reg0, "regulariser did not fall: {reg0} -> {reg1}");
     assert!(gap1 < gap0, "hard-gate ratio did not approach the target: {gap0} -> {gap1}");
     assert!((plan.achieved_ratio - 0.3).abs() <= 0.005, "calibrated ratio {}", plan.achieved_ratio);
@@ -330,7 +327,7 @@ fn direct_search_resumes_to_the_uninterrupted_masks_and_refuses_a_hypernetwork_c
             first.step().unwrap();
         }
     }
-    assert_eq!(disp_train::checkpoint::read(&path).unwrap().header.step, 2);
+    assert_eq!(disp_train::search_state::read(&path).unwrap().header.step, 2);
     let resumed = search(model.as_ref(), &data, &SearchConfig { resume: true, ..with_ckpt.clone() }, |_| {}).unwrap();
     assert_eq!(resumed, expected, "resumed plan differs from the uninterrupted one");
 

@@ -33,12 +33,7 @@ pub fn write_png(inspection: &Inspection, usage: &PositionUsage, out: &Path) -> 
 }
 
 fn draw(inspection: &Inspection, usage: &PositionUsage, root: &Canvas<'_>) -> DrawResult {
-    let title = format!(
-        "{}: {:.1}% of {} parameters removed",
-        inspection.headline(),
-        100.0 * inspection.achieved_ratio,
-        inspection.ratio_of.name()
-    );
+    let title = format!("{}: {:.1}% of {} parameters removed", inspection.headline(), 100.0 * inspection.achieved_ratio, inspection.ratio_of.name());
     let body = root.margin(10, 0, 0, 0).titled(&title, (FONT, 30))?;
     let (top, bottom) = body.split_vertically(TOP_PANEL_HEIGHT);
     let plot_width = WIDTH - LEGEND_WIDTH;

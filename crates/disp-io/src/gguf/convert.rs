@@ -41,13 +41,7 @@ pub struct ConvertSummary {
 /// error nothing is left at `out_dir`. `out_dir` must not exist or be an empty folder. Errors are
 /// one line starting with the GGUF path.
 pub fn convert_gguf_to_hf(gguf: &Path, out_dir: &Path) -> Result<ConvertSummary> {
-    convert(gguf, out_dir).map_err(|e| {
-        anyhow!(
-            "{}: {}",
-            gguf.display(),
-            crate::fsutil::one_line(&format!("{e:#}"))
-        )
-    })
+    convert(gguf, out_dir).map_err(|e| anyhow!("{}: {}", gguf.display(), crate::fsutil::one_line(&format!("{e:#}"))))
 }
 
 fn convert(gguf_path: &Path, out_dir: &Path) -> Result<ConvertSummary> {
@@ -65,24 +59,13 @@ fn convert(gguf_path: &Path, out_dir: &Path) -> Result<ConvertSummary> {
 
     let config_json = config_json(&plan.config, &tokenizer);
     write_json(&staging.path().join("config.json"), &config_json)?;
-    write_json(
-        &staging.path().join("tokenizer_config.json"),
-        &tokenizer.tokenizer_config,
-    )?;
+    write_json(&staging.path().join("tokenizer_config.json"), &tokenizer.tokenizer_config)?;
     let tokenizer_path = staging.path().join("tokenizer.json");
-    tokenizer
-        .tokenizer
-        .save(&tokenizer_path, true)
-        .map_err(|e| anyhow!("cannot write tokenizer.json: {e}"))?;
+    tokenizer.tokenizer.save(&tokenizer_path, true).map_err(|e| anyhow!("cannot write tokenizer.json: {e}"))?;
     // Reload to prove that what we wrote is a tokenizer.json the tokenizers crate accepts.
-    tokenizers::Tokenizer::from_file(&tokenizer_path)
-        .map_err(|e| anyhow!("the written tokenizer.json does not load: {e}"))?;
+    tokenizers::Tokenizer::from_file(&tokenizer_path).map_err(|e| anyhow!("the written tokenizer.json does not load: {e}"))?;
 
-    let tensors: Vec<(String, OutputTensor<'_>)> = plan
-        .tensors
-        .iter()
-        .map(|t| (t.hf_name.clone(), OutputTensor::new(&gguf, t)))
-        .collect();
+    let tensors: Vec<(String, OutputTensor<'_>)> = plan.tensors.iter().map(|t| (t.hf_name.clone(), OutputTensor::new(&gguf, t))).collect();
     let parameters = plan.tensors.iter().map(|t| t.element_count() as u64).sum();
     let safetensors_bytes = write_weights(staging.path(), tensors)?;
 
@@ -315,9 +298,7 @@ fn parse_tensor_name(name: &str) -> Option<(Role, bool)> {
 }
 
 fn required_u64(gguf: &GgufFile, key: &str) -> Result<u64> {
-    let value = gguf
-        .get(key)
-        .ok_or_else(|| anyhow!("metadata {key} is missing"))?;
+    let value = gguf.get(key).ok_or_else(|| anyhow!("metadata {key} is missing"))?;
     integer(key, value)
 }
 
@@ -326,12 +307,7 @@ fn optional_u64(gguf: &GgufFile, key: &str) -> Result<Option<u64>> {
 }
 
 fn integer(key: &str, value: &MetadataValue) -> Result<u64> {
-    value.as_u64().ok_or_else(|| {
-        anyhow!(
-            "metadata {key} must be a non-negative integer, found {}",
-            value.type_description()
-        )
-    })
+    value.as_u64().ok_or_else(|| anyhow!("metadata {key} must be a non-negative integer, found {}", value.type_description()))
 }
 
 fn optional_f64(gguf: &GgufFile, key: &str) -> Result<Option<f64>> {
@@ -339,12 +315,7 @@ fn optional_f64(gguf: &GgufFile, key: &str) -> Result<Option<f64>> {
         .map(|v| match v {
             // Widen through the shortest decimal so 1e-5f32 becomes 1e-5, not 9.9999997e-6.
             MetadataValue::F32(x) => Ok(x.to_string().parse::<f64>().unwrap_or(f64::from(*x))),
-            _ => v.as_f64().ok_or_else(|| {
-                anyhow!(
-                    "metadata {key} must be a number, found {}",
-                    v.type_description()
-                )
-            }),
+            _ => v.as_f64().ok_or_else(|| anyhow!("metadata {key} must be a number, found {}", v.type_description())),
         })
         .transpose()
 }
@@ -353,12 +324,7 @@ fn optional_f64(gguf: &GgufFile, key: &str) -> Result<Option<f64>> {
 fn plan_llama(gguf: &GgufFile) -> Result<Plan> {
     let architecture = match gguf.get("general.architecture") {
         None => bail!("metadata general.architecture is missing"),
-        Some(v) => v.as_str().ok_or_else(|| {
-            anyhow!(
-                "metadata general.architecture must be a string, found {}",
-                v.type_description()
-            )
-        })?,
+        Some(v) => v.as_str().ok_or_else(|| anyhow!("metadata general.architecture must be a string, found {}", v.type_description()))?,
     };
     if architecture != "llama" {
         bail!("unsupported GGUF architecture '{architecture}' (only 'llama' is supported)");
@@ -367,19 +333,12 @@ fn plan_llama(gguf: &GgufFile) -> Result<Plan> {
     // Type support first: it is the most useful thing to report about a file we cannot read.
     for t in &gguf.tensors {
         if !t.ggml_type.is_dequantizable() {
-            bail!(
-                "tensor {} has unsupported GGUF type {} (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1)",
-                t.name,
-                t.ggml_type
-            );
+            bail!("tensor {} has unsupported GGUF type {} (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1)", t.name, t.ggml_type);
         }
     }
 
     if let Some(experts) = optional_u64(gguf, "llama.expert_count")? {
-        ensure!(
-            experts == 0,
-            "mixture-of-experts llama models (llama.expert_count = {experts}) are not supported"
-        );
+        ensure!(experts == 0, "mixture-of-experts llama models (llama.expert_count = {experts}) are not supported");
     }
     let hidden = required_u64(gguf, "llama.embedding_length")?;
     let ffn = match gguf.get("llama.feed_forward_length") {
@@ -404,10 +363,7 @@ fn plan_llama(gguf: &GgufFile) -> Result<Plan> {
         }
         Some(v) => integer("llama.attention.head_count_kv", v)?,
     };
-    ensure!(
-        hidden > 0 && ffn > 0 && layers > 0,
-        "llama.embedding_length, llama.feed_forward_length and llama.block_count must be positive"
-    );
+    ensure!(hidden > 0 && ffn > 0 && layers > 0, "llama.embedding_length, llama.feed_forward_length and llama.block_count must be positive");
     // Each layer has nine tensors; a count the header cannot back is refused before anything is
     // planned for it.
     let tensor_count = gguf.tensors.len() as u64;
@@ -416,34 +372,19 @@ fn plan_llama(gguf: &GgufFile) -> Result<Plan> {
         "llama.block_count = {layers} needs {} layer tensors but the file has {tensor_count} tensors",
         layers.saturating_mul(LAYER_PARTS.len() as u64)
     );
-    ensure!(
-        heads > 0 && kv_heads > 0,
-        "llama.attention.head_count and head_count_kv must be positive"
-    );
-    ensure!(
-        heads % kv_heads == 0,
-        "llama.attention.head_count = {heads} is not a multiple of head_count_kv = {kv_heads}"
-    );
+    ensure!(heads > 0 && kv_heads > 0, "llama.attention.head_count and head_count_kv must be positive");
+    ensure!(heads % kv_heads == 0, "llama.attention.head_count = {heads} is not a multiple of head_count_kv = {kv_heads}");
     let head_dim = match optional_u64(gguf, "llama.attention.key_length")? {
         Some(k) => k,
         None => {
-            ensure!(
-                hidden % heads == 0,
-                "llama.embedding_length = {hidden} is not divisible by llama.attention.head_count = {heads}"
-            );
+            ensure!(hidden % heads == 0, "llama.embedding_length = {hidden} is not divisible by llama.attention.head_count = {heads}");
             hidden / heads
         }
     };
     if let Some(v) = optional_u64(gguf, "llama.attention.value_length")? {
-        ensure!(
-            v == head_dim,
-            "llama.attention.value_length = {v} differs from the key length {head_dim}"
-        );
+        ensure!(v == head_dim, "llama.attention.value_length = {v} differs from the key length {head_dim}");
     }
-    ensure!(
-        head_dim > 0 && head_dim % 2 == 0,
-        "head dimension {head_dim} must be even and positive"
-    );
+    ensure!(head_dim > 0 && head_dim % 2 == 0, "head dimension {head_dim} must be even and positive");
     if let Some(rope_dims) = optional_u64(gguf, "llama.rope.dimension_count")? {
         ensure!(
             rope_dims == head_dim,
@@ -452,41 +393,20 @@ fn plan_llama(gguf: &GgufFile) -> Result<Plan> {
     }
     let rms_norm_eps = optional_f64(gguf, "llama.attention.layer_norm_rms_epsilon")?
         .ok_or_else(|| anyhow!("metadata llama.attention.layer_norm_rms_epsilon is missing"))?;
-    ensure!(
-        rms_norm_eps > 0.0 && rms_norm_eps < 1.0,
-        "llama.attention.layer_norm_rms_epsilon = {rms_norm_eps} must be a small positive number"
-    );
+    ensure!(rms_norm_eps > 0.0 && rms_norm_eps < 1.0, "llama.attention.layer_norm_rms_epsilon = {rms_norm_eps} must be a small positive number");
     let rope_theta = optional_f64(gguf, "llama.rope.freq_base")?.unwrap_or(10_000.0);
-    ensure!(
-        rope_theta > 0.0 && rope_theta.is_finite(),
-        "llama.rope.freq_base = {rope_theta} must be a positive number"
-    );
+    ensure!(rope_theta > 0.0 && rope_theta.is_finite(), "llama.rope.freq_base = {rope_theta} must be a positive number");
     let max_position_embeddings = required_u64(gguf, "llama.context_length")?;
-    ensure!(
-        max_position_embeddings > 0,
-        "llama.context_length is 0; it must be at least 1"
-    );
+    ensure!(max_position_embeddings > 0, "llama.context_length is 0; it must be at least 1");
     let rope_scaling = rope_scaling(gguf)?;
 
     let mut found: BTreeMap<(Role, bool), usize> = BTreeMap::new();
     for (index, t) in gguf.tensors.iter().enumerate() {
-        let (role, is_bias) = parse_tensor_name(&t.name).ok_or_else(|| {
-            anyhow!(
-                "unexpected tensor {} (not part of a llama model this converter knows)",
-                t.name
-            )
-        })?;
+        let (role, is_bias) =
+            parse_tensor_name(&t.name).ok_or_else(|| anyhow!("unexpected tensor {} (not part of a llama model this converter knows)", t.name))?;
         if let Role::Layer(n, part) = role {
-            ensure!(
-                (n as u64) < layers,
-                "tensor {} belongs to layer {n} but llama.block_count is {layers}",
-                t.name
-            );
-            ensure!(
-                !(is_bias && part.is_norm()),
-                "tensor {} is a bias on an RMS norm, which llama has not",
-                t.name
-            );
+            ensure!((n as u64) < layers, "tensor {} belongs to layer {n} but llama.block_count is {layers}", t.name);
+            ensure!(!(is_bias && part.is_norm()), "tensor {} is a bias on an RMS norm, which llama has not", t.name);
         }
         ensure!(
             !(is_bias && matches!(role, Role::Embedding | Role::OutputNorm | Role::Output)),
@@ -496,19 +416,9 @@ fn plan_llama(gguf: &GgufFile) -> Result<Plan> {
         found.insert((role, is_bias), index);
     }
 
-    let vocab = gguf
-        .tensor("token_embd.weight")
-        .ok_or_else(|| anyhow!("tensor token_embd.weight is missing"))?
-        .ne
-        .get(1)
-        .copied()
-        .unwrap_or(0);
-    let q_rows = heads
-        .checked_mul(head_dim)
-        .ok_or_else(|| anyhow!("llama.attention.head_count x head dimension overflows"))?;
-    let kv_rows = kv_heads
-        .checked_mul(head_dim)
-        .ok_or_else(|| anyhow!("llama.attention.head_count_kv x head dimension overflows"))?;
+    let vocab = gguf.tensor("token_embd.weight").ok_or_else(|| anyhow!("tensor token_embd.weight is missing"))?.ne.get(1).copied().unwrap_or(0);
+    let q_rows = heads.checked_mul(head_dim).ok_or_else(|| anyhow!("llama.attention.head_count x head dimension overflows"))?;
+    let kv_rows = kv_heads.checked_mul(head_dim).ok_or_else(|| anyhow!("llama.attention.head_count_kv x head dimension overflows"))?;
     let weight_ne = |role: Role| -> Vec<u64> {
         match role {
             Role::Embedding | Role::Output => vec![hidden, vocab],
@@ -532,11 +442,7 @@ fn plan_llama(gguf: &GgufFile) -> Result<Plan> {
     for n in 0..layers as usize {
         roles.extend(LAYER_PARTS.iter().map(|&part| Role::Layer(n, part)));
     }
-    let has_bias = |pred: fn(LayerPart) -> bool| {
-        found
-            .keys()
-            .any(|(role, is_bias)| *is_bias && matches!(role, Role::Layer(_, p) if pred(*p)))
-    };
+    let has_bias = |pred: fn(LayerPart) -> bool| found.keys().any(|(role, is_bias)| *is_bias && matches!(role, Role::Layer(_, p) if pred(*p)));
     // HF llama has one switch for all four attention biases and one for the three MLP biases,
     // so a file with only some of them gets zeros for the rest.
     let attention_bias = has_bias(LayerPart::is_attention_projection);
@@ -545,9 +451,7 @@ fn plan_llama(gguf: &GgufFile) -> Result<Plan> {
     let mut tensors = Vec::new();
     for role in roles {
         let expected_ne = weight_ne(role);
-        let index = *found
-            .get(&(role, false))
-            .ok_or_else(|| anyhow!("tensor {} is missing", role.gguf_name("weight")))?;
+        let index = *found.get(&(role, false)).ok_or_else(|| anyhow!("tensor {} is missing", role.gguf_name("weight")))?;
         let info = tensor_at(gguf, index)?;
         check_ne(info, &expected_ne)?;
         let unpermute_heads = match role {
@@ -562,10 +466,7 @@ fn plan_llama(gguf: &GgufFile) -> Result<Plan> {
             unpermute_heads,
         });
         let wants_bias = match role {
-            Role::Layer(_, part) => {
-                (attention_bias && part.is_attention_projection())
-                    || (mlp_bias && part.is_mlp_projection())
-            }
+            Role::Layer(_, part) => (attention_bias && part.is_attention_projection()) || (mlp_bias && part.is_mlp_projection()),
             _ => false,
         };
         if wants_bias {
@@ -579,12 +480,7 @@ fn plan_llama(gguf: &GgufFile) -> Result<Plan> {
                 }
                 None => Source::Zeros,
             };
-            tensors.push(PlannedTensor {
-                hf_name: role.hf_name("bias"),
-                shape: vec![outputs as usize],
-                source,
-                unpermute_heads,
-            });
+            tensors.push(PlannedTensor { hf_name: role.hf_name("bias"), shape: vec![outputs as usize], source, unpermute_heads });
         }
     }
     ensure!(vocab > 0, "token_embd.weight has no rows");
@@ -611,19 +507,11 @@ fn plan_llama(gguf: &GgufFile) -> Result<Plan> {
 }
 
 fn tensor_at(gguf: &GgufFile, index: usize) -> Result<&TensorInfo> {
-    gguf.tensors
-        .get(index)
-        .ok_or_else(|| anyhow!("tensor #{index} is not in the file"))
+    gguf.tensors.get(index).ok_or_else(|| anyhow!("tensor #{index} is not in the file"))
 }
 
 fn check_ne(info: &TensorInfo, expected: &[u64]) -> Result<()> {
-    ensure!(
-        info.ne == expected,
-        "tensor {} has ne {:?} but the metadata implies {:?} (innermost first)",
-        info.name,
-        info.ne,
-        expected
-    );
+    ensure!(info.ne == expected, "tensor {} has ne {:?} but the metadata implies {:?} (innermost first)", info.name, info.ne, expected);
     Ok(())
 }
 
@@ -632,24 +520,14 @@ fn check_ne(info: &TensorInfo, expected: &[u64]) -> Result<()> {
 fn rope_scaling(gguf: &GgufFile) -> Result<Option<Value>> {
     let kind = match gguf.get("llama.rope.scaling.type") {
         None => None,
-        Some(v) => Some(v.as_str().ok_or_else(|| {
-            anyhow!(
-                "metadata llama.rope.scaling.type must be a string, found {}",
-                v.type_description()
-            )
-        })?),
+        Some(v) => Some(v.as_str().ok_or_else(|| anyhow!("metadata llama.rope.scaling.type must be a string, found {}", v.type_description()))?),
     };
-    let factor = optional_f64(gguf, "llama.rope.scaling.factor")?
-        .or(optional_f64(gguf, "llama.rope.scale_linear")?);
+    let factor = optional_f64(gguf, "llama.rope.scaling.factor")?.or(optional_f64(gguf, "llama.rope.scale_linear")?);
     let kind = kind.unwrap_or(if factor.is_some() { "linear" } else { "none" });
     match kind {
         "none" => Ok(None),
         "linear" => {
-            let f = factor.ok_or_else(|| {
-                anyhow!(
-                    "llama.rope.scaling.type is linear but llama.rope.scaling.factor is missing"
-                )
-            })?;
+            let f = factor.ok_or_else(|| anyhow!("llama.rope.scaling.type is linear but llama.rope.scaling.factor is missing"))?;
             // Older transformers read "type", newer "rope_type".
             Ok((f != 1.0).then(|| json!({"rope_type": "linear", "type": "linear", "factor": f})))
         }
@@ -668,17 +546,10 @@ struct OutputTensor<'a> {
 impl<'a> OutputTensor<'a> {
     fn new(gguf: &'a GgufFile, planned: &PlannedTensor) -> Self {
         let bytes = match planned.source {
-            Source::Gguf(index) => gguf
-                .tensors
-                .get(index)
-                .map(|info| (gguf.tensor_bytes(info), info.ggml_type)),
+            Source::Gguf(index) => gguf.tensors.get(index).map(|info| (gguf.tensor_bytes(info), info.ggml_type)),
             Source::Zeros => None,
         };
-        Self {
-            shape: planned.shape.clone(),
-            bytes,
-            unpermute_heads: planned.unpermute_heads,
-        }
+        Self { shape: planned.shape.clone(), bytes, unpermute_heads: planned.unpermute_heads }
     }
 
     fn values(&self) -> Vec<f32> {
@@ -727,17 +598,9 @@ impl View for OutputTensor<'_> {
 /// `h * head_dim + 2 * i + s` holds HF row `h * head_dim + s * head_dim / 2 + i`.
 // Indexes within `rows * cols`, which the asserts establish; not file contents.
 #[allow(clippy::indexing_slicing)]
-pub(crate) fn unpermute_rows(
-    gguf_rows: &[f32],
-    rows: usize,
-    cols: usize,
-    heads: usize,
-) -> Vec<f32> {
+pub(crate) fn unpermute_rows(gguf_rows: &[f32], rows: usize, cols: usize, heads: usize) -> Vec<f32> {
     assert_eq!(gguf_rows.len(), rows * cols);
-    assert!(
-        heads > 0 && rows.is_multiple_of(2 * heads),
-        "rows {rows} do not split into {heads} heads of pairs"
-    );
+    assert!(heads > 0 && rows.is_multiple_of(2 * heads), "rows {rows} do not split into {heads} heads of pairs");
     let head_dim = rows / heads;
     let half = head_dim / 2;
     let mut hf = vec![0f32; rows * cols];
@@ -746,8 +609,7 @@ pub(crate) fn unpermute_rows(
             for i in 0..half {
                 let hf_row = h * head_dim + s * half + i;
                 let gguf_row = h * head_dim + 2 * i + s;
-                hf[hf_row * cols..(hf_row + 1) * cols]
-                    .copy_from_slice(&gguf_rows[gguf_row * cols..(gguf_row + 1) * cols]);
+                hf[hf_row * cols..(hf_row + 1) * cols].copy_from_slice(&gguf_rows[gguf_row * cols..(gguf_row + 1) * cols]);
             }
         }
     }

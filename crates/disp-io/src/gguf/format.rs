@@ -116,10 +116,7 @@ impl GgmlType {
 
     /// Whether [`super::quant::dequantize`] can turn this type into f32.
     pub fn is_dequantizable(self) -> bool {
-        matches!(
-            self,
-            Self::F32 | Self::F16 | Self::BF16 | Self::Q8_0 | Self::Q4_0 | Self::Q4_1
-        )
+        matches!(self, Self::F32 | Self::F16 | Self::BF16 | Self::Q8_0 | Self::Q4_0 | Self::Q4_1)
     }
 }
 
@@ -374,10 +371,7 @@ impl MetadataArray {
             Self::U32(v) => v.iter().map(|&x| x.into()).collect(),
             Self::I32(v) => v.iter().map(|&x| x.into()).collect(),
             Self::I64(v) => v.clone(),
-            Self::U64(v) => v
-                .iter()
-                .map(|&x| i64::try_from(x).ok())
-                .collect::<Option<_>>()?,
+            Self::U64(v) => v.iter().map(|&x| i64::try_from(x).ok()).collect::<Option<_>>()?,
             _ => return None,
         })
     }
@@ -407,9 +401,7 @@ impl From<&str> for MetadataValue {
 
 impl From<Vec<&str>> for MetadataValue {
     fn from(v: Vec<&str>) -> Self {
-        Self::Array(MetadataArray::String(
-            v.into_iter().map(str::to_string).collect(),
-        ))
+        Self::Array(MetadataArray::String(v.into_iter().map(str::to_string).collect()))
     }
 }
 

@@ -14,12 +14,7 @@ pub const Q4_1_BLOCK_BYTES: usize = 4 + QK / 2;
 /// Decodes `bytes` (a whole tensor of `ty`) into `out`, which must hold exactly its values.
 pub fn dequantize(ty: GgmlType, bytes: &[u8], out: &mut [f32]) -> Result<()> {
     let expected = ty.bytes_for(out.len() as u64);
-    ensure!(
-        expected == Some(bytes.len() as u64),
-        "{} values of type {ty} need {expected:?} bytes, got {}",
-        out.len(),
-        bytes.len()
-    );
+    ensure!(expected == Some(bytes.len() as u64), "{} values of type {ty} need {expected:?} bytes, got {}", out.len(), bytes.len());
     match ty {
         GgmlType::F32 => {
             for (o, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
@@ -39,10 +34,7 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], out: &mut [f32]) -> Result<()> {
             }
         }
         GgmlType::Q8_0 => {
-            for (o, block) in out
-                .chunks_exact_mut(QK)
-                .zip(bytes.chunks_exact(Q8_0_BLOCK_BYTES))
-            {
+            for (o, block) in out.chunks_exact_mut(QK).zip(bytes.chunks_exact(Q8_0_BLOCK_BYTES)) {
                 let d = f16::from_le_bytes([block[0], block[1]]).to_f32();
                 for (v, &q) in o.iter_mut().zip(&block[2..]) {
                     *v = d * f32::from(q as i8);
@@ -50,10 +42,7 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], out: &mut [f32]) -> Result<()> {
             }
         }
         GgmlType::Q4_0 => {
-            for (o, block) in out
-                .chunks_exact_mut(QK)
-                .zip(bytes.chunks_exact(Q4_0_BLOCK_BYTES))
-            {
+            for (o, block) in out.chunks_exact_mut(QK).zip(bytes.chunks_exact(Q4_0_BLOCK_BYTES)) {
                 let d = f16::from_le_bytes([block[0], block[1]]).to_f32();
                 let (low, high) = o.split_at_mut(QK / 2);
                 for ((l, h), &q) in low.iter_mut().zip(high).zip(&block[2..]) {
@@ -63,10 +52,7 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], out: &mut [f32]) -> Result<()> {
             }
         }
         GgmlType::Q4_1 => {
-            for (o, block) in out
-                .chunks_exact_mut(QK)
-                .zip(bytes.chunks_exact(Q4_1_BLOCK_BYTES))
-            {
+            for (o, block) in out.chunks_exact_mut(QK).zip(bytes.chunks_exact(Q4_1_BLOCK_BYTES)) {
                 let d = f16::from_le_bytes([block[0], block[1]]).to_f32();
                 let m = f16::from_le_bytes([block[2], block[3]]).to_f32();
                 let (low, high) = o.split_at_mut(QK / 2);
@@ -85,22 +71,12 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], out: &mut [f32]) -> Result<()> {
 /// whole number of 32-value blocks.
 pub fn quantize(ty: GgmlType, values: &[f32]) -> Result<Vec<u8>> {
     if matches!(ty, GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q4_1) {
-        ensure!(
-            values.len().is_multiple_of(QK),
-            "{} values are not a whole number of {QK}-value {ty} blocks",
-            values.len()
-        );
+        ensure!(values.len().is_multiple_of(QK), "{} values are not a whole number of {QK}-value {ty} blocks", values.len());
     }
     Ok(match ty {
         GgmlType::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        GgmlType::F16 => values
-            .iter()
-            .flat_map(|&v| f16::from_f32(v).to_le_bytes())
-            .collect(),
-        GgmlType::BF16 => values
-            .iter()
-            .flat_map(|&v| bf16::from_f32(v).to_le_bytes())
-            .collect(),
+        GgmlType::F16 => values.iter().flat_map(|&v| f16::from_f32(v).to_le_bytes()).collect(),
+        GgmlType::BF16 => values.iter().flat_map(|&v| bf16::from_f32(v).to_le_bytes()).collect(),
         GgmlType::Q8_0 => quantize_q8_0(values),
         GgmlType::Q4_0 => quantize_q4_0(values),
         GgmlType::Q4_1 => quantize_q4_1(values),

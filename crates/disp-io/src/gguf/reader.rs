@@ -9,10 +9,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use memmap2::Mmap;
 
-use super::format::{
-    value_type_name, GgmlType, MetadataArray, MetadataValue, ValueType, ALIGNMENT_KEY,
-    DEFAULT_ALIGNMENT, GGUF_MAGIC, MAX_DIMS,
-};
+use super::format::{value_type_name, GgmlType, MetadataArray, MetadataValue, ValueType, ALIGNMENT_KEY, DEFAULT_ALIGNMENT, GGUF_MAGIC, MAX_DIMS};
 
 /// Nested arrays deeper than this are rejected (guards the recursive parser).
 const MAX_ARRAY_NESTING: usize = 8;
@@ -68,13 +65,7 @@ impl std::fmt::Debug for GgufFile {
 impl GgufFile {
     /// Opens and validates `path`. Errors are one line that starts with the path.
     pub fn open(path: &Path) -> Result<Self> {
-        Self::open_unprefixed(path).map_err(|e| {
-            anyhow!(
-                "{}: {}",
-                path.display(),
-                crate::fsutil::one_line(&format!("{e:#}"))
-            )
-        })
+        Self::open_unprefixed(path).map_err(|e| anyhow!("{}: {}", path.display(), crate::fsutil::one_line(&format!("{e:#}"))))
     }
 
     /// Like [`Self::open`] but the error does not name the file (the caller adds it).
@@ -92,12 +83,7 @@ impl GgufFile {
             version: parsed.version,
             alignment: parsed.alignment,
             data_offset: parsed.data_offset,
-            metadata_index: parsed
-                .metadata
-                .iter()
-                .enumerate()
-                .map(|(i, (k, _))| (k.clone(), i))
-                .collect(),
+            metadata_index: parsed.metadata.iter().enumerate().map(|(i, (k, _))| (k.clone(), i)).collect(),
             metadata: parsed.metadata,
             tensors: parsed.tensors,
         })
@@ -151,30 +137,18 @@ struct Cursor<'a> {
 impl<'a> Cursor<'a> {
     fn take(&mut self, n: u64) -> Result<&'a [u8]> {
         let start = self.pos as u64;
-        let end = start
-            .checked_add(n)
-            .filter(|&end| end <= self.bytes.len() as u64);
+        let end = start.checked_add(n).filter(|&end| end <= self.bytes.len() as u64);
         let Some(end) = end else {
-            bail!(
-                "truncated: {} needs bytes {}..{} but the file has {}",
-                self.context,
-                start,
-                start.saturating_add(n),
-                self.bytes.len()
-            );
+            bail!("truncated: {} needs bytes {}..{} but the file has {}", self.context, start, start.saturating_add(n), self.bytes.len());
         };
         let (start, end) = (start as usize, end as usize);
         self.pos = end;
-        self.bytes
-            .get(start..end)
-            .ok_or_else(|| anyhow!("{}: bytes {start}..{end} out of range", self.context))
+        self.bytes.get(start..end).ok_or_else(|| anyhow!("{}: bytes {start}..{end} out of range", self.context))
     }
 
     fn array<const N: usize>(&mut self) -> Result<[u8; N]> {
         let bytes = self.take(N as u64)?;
-        bytes
-            .try_into()
-            .map_err(|_| anyhow!("{}: expected {N} bytes, got {}", self.context, bytes.len()))
+        bytes.try_into().map_err(|_| anyhow!("{}: expected {N} bytes, got {}", self.context, bytes.len()))
     }
 
     fn u8(&mut self) -> Result<u8> {
@@ -201,11 +175,7 @@ impl<'a> Cursor<'a> {
         let raw = self.take(len)?;
         match std::str::from_utf8(raw) {
             Ok(s) => Ok(s.to_string()),
-            Err(e) => bail!(
-                "{}: string at byte {} is not valid UTF-8 ({e})",
-                self.context,
-                start
-            ),
+            Err(e) => bail!("{}: string at byte {} is not valid UTF-8 ({e})", self.context, start),
         }
     }
 
@@ -221,12 +191,7 @@ impl<'a> Cursor<'a> {
     fn value_type(&mut self) -> Result<ValueType> {
         let at = self.pos;
         let id = self.u32()?;
-        ValueType::from_id(id).ok_or_else(|| {
-            anyhow!(
-                "{}: unknown metadata value type {id} at byte {at}",
-                self.context
-            )
-        })
+        ValueType::from_id(id).ok_or_else(|| anyhow!("{}: unknown metadata value type {id} at byte {at}", self.context))
     }
 
     fn value(&mut self, value_type: ValueType, depth: usize) -> Result<MetadataValue> {
@@ -248,11 +213,7 @@ impl<'a> Cursor<'a> {
     }
 
     fn array_value(&mut self, depth: usize) -> Result<MetadataArray> {
-        ensure!(
-            depth < MAX_ARRAY_NESTING,
-            "{}: arrays nested more than {MAX_ARRAY_NESTING} deep",
-            self.context
-        );
+        ensure!(depth < MAX_ARRAY_NESTING, "{}: arrays nested more than {MAX_ARRAY_NESTING} deep", self.context);
         let element_type = self.value_type()?;
         let count = self.u64()?;
         // Reject a count the rest of the file cannot possibly hold before allocating for it.
@@ -280,9 +241,7 @@ impl<'a> Cursor<'a> {
         }
         Ok(match element_type {
             ValueType::U8 => MetadataArray::U8(self.take(count)?.to_vec()),
-            ValueType::I8 => {
-                MetadataArray::I8(self.take(count)?.iter().map(|&b| b as i8).collect())
-            }
+            ValueType::I8 => MetadataArray::I8(self.take(count)?.iter().map(|&b| b as i8).collect()),
             ValueType::U16 => collect!(U16, self.u16()?),
             ValueType::I16 => collect!(I16, self.u16()? as i16),
             ValueType::U32 => collect!(U32, self.u32()?),
@@ -299,23 +258,14 @@ impl<'a> Cursor<'a> {
 }
 
 fn parse(bytes: &[u8]) -> Result<Parsed> {
-    let mut cur = Cursor {
-        bytes,
-        pos: 0,
-        context: "the GGUF header".to_string(),
-    };
+    let mut cur = Cursor { bytes, pos: 0, context: "the GGUF header".to_string() };
     if bytes.len() < 4 {
-        bail!(
-            "truncated: the GGUF magic needs bytes 0..4 but the file has {}",
-            bytes.len()
-        );
+        bail!("truncated: the GGUF magic needs bytes 0..4 but the file has {}", bytes.len());
     }
     let magic = cur.array::<4>()?;
     if magic != GGUF_MAGIC {
         let [a, b, c, d] = magic;
-        bail!(
-            "not a GGUF file: bad magic {a:02x} {b:02x} {c:02x} {d:02x} (expected 'GGUF' = 47 47 55 46)"
-        );
+        bail!("not a GGUF file: bad magic {a:02x} {b:02x} {c:02x} {d:02x} (expected 'GGUF' = 47 47 55 46)");
     }
     let version = cur.u32()?;
     match version {
@@ -346,16 +296,8 @@ fn parse(bytes: &[u8]) -> Result<Parsed> {
     let alignment = match metadata.iter().find(|(k, _)| k == ALIGNMENT_KEY) {
         None => DEFAULT_ALIGNMENT,
         Some((_, value)) => {
-            let a = value.as_u64().ok_or_else(|| {
-                anyhow!(
-                    "{ALIGNMENT_KEY} must be an integer, found {}",
-                    value.type_description()
-                )
-            })?;
-            ensure!(
-                a > 0 && a.is_power_of_two(),
-                "{ALIGNMENT_KEY} = {a} is not a power of two"
-            );
+            let a = value.as_u64().ok_or_else(|| anyhow!("{ALIGNMENT_KEY} must be an integer, found {}", value.type_description()))?;
+            ensure!(a > 0 && a.is_power_of_two(), "{ALIGNMENT_KEY} = {a} is not a power of two");
             a
         }
     };
@@ -367,10 +309,7 @@ fn parse(bytes: &[u8]) -> Result<Parsed> {
         let name = cur.string()?;
         cur.context = format!("tensor info '{name}'");
         let n_dims = cur.u32()?;
-        ensure!(
-            (1..=MAX_DIMS as u32).contains(&n_dims),
-            "tensor {name} has {n_dims} dimensions (ggml allows 1 to {MAX_DIMS})"
-        );
+        ensure!((1..=MAX_DIMS as u32).contains(&n_dims), "tensor {name} has {n_dims} dimensions (ggml allows 1 to {MAX_DIMS})");
         let mut ne = Vec::with_capacity(n_dims as usize);
         for _ in 0..n_dims {
             ne.push(cur.u64()?);
@@ -380,13 +319,7 @@ fn parse(bytes: &[u8]) -> Result<Parsed> {
         if seen_names.insert(name.clone(), ()).is_some() {
             bail!("duplicate tensor name '{name}'");
         }
-        tensors.push(TensorInfo {
-            name,
-            ne,
-            ggml_type,
-            offset,
-            file_range: 0..0,
-        });
+        tensors.push(TensorInfo { name, ne, ggml_type, offset, file_range: 0..0 });
     }
 
     let header_end = cur.pos as u64;
@@ -396,17 +329,8 @@ fn parse(bytes: &[u8]) -> Result<Parsed> {
         let elements =
             t.ne.iter()
                 .try_fold(1u64, |acc, &d| acc.checked_mul(d))
-                .ok_or_else(|| {
-                    anyhow!(
-                        "tensor {} has dimensions {:?} whose product overflows",
-                        t.name,
-                        t.ne
-                    )
-                })?;
-        let per_block = t
-            .ggml_type
-            .block_elements()
-            .ok_or_else(|| anyhow!("tensor {} has unknown GGUF type {}", t.name, t.ggml_type.0))?;
+                .ok_or_else(|| anyhow!("tensor {} has dimensions {:?} whose product overflows", t.name, t.ne))?;
+        let per_block = t.ggml_type.block_elements().ok_or_else(|| anyhow!("tensor {} has unknown GGUF type {}", t.name, t.ggml_type.0))?;
         let row = t.ne.first().copied().unwrap_or(0);
         ensure!(
             row % per_block == 0,
@@ -414,19 +338,8 @@ fn parse(bytes: &[u8]) -> Result<Parsed> {
             t.name,
             t.ggml_type
         );
-        let size = t.ggml_type.bytes_for(elements).ok_or_else(|| {
-            anyhow!(
-                "tensor {} has dimensions {:?} whose byte size overflows",
-                t.name,
-                t.ne
-            )
-        })?;
-        ensure!(
-            t.offset % alignment == 0,
-            "tensor {} has offset {} which is not a multiple of the alignment {alignment}",
-            t.name,
-            t.offset
-        );
+        let size = t.ggml_type.bytes_for(elements).ok_or_else(|| anyhow!("tensor {} has dimensions {:?} whose byte size overflows", t.name, t.ne))?;
+        ensure!(t.offset % alignment == 0, "tensor {} has offset {} which is not a multiple of the alignment {alignment}", t.name, t.offset);
         let start = data_offset.checked_add(t.offset);
         let end = start.and_then(|s| s.checked_add(size));
         match (start, end) {
@@ -440,11 +353,5 @@ fn parse(bytes: &[u8]) -> Result<Parsed> {
         }
     }
 
-    Ok(Parsed {
-        version,
-        alignment,
-        data_offset,
-        metadata,
-        tensors,
-    })
+    Ok(Parsed { version, alignment, data_offset, metadata, tensors })
 }

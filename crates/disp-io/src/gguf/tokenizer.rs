@@ -27,7 +27,8 @@ const TOKEN_TYPE_USER_DEFINED: i64 = 4;
 
 /// Llama 3's pre-tokenizer split (the `llama-bpe` pre type); HF applies it before a regex-free
 /// byte-level step.
-const LLAMA3_SPLIT_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const LLAMA3_SPLIT_REGEX: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// The rebuilt tokenizer plus what config.json needs from it.
 pub(crate) struct TokenizerParts {
@@ -43,51 +44,24 @@ fn optional_token_id(gguf: &GgufFile, key: &str, vocab_size: usize) -> Result<Op
     let Some(value) = gguf.get(key) else {
         return Ok(None);
     };
-    let id = value.as_u64().ok_or_else(|| {
-        anyhow!(
-            "metadata {key} must be an integer, found {}",
-            value.type_description()
-        )
-    })?;
-    ensure!(
-        id < vocab_size as u64,
-        "metadata {key} = {id} is outside the vocabulary of {vocab_size} tokens"
-    );
+    let id = value.as_u64().ok_or_else(|| anyhow!("metadata {key} must be an integer, found {}", value.type_description()))?;
+    ensure!(id < vocab_size as u64, "metadata {key} = {id} is outside the vocabulary of {vocab_size} tokens");
     Ok(Some(id as u32))
 }
 
 fn optional_bool(gguf: &GgufFile, key: &str) -> Result<Option<bool>> {
-    gguf.get(key)
-        .map(|v| {
-            v.as_bool().ok_or_else(|| {
-                anyhow!(
-                    "metadata {key} must be a bool, found {}",
-                    v.type_description()
-                )
-            })
-        })
-        .transpose()
+    gguf.get(key).map(|v| v.as_bool().ok_or_else(|| anyhow!("metadata {key} must be a bool, found {}", v.type_description()))).transpose()
 }
 
 /// Builds the tokenizer from `tokenizer.*` metadata. `model_max_length` goes into
 /// tokenizer_config.json.
-pub(crate) fn build_tokenizer(
-    gguf: &GgufFile,
-    model_max_length: Option<u64>,
-) -> Result<TokenizerParts> {
+pub(crate) fn build_tokenizer(gguf: &GgufFile, model_max_length: Option<u64>) -> Result<TokenizerParts> {
     let model = match gguf.get("tokenizer.ggml.model") {
         None => bail!("the GGUF has no tokenizer (metadata tokenizer.ggml.model is missing)"),
-        Some(v) => v.as_str().ok_or_else(|| {
-            anyhow!(
-                "metadata tokenizer.ggml.model must be a string, found {}",
-                v.type_description()
-            )
-        })?,
+        Some(v) => v.as_str().ok_or_else(|| anyhow!("metadata tokenizer.ggml.model must be a string, found {}", v.type_description()))?,
     };
     if model != "gpt2" {
-        bail!(
-            "unsupported GGUF tokenizer model '{model}' (only 'gpt2' byte-level BPE is supported)"
-        );
+        bail!("unsupported GGUF tokenizer model '{model}' (only 'gpt2' byte-level BPE is supported)");
     }
 
     let tokens = gguf
@@ -95,48 +69,33 @@ pub(crate) fn build_tokenizer(
         .and_then(|v| v.as_array())
         .and_then(|a| a.as_strings())
         .ok_or_else(|| anyhow!("metadata tokenizer.ggml.tokens (array of string) is missing"))?;
-    ensure!(
-        !tokens.is_empty(),
-        "metadata tokenizer.ggml.tokens is empty"
-    );
+    ensure!(!tokens.is_empty(), "metadata tokenizer.ggml.tokens is empty");
     let vocab_size = tokens.len();
 
     let merges_raw: &[String] = match gguf.get("tokenizer.ggml.merges") {
         None => &[],
-        Some(v) => v.as_array().and_then(|a| a.as_strings()).ok_or_else(|| {
-            anyhow!(
-                "metadata tokenizer.ggml.merges must be an array of string, found {}",
-                v.type_description()
-            )
-        })?,
+        Some(v) => v
+            .as_array()
+            .and_then(|a| a.as_strings())
+            .ok_or_else(|| anyhow!("metadata tokenizer.ggml.merges must be an array of string, found {}", v.type_description()))?,
     };
     let merges = merges_raw
         .iter()
         .enumerate()
         .map(|(i, merge)| match merge.split_once(' ') {
-            Some((a, b)) if !a.is_empty() && !b.is_empty() && !b.contains(' ') => {
-                Ok((a.to_string(), b.to_string()))
-            }
-            _ => Err(anyhow!(
-                "tokenizer.ggml.merges[{i}] = {merge:?} is not two tokens separated by one space"
-            )),
+            Some((a, b)) if !a.is_empty() && !b.is_empty() && !b.contains(' ') => Ok((a.to_string(), b.to_string())),
+            _ => Err(anyhow!("tokenizer.ggml.merges[{i}] = {merge:?} is not two tokens separated by one space")),
         })
         .collect::<Result<Vec<_>>>()?;
 
     let token_types: Option<Vec<i64>> = match gguf.get("tokenizer.ggml.token_type") {
         None => None,
         Some(v) => {
-            let types = v.as_array().and_then(|a| a.to_i64_vec()).ok_or_else(|| {
-                anyhow!(
-                    "metadata tokenizer.ggml.token_type must be an integer array, found {}",
-                    v.type_description()
-                )
-            })?;
-            ensure!(
-                types.len() == vocab_size,
-                "metadata tokenizer.ggml.token_type has {} entries but there are {vocab_size} tokens",
-                types.len()
-            );
+            let types = v
+                .as_array()
+                .and_then(|a| a.to_i64_vec())
+                .ok_or_else(|| anyhow!("metadata tokenizer.ggml.token_type must be an integer array, found {}", v.type_description()))?;
+            ensure!(types.len() == vocab_size, "metadata tokenizer.ggml.token_type has {} entries but there are {vocab_size} tokens", types.len());
             Some(types)
         }
     };
@@ -149,21 +108,11 @@ pub(crate) fn build_tokenizer(
     let add_eos = optional_bool(gguf, "tokenizer.ggml.add_eos_token")?.unwrap_or(false);
     let chat_template = match gguf.get("tokenizer.chat_template") {
         None => None,
-        Some(v) => Some(v.as_str().ok_or_else(|| {
-            anyhow!(
-                "metadata tokenizer.chat_template must be a string, found {}",
-                v.type_description()
-            )
-        })?),
+        Some(v) => Some(v.as_str().ok_or_else(|| anyhow!("metadata tokenizer.chat_template must be a string, found {}", v.type_description()))?),
     };
     let pre = match gguf.get("tokenizer.ggml.pre") {
         None => "default",
-        Some(v) => v.as_str().ok_or_else(|| {
-            anyhow!(
-                "metadata tokenizer.ggml.pre must be a string, found {}",
-                v.type_description()
-            )
-        })?,
+        Some(v) => v.as_str().ok_or_else(|| anyhow!("metadata tokenizer.ggml.pre must be a string, found {}", v.type_description()))?,
     };
 
     // The pre-tokenizer HF uses for each llama.cpp pre type we know; guessing for others would
@@ -171,25 +120,11 @@ pub(crate) fn build_tokenizer(
     let byte_level_with_regex: PreTokenizerWrapper = ByteLevel::new(false, true, true).into();
     let (pre_tokenizer, ignore_merges): (PreTokenizerWrapper, bool) = match pre {
         "default" | "gpt2" | "gpt-2" => (byte_level_with_regex, false),
-        "smollm" | "starcoder" | "refact" => (
-            PreTokenizerSequence::new(vec![Digits::new(true).into(), byte_level_with_regex]).into(),
-            false,
-        ),
+        "smollm" | "starcoder" | "refact" => (PreTokenizerSequence::new(vec![Digits::new(true).into(), byte_level_with_regex]).into(), false),
         "llama-bpe" | "llama3" => {
-            let split = Split::new(
-                SplitPattern::Regex(LLAMA3_SPLIT_REGEX.to_string()),
-                SplitDelimiterBehavior::Isolated,
-                false,
-            )
-            .map_err(|e| anyhow!("cannot compile the llama3 pre-tokenizer regex: {e}"))?;
-            (
-                PreTokenizerSequence::new(vec![
-                    split.into(),
-                    ByteLevel::new(false, true, false).into(),
-                ])
-                .into(),
-                true,
-            )
+            let split = Split::new(SplitPattern::Regex(LLAMA3_SPLIT_REGEX.to_string()), SplitDelimiterBehavior::Isolated, false)
+                .map_err(|e| anyhow!("cannot compile the llama3 pre-tokenizer regex: {e}"))?;
+            (PreTokenizerSequence::new(vec![split.into(), ByteLevel::new(false, true, false).into()]).into(), true)
         }
         other => bail!("unsupported GGUF pre-tokenizer 'tokenizer.ggml.pre = {other}'"),
     };
@@ -210,16 +145,11 @@ pub(crate) fn build_tokenizer(
 
     check_bpe_merges(|token| vocab.contains_key(token), merges.iter().map(|(a, b)| (a.as_str(), b.as_str())), "")
         .map_err(|e| anyhow!("tokenizer.ggml.merges: {e}"))?;
-    let mut bpe = BPE::builder()
-        .vocab_and_merges(vocab, merges)
-        .byte_fallback(false)
-        .ignore_merges(ignore_merges);
+    let mut bpe = BPE::builder().vocab_and_merges(vocab, merges).byte_fallback(false).ignore_merges(ignore_merges);
     if let Some(unk) = unk {
         bpe = bpe.unk_token(token_text(tokens, unk));
     }
-    let bpe = bpe
-        .build()
-        .map_err(|e| anyhow!("cannot build the BPE model from the GGUF vocabulary: {e}"))?;
+    let bpe = bpe.build().map_err(|e| anyhow!("cannot build the BPE model from the GGUF vocabulary: {e}"))?;
 
     // Special (control/unknown) and user-defined tokens become added tokens so that they are
     // matched whole before BPE runs. Without token types, fall back to the named ids.
@@ -253,20 +183,10 @@ pub(crate) fn build_tokenizer(
         byte_level_post
     };
     tokenizer.with_post_processor(Some(post_processor));
-    let special_tokens: Vec<AddedToken> = special_ids
-        .iter()
-        .map(|&id| AddedToken::from(token_text(tokens, id), true))
-        .collect();
-    tokenizer
-        .add_special_tokens(special_tokens)
-        .map_err(|e| anyhow!("cannot add special tokens: {e}"))?;
-    let user_tokens: Vec<AddedToken> = user_defined_ids
-        .iter()
-        .map(|&id| AddedToken::from(token_text(tokens, id), false).normalized(false))
-        .collect();
-    tokenizer
-        .add_tokens(user_tokens)
-        .map_err(|e| anyhow!("cannot add user-defined tokens: {e}"))?;
+    let special_tokens: Vec<AddedToken> = special_ids.iter().map(|&id| AddedToken::from(token_text(tokens, id), true)).collect();
+    tokenizer.add_special_tokens(special_tokens).map_err(|e| anyhow!("cannot add special tokens: {e}"))?;
+    let user_tokens: Vec<AddedToken> = user_defined_ids.iter().map(|&id| AddedToken::from(token_text(tokens, id), false).normalized(false)).collect();
+    tokenizer.add_tokens(user_tokens).map_err(|e| anyhow!("cannot add user-defined tokens: {e}"))?;
 
     let mut added_tokens_decoder = Map::new();
     let mut added: Vec<(u32, bool)> = special_ids.iter().map(|&id| (id, true)).collect();
@@ -289,12 +209,7 @@ pub(crate) fn build_tokenizer(
     config.insert("add_bos_token".into(), add_bos.into());
     config.insert("add_eos_token".into(), add_eos.into());
     config.insert("added_tokens_decoder".into(), added_tokens_decoder.into());
-    for (key, id) in [
-        ("bos_token", bos),
-        ("eos_token", eos),
-        ("unk_token", unk),
-        ("pad_token", pad),
-    ] {
+    for (key, id) in [("bos_token", bos), ("eos_token", eos), ("unk_token", unk), ("pad_token", pad)] {
         if let Some(id) = id {
             config.insert(key.into(), token_text(tokens, id).into());
         }
@@ -308,14 +223,7 @@ pub(crate) fn build_tokenizer(
     }
     config.insert("tokenizer_class".into(), "PreTrainedTokenizerFast".into());
 
-    Ok(TokenizerParts {
-        tokenizer,
-        tokenizer_config: Value::Object(config),
-        vocab_size,
-        bos_token_id: bos,
-        eos_token_id: eos,
-        pad_token_id: pad,
-    })
+    Ok(TokenizerParts { tokenizer, tokenizer_config: Value::Object(config), vocab_size, bos_token_id: bos, eos_token_id: eos, pad_token_id: pad })
 }
 
 /// The text of token `id`. Every id used here was checked against the vocabulary (named ids by
@@ -327,11 +235,7 @@ fn token_text(tokens: &[String], id: u32) -> String {
 /// Checks what the `tokenizers` BPE builder assumes but does not check (it panics instead): both
 /// parts of every merge and the token they make are in the vocabulary, and the second part starts
 /// with the continuing-subword `prefix`.
-pub fn check_bpe_merges<'a>(
-    in_vocab: impl Fn(&str) -> bool,
-    merges: impl Iterator<Item = (&'a str, &'a str)>,
-    prefix: &str,
-) -> Result<()> {
+pub fn check_bpe_merges<'a>(in_vocab: impl Fn(&str) -> bool, merges: impl Iterator<Item = (&'a str, &'a str)>, prefix: &str) -> Result<()> {
     for (i, (a, b)) in merges.enumerate() {
         for part in [a, b] {
             ensure!(in_vocab(part), "merge #{i} {a:?} + {b:?}: {part:?} is not in the vocabulary");
@@ -340,30 +244,19 @@ pub fn check_bpe_merges<'a>(
             bail!("merge #{i} {a:?} + {b:?}: {b:?} does not start with the subword prefix {prefix:?}");
         };
         let merged = format!("{a}{rest}");
-        ensure!(
-            in_vocab(&merged),
-            "merge #{i} {a:?} + {b:?} makes {merged:?}, which is not in the vocabulary"
-        );
+        ensure!(in_vocab(&merged), "merge #{i} {a:?} + {b:?} makes {merged:?}, which is not in the vocabulary");
     }
     Ok(())
 }
 
 /// `<bos> $A <eos>` style post-processing for GGUFs that ask for BOS/EOS to be added.
-fn bos_eos_template(
-    tokens: &[String],
-    bos: Option<u32>,
-    eos: Option<u32>,
-    add_bos: bool,
-    add_eos: bool,
-) -> Result<TemplateProcessing> {
+fn bos_eos_template(tokens: &[String], bos: Option<u32>, eos: Option<u32>, add_bos: bool, add_eos: bool) -> Result<TemplateProcessing> {
     let mut special = Vec::new();
     let mut wrap = |flag: bool, id: Option<u32>, what: &str| -> Result<Option<String>> {
         if !flag {
             return Ok(None);
         }
-        let id = id.ok_or_else(|| {
-            anyhow!("tokenizer.ggml.add_{what}_token is set but there is no {what} token id")
-        })?;
+        let id = id.ok_or_else(|| anyhow!("tokenizer.ggml.add_{what}_token is set but there is no {what} token id"))?;
         let token = token_text(tokens, id);
         ensure!(
             !token.contains(char::is_whitespace) && !token.starts_with('$'),

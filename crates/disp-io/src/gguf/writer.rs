@@ -12,9 +12,7 @@ use std::path::Path;
 
 use anyhow::{ensure, Context, Result};
 
-use super::format::{
-    GgmlType, MetadataArray, MetadataValue, ALIGNMENT_KEY, DEFAULT_ALIGNMENT, GGUF_MAGIC,
-};
+use super::format::{GgmlType, MetadataArray, MetadataValue, ALIGNMENT_KEY, DEFAULT_ALIGNMENT, GGUF_MAGIC};
 use super::quant;
 
 /// A tensor waiting to be written.
@@ -44,12 +42,7 @@ impl Default for GgufWriter {
 impl GgufWriter {
     /// A GGUF v3 file with the default alignment of 32.
     pub fn new() -> Self {
-        Self {
-            version: 3,
-            alignment: DEFAULT_ALIGNMENT,
-            metadata: Vec::new(),
-            tensors: Vec::new(),
-        }
+        Self { version: 3, alignment: DEFAULT_ALIGNMENT, metadata: Vec::new(), tensors: Vec::new() }
     }
 
     /// Sets the version field (2 and 3 share one layout; other values make invalid files).
@@ -60,20 +53,13 @@ impl GgufWriter {
 
     /// Uses a non-default alignment and records it as `general.alignment` (u32).
     pub fn alignment(&mut self, alignment: u32) -> &mut Self {
-        assert!(
-            alignment.is_power_of_two(),
-            "GGUF alignment must be a power of two"
-        );
+        assert!(alignment.is_power_of_two(), "GGUF alignment must be a power of two");
         self.alignment = alignment.into();
         self.metadata(ALIGNMENT_KEY, alignment)
     }
 
     /// Adds a metadata entry, replacing an earlier one with the same key.
-    pub fn metadata(
-        &mut self,
-        key: impl Into<String>,
-        value: impl Into<MetadataValue>,
-    ) -> &mut Self {
+    pub fn metadata(&mut self, key: impl Into<String>, value: impl Into<MetadataValue>) -> &mut Self {
         let key = key.into();
         let value = value.into();
         match self.metadata.iter_mut().find(|(k, _)| *k == key) {
@@ -91,44 +77,20 @@ impl GgufWriter {
 
     /// Adds a tensor from already encoded bytes. `ne` is innermost first (ggml order). Nothing
     /// is checked, so tests can build inconsistent files on purpose.
-    pub fn tensor_raw(
-        &mut self,
-        name: impl Into<String>,
-        ne: &[u64],
-        ggml_type: GgmlType,
-        data: Vec<u8>,
-    ) -> &mut Self {
-        self.tensors.push(PendingTensor {
-            name: name.into(),
-            ne: ne.to_vec(),
-            ggml_type,
-            data,
-        });
+    pub fn tensor_raw(&mut self, name: impl Into<String>, ne: &[u64], ggml_type: GgmlType, data: Vec<u8>) -> &mut Self {
+        self.tensors.push(PendingTensor { name: name.into(), ne: ne.to_vec(), ggml_type, data });
         self
     }
 
     /// Adds a tensor from f32 values (row-major, innermost dimension `ne[0]` fastest), encoded
     /// as `ggml_type` (F32, F16, BF16, Q8_0, Q4_0 or Q4_1) the way llama.cpp's reference
     /// quantisers do it.
-    pub fn tensor_f32(
-        &mut self,
-        name: impl Into<String>,
-        ne: &[u64],
-        ggml_type: GgmlType,
-        values: &[f32],
-    ) -> Result<&mut Self> {
+    pub fn tensor_f32(&mut self, name: impl Into<String>, ne: &[u64], ggml_type: GgmlType, values: &[f32]) -> Result<&mut Self> {
         let name = name.into();
         let elements: u64 = ne.iter().product();
-        ensure!(
-            elements == values.len() as u64,
-            "tensor {name}: ne {ne:?} holds {elements} values but {} were given",
-            values.len()
-        );
+        ensure!(elements == values.len() as u64, "tensor {name}: ne {ne:?} holds {elements} values but {} were given", values.len());
         if let Some(per_block) = ggml_type.block_elements() {
-            ensure!(
-                ne.first().is_some_and(|n| n % per_block == 0),
-                "tensor {name}: rows of {ggml_type} must be a multiple of {per_block} values"
-            );
+            ensure!(ne.first().is_some_and(|n| n % per_block == 0), "tensor {name}: rows of {ggml_type} must be a multiple of {per_block} values");
         }
         let data = quant::quantize(ggml_type, values).with_context(|| format!("tensor {name}"))?;
         Ok(self.tensor_raw(name, ne, ggml_type, data))
@@ -168,8 +130,7 @@ impl GgufWriter {
     }
 
     pub fn write(&self, path: &Path) -> Result<()> {
-        std::fs::write(path, self.to_bytes())
-            .with_context(|| format!("{}: cannot write", path.display()))
+        std::fs::write(path, self.to_bytes()).with_context(|| format!("{}: cannot write", path.display()))
     }
 }
 

@@ -24,11 +24,11 @@ const MAGIC: &[u8; 8] = b"DISPHNC2";
 /// The magic of the first format, which had no checksum.
 const MAGIC_WITHOUT_CHECKSUM: &[u8; 8] = b"DISPHNC1";
 const CHECKSUM_BYTES: usize = 32;
-pub const CHECKPOINT_FORMAT_VERSION: u32 = 1;
+pub const SEARCH_STATE_FORMAT_VERSION: u32 = 1;
 
 /// What a checkpoint records besides the tensors.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct CheckpointHeader {
+pub struct SearchStateHeader {
     pub format_version: u32,
     /// Steps completed.
     pub step: usize,
@@ -41,13 +41,13 @@ pub struct CheckpointHeader {
     pub first_regulariser: Option<f64>,
 }
 
-pub struct CheckpointData {
-    pub header: CheckpointHeader,
+pub struct SearchState {
+    pub header: SearchStateHeader,
     pub hypernet: Vec<u8>,
     pub optimizer: Vec<u8>,
 }
 
-pub fn write(path: &Path, header: &CheckpointHeader, hypernet: &[u8], optimizer: &[u8]) -> Result<()> {
+pub fn write(path: &Path, header: &SearchStateHeader, hypernet: &[u8], optimizer: &[u8]) -> Result<()> {
     let json = serde_json::to_vec_pretty(header).context("cannot serialise the checkpoint header")?;
     let mut bytes = Vec::with_capacity(8 + 24 + json.len() + hypernet.len() + optimizer.len() + CHECKSUM_BYTES);
     bytes.extend_from_slice(MAGIC);
@@ -63,7 +63,7 @@ pub fn write(path: &Path, header: &CheckpointHeader, hypernet: &[u8], optimizer:
     disp_core::fsutil::write_atomic(path, &bytes)
 }
 
-pub fn read(path: &Path) -> Result<CheckpointData> {
+pub fn read(path: &Path) -> Result<SearchState> {
     let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read checkpoint", path.display()))?;
     let (magic, rest) = bytes.split_at_checked(MAGIC.len()).unwrap_or((&[], &[]));
     if magic == MAGIC_WITHOUT_CHECKSUM {
@@ -72,8 +72,7 @@ pub fn read(path: &Path) -> Result<CheckpointData> {
     if magic != MAGIC {
         bail!("{}: not a disp search checkpoint", path.display());
     }
-    let Some((body, checksum)) = rest.split_at_checked(rest.len().saturating_sub(CHECKSUM_BYTES)).filter(|(_, c)| c.len() == CHECKSUM_BYTES)
-    else {
+    let Some((body, checksum)) = rest.split_at_checked(rest.len().saturating_sub(CHECKSUM_BYTES)).filter(|(_, c)| c.len() == CHECKSUM_BYTES) else {
         bail!("{}: truncated checkpoint (no checksum)", path.display());
     };
     let mut hasher = Sha256::new();
@@ -98,16 +97,11 @@ pub fn read(path: &Path) -> Result<CheckpointData> {
     let [header, hypernet, optimizer] = sections[..] else {
         bail!("{}: checkpoint has {} sections, expected 3", path.display(), sections.len());
     };
-    let header: CheckpointHeader =
-        serde_json::from_slice(header).with_context(|| format!("{}: unreadable checkpoint header", path.display()))?;
-    if header.format_version != CHECKPOINT_FORMAT_VERSION {
-        bail!(
-            "{}: checkpoint format {} (this build reads {CHECKPOINT_FORMAT_VERSION})",
-            path.display(),
-            header.format_version
-        );
+    let header: SearchStateHeader = serde_json::from_slice(header).with_context(|| format!("{}: unreadable checkpoint header", path.display()))?;
+    if header.format_version != SEARCH_STATE_FORMAT_VERSION {
+        bail!("{}: checkpoint format {} (this build reads {SEARCH_STATE_FORMAT_VERSION})", path.display(), header.format_version);
     }
-    Ok(CheckpointData { header, hypernet: hypernet.to_vec(), optimizer: optimizer.to_vec() })
+    Ok(SearchState { header, hypernet: hypernet.to_vec(), optimizer: optimizer.to_vec() })
 }
 
 #[cfg(test)]
@@ -115,9 +109,9 @@ pub fn read(path: &Path) -> Result<CheckpointData> {
 mod tests {
     use super::*;
 
-    fn header() -> CheckpointHeader {
-        CheckpointHeader {
-            format_version: CHECKPOINT_FORMAT_VERSION,
+    fn header() -> SearchStateHeader {
+        SearchStateHeader {
+            format_version: SEARCH_STATE_FORMAT_VERSION,
             step: 7,
             model: ModelIdentity { model_type: "llama".into(), num_layers: 2, hidden_size: 4, intermediate_size: 6, fingerprint: None },
             settings: serde_json::json!({"seed": 1}),

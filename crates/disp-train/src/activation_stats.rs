@@ -5,7 +5,7 @@
 
 use anyhow::{bail, Result};
 use burn::tensor::{Int, Tensor, TensorData};
-use disp_core::activations::BlockActivationNorms;
+use disp_core::activation_stats::BlockActivationNorms;
 use disp_core::selection::BlockGates;
 use disp_models::CausalLm;
 
@@ -16,22 +16,14 @@ pub fn collect(model: &dyn CausalLm, windows: &[Vec<u32>]) -> Result<Vec<BlockAc
 }
 
 /// [`collect`], calling `on_window(done)` after each window.
-pub fn collect_with_progress(
-    model: &dyn CausalLm,
-    windows: &[Vec<u32>],
-    mut on_window: impl FnMut(usize),
-) -> Result<Vec<BlockActivationNorms>> {
+pub fn collect_with_progress(model: &dyn CausalLm, windows: &[Vec<u32>], mut on_window: impl FnMut(usize)) -> Result<Vec<BlockActivationNorms>> {
     if model.is_pruned() {
         bail!("activation statistics need the dense model, not a pruned one");
     }
     crate::search::check_windows(windows, model)?;
     let device = model.device();
-    let gates: Vec<BlockGates> = model
-        .model_shape()
-        .blocks
-        .iter()
-        .map(|block| BlockGates::recording(block.hidden, block.intermediate, device))
-        .collect();
+    let gates: Vec<BlockGates> =
+        model.model_shape().blocks.iter().map(|block| BlockGates::recording(block.hidden, block.intermediate, device)).collect();
     for (done, window) in windows.iter().enumerate() {
         let ids: Vec<i64> = window.iter().map(|&t| t as i64).collect();
         let tokens = Tensor::<2, Int>::from_data(TensorData::new(ids, [1, window.len()]), device);

@@ -1,6 +1,5 @@
 //! Timing of one hypernetwork step (forward through the masked model, backward to the gates and
-//! the hypernetwork, AdamW update) on random token windows: `disp bench-step` and
-//! `cargo bench -p disp-train`.
+//! the hypernetwork, AdamW update) on random token windows, for `cargo bench -p disp-train`.
 
 use anyhow::Result;
 use disp_core::params::RatioOf;
@@ -13,7 +12,7 @@ use crate::SearchConfig;
 
 /// Medians over the timed steps (the first, warm-up step is not counted).
 #[derive(Debug, Clone, Serialize)]
-pub struct BenchReport {
+pub struct StepTimingReport {
     pub seq_len: usize,
     pub batch_size: usize,
     /// Timed steps.
@@ -27,7 +26,7 @@ pub struct BenchReport {
 
 /// Times `steps` hypernetwork steps (after one warm-up step) of batch 1 and `seq_len` random
 /// tokens on `model`.
-pub fn bench_step(model: &dyn CausalLm, seq_len: usize, steps: usize, seed: u64) -> Result<BenchReport> {
+pub fn time_search_steps(model: &dyn CausalLm, seq_len: usize, steps: usize, seed: u64) -> Result<StepTimingReport> {
     anyhow::ensure!(steps >= 1, "benchmark needs at least one timed step");
     let mut rng = crate::rng::stream(seed, Purpose::Bench, 0);
     let vocab = model.vocab_size();
@@ -45,7 +44,15 @@ pub fn bench_step(model: &dyn CausalLm, seq_len: usize, steps: usize, seed: u64)
     let mut times = Vec::with_capacity(steps);
     for i in 0..=steps {
         let (report, t) = searcher.step_timed()?;
-        tracing::info!(step = i, total = t.total, forward = t.forward, backward = t.backward, optimizer = t.optimizer, lm_loss = report.lm_loss, "bench step");
+        tracing::info!(
+            step = i,
+            total = t.total,
+            forward = t.forward,
+            backward = t.backward,
+            optimizer = t.optimizer,
+            lm_loss = report.lm_loss,
+            "bench step"
+        );
         if i > 0 {
             times.push(t);
         }
@@ -54,14 +61,23 @@ pub fn bench_step(model: &dyn CausalLm, seq_len: usize, steps: usize, seed: u64)
         let mut v: Vec<f64> = times.iter().map(f).collect();
         v.sort_by(f64::total_cmp);
         let n = v.len();
-        if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+        if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        }
     };
     let totals: Vec<f64> = times.iter().map(|t| t.total).collect();
-    Ok(BenchReport {
+    Ok(StepTimingReport {
         seq_len,
         batch_size: 1,
         steps,
-        median: StepTimes { forward: median(|t| t.forward), backward: median(|t| t.backward), optimizer: median(|t| t.optimizer), total: median(|t| t.total) },
+        median: StepTimes {
+            forward: median(|t| t.forward),
+            backward: median(|t| t.backward),
+            optimizer: median(|t| t.optimizer),
+            total: median(|t| t.total),
+        },
         min_total: totals.iter().copied().fold(f64::INFINITY, f64::min),
         max_total: totals.iter().copied().fold(0.0, f64::max),
         totals,
