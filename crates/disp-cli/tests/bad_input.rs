@@ -9,57 +9,13 @@ use std::process::{Command, Stdio};
 
 use disp_models::gguf::GgmlType;
 
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(name)
-}
+mod common;
 
-/// A copy of a fixture model with the fixtures' byte-level tokenizer, in a fresh temporary folder.
-fn model_copy(name: &str) -> (tempfile::TempDir, PathBuf) {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("model");
-    std::fs::create_dir(&dir).unwrap();
-    for entry in std::fs::read_dir(fixture(name)).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
-    }
-    std::fs::copy(fixture("byte_tokenizer.json"), dir.join("tokenizer.json")).unwrap();
-    (tmp, dir)
-}
+use common::{assert_one_line_error, disp, fixture, model_copy, s, Outcome};
 
+/// About 3 KB of text (2950 bytes, as these tests have always used).
 fn text_file(dir: &Path) -> PathBuf {
-    let sentence = "It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in want of a wife. ";
-    let path = dir.join("text.txt");
-    std::fs::write(&path, sentence.repeat(25)).unwrap();
-    path
-}
-
-struct Outcome {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-fn disp(args: &[&str]) -> Outcome {
-    let out = Command::new(env!("CARGO_BIN_EXE_disp")).args(args).output().expect("runs");
-    Outcome {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
-
-/// Fails unless the command failed with exactly one error line containing every `needle`.
-fn assert_one_line_error(out: &Outcome, needles: &[&str]) {
-    assert_ne!(out.code, 0, "expected failure, got success: {}", out.stdout);
-    let lines: Vec<&str> = out.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "expected one error line, got: {:?}", out.stderr);
-    for needle in needles {
-        assert!(lines[0].contains(needle), "error {:?} does not mention {needle:?}", lines[0]);
-    }
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
+    common::text_file(dir, 2950)
 }
 
 fn edit_json(path: &Path, edit: impl FnOnce(&mut serde_json::Value)) {

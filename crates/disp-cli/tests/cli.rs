@@ -2,93 +2,10 @@
 //! that names the file, a non-zero exit, and no partial output.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(name)
-}
+mod common;
 
-/// GPT-2's reversible byte → printable character table.
-fn byte_chars() -> Vec<char> {
-    let mut printable: Vec<u32> = (33..=126).chain(161..=172).chain(174..=255).collect();
-    let mut chars = vec!['\0'; 256];
-    let mut extra = 0;
-    for b in 0..256u32 {
-        if !printable.contains(&b) {
-            printable.push(b);
-            chars[b as usize] = char::from_u32(256 + extra).unwrap();
-            extra += 1;
-        } else {
-            chars[b as usize] = char::from_u32(b).unwrap();
-        }
-    }
-    chars
-}
-
-/// A byte-level tokenizer whose 256 ids are the 256 bytes: fits the fixtures' vocab of 256.
-fn byte_tokenizer_json() -> String {
-    let vocab: serde_json::Map<String, serde_json::Value> = byte_chars().into_iter().enumerate().map(|(i, c)| (c.to_string(), i.into())).collect();
-    serde_json::json!({
-        "version": "1.0",
-        "truncation": null, "padding": null, "added_tokens": [], "normalizer": null,
-        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
-        "post_processor": null,
-        "decoder": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
-        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
-                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "vocab": vocab, "merges": []}
-    })
-    .to_string()
-}
-
-/// A copy of a fixture model with a byte tokenizer, in a fresh temporary folder.
-fn model_copy(name: &str) -> (tempfile::TempDir, PathBuf) {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("model");
-    std::fs::create_dir(&dir).unwrap();
-    for entry in std::fs::read_dir(fixture(name)).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
-    }
-    std::fs::write(dir.join("tokenizer.json"), byte_tokenizer_json()).unwrap();
-    (tmp, dir)
-}
-
-fn text_file(dir: &Path, bytes: usize) -> PathBuf {
-    let sentence = "It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in want of a wife. ";
-    let text: String = sentence.chars().cycle().take(bytes).collect();
-    let path = dir.join("text.txt");
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
-struct Outcome {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-fn disp(args: &[&str]) -> Outcome {
-    let out = Command::new(env!("CARGO_BIN_EXE_disp")).args(args).output().expect("runs");
-    Outcome {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
-
-/// Fails unless the command failed with exactly one error line containing every `needle`.
-fn assert_one_line_error(out: &Outcome, needles: &[&str]) {
-    assert_ne!(out.code, 0, "expected failure, got success: {}", out.stdout);
-    let lines: Vec<&str> = out.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "expected one error line, got: {:?}", out.stderr);
-    for needle in needles {
-        assert!(lines[0].contains(needle), "error {:?} does not mention {needle:?}", lines[0]);
-    }
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
+use common::{assert_one_line_error, disp, fixture, model_copy, s, text_file};
 
 fn read_json(path: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
