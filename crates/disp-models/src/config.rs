@@ -256,10 +256,20 @@ impl RawConfig {
                     bail!("{}: num_hidden_layers = {} but the weight files hold only {tensors} tensors", self.path.display(), c.layers);
                 }
                 let bytes = u128::from(bytes);
-                let stored_at_least = if pruned { embedding } else { dense };
+                // Heads are never pruned: in a pruned folder q/k/v keep every output and o every
+                // input (each block keeps at least one position of S1 and S2), so the attention
+                // stores at least 2·(heads + kv_heads)·head_dim values per layer.
+                let attention_uncut = product(&[c.layers, 2, c.head_dim, c.heads.saturating_add(c.kv_heads)]);
+                let stored_at_least = if pruned { embedding.saturating_add(attention_uncut) } else { dense };
                 if stored_at_least.saturating_mul(MIN_STORED_BYTES_PER_VALUE) > bytes {
-                    let what =
-                        if pruned { format!("vocab_size = {} x hidden_size = {} embedding values", c.vocab, c.embed_dim) } else { claims.clone() };
+                    let what = if pruned {
+                        format!(
+                            "vocab_size = {} x hidden_size = {} embedding values and {} layers of {} heads of head_dim {} (never pruned)",
+                            c.vocab, c.embed_dim, c.layers, c.heads, c.head_dim
+                        )
+                    } else {
+                        claims.clone()
+                    };
                     bail!("{}: {what}, more than the {bytes} bytes of weight files can hold", self.path.display());
                 }
                 // A pruned folder holds fewer values than its dense sizes; what it stores is at least a
@@ -368,6 +378,11 @@ mod tests {
         assert!(err.contains("imply at least 73728 parameters, more than the 1000 bytes of weight files can hold"), "{err}");
         // A pruned folder stores less than its dense sizes; only the embedding is certain.
         config(|_| {}).validate(CheckpointCapacity::Files { bytes: 40_000, tensors: 20, pruned: true }).unwrap();
+        // Found by the pruned-manifest fuzzer: a head_dim of 2^31 in a pruned folder's config
+        // made the rotary table ask for 8 GiB; the unpruned attention outputs bound it.
+        let pruned = CheckpointCapacity::Files { bytes: 40_000, tensors: 20, pruned: true };
+        let err = problem(|c| c["head_dim"] = (1u64 << 31).into(), pruned);
+        assert!(err.contains("head_dim 2147483648 (never pruned)") && err.contains("more than the 40000 bytes"), "{err}");
         let err = problem(|_| {}, CheckpointCapacity::Files { bytes: 1000, tensors: 20, pruned: true });
         assert!(err.contains("vocab_size = 256 x hidden_size = 64 embedding values"), "{err}");
         let err = problem(|c| c["num_hidden_layers"] = 10_000_000.into(), FILES);
