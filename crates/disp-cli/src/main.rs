@@ -57,6 +57,9 @@ enum Command {
     /// the model) and write it as an HF folder; reports the perplexity on a held-out text.
     TrainTiny(train_tiny::TrainTinyArgs),
     /// Convert a llama.cpp GGUF file into a Hugging Face folder.
+    /// Write a LLaMA-shaped HF folder with seeded random weights (sharded, with a tokenizer), to
+    /// measure memory and speed at scale without downloading a checkpoint.
+    MakeModel(MakeModelArgs),
     ConvertGguf {
         /// The .gguf file.
         input: PathBuf,
@@ -168,6 +171,27 @@ struct PruneArgs {
 }
 
 #[derive(Args)]
+struct MakeModelArgs {
+    /// llama2-7b, llama2-13b, llama-1b (1.17 B: d 2048, 16 layers, d_ff 8192, 32/8 heads) or tiny.
+    #[arg(long)]
+    shape: String,
+    /// Stored element type: bf16, f16 or f32.
+    #[arg(long, default_value = "bf16")]
+    dtype: String,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// A tokenizer.json, or a folder holding one (its vocabulary sets vocab_size).
+    #[arg(long, default_value = "models/smollm2-135m-instruct")]
+    tokenizer: PathBuf,
+    /// Largest shard, in MB (HF writes 5 GB shards).
+    #[arg(long, default_value_t = 5000)]
+    shard_mb: u64,
+    /// Output folder (must not exist, or be empty).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Args)]
 struct MethodsArgs {
     /// One JSON array of the methods and what each needs.
     #[arg(long)]
@@ -235,6 +259,7 @@ fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
+        Command::MakeModel(args) => make_model(args),
         Command::Eval(EvalCommand::Ppl(args)) => eval_ppl(cli.device, args),
         Command::Eval(EvalCommand::Mc(args)) => eval_mc::eval_mc(cli.device, args),
         Command::Generate(args) => generate(cli.device, args),
@@ -248,6 +273,29 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench(args) => bench::bench(cli.device, args),
         Command::TrainTiny(args) => train_tiny::run(cli.device, args),
     }
+}
+
+fn make_model(args: MakeModelArgs) -> Result<()> {
+    use disp_io::make_model::{LlamaShape, MakeModelRequest, StoredDtype};
+    let start = std::time::Instant::now();
+    let request = MakeModelRequest {
+        shape: LlamaShape::by_name(&args.shape)?,
+        dtype: StoredDtype::parse(&args.dtype)?,
+        seed: args.seed,
+        tokenizer: args.tokenizer,
+        max_shard_bytes: args.shard_mb.saturating_mul(1_000_000),
+    };
+    let made = disp_io::make_model::make_model(&request, &args.out)?;
+    println!(
+        "wrote {} ({} parameters, {}, {} shard(s), vocabulary {}) in {:.1} s",
+        args.out.display(),
+        disp_io::fmt::thousands(made.parameters),
+        disp_io::fmt::human_bytes(made.bytes.into()),
+        made.shards,
+        made.vocab,
+        start.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
 
 /// Loads the model (and applies a plan) on the chosen device.

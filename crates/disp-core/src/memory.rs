@@ -21,17 +21,7 @@ pub fn check_fits(what: &str, bytes: u128) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `1.2 GB`-style sizes for messages.
-pub fn human_bytes(bytes: u128) -> String {
-    let b = bytes as f64;
-    if b >= 1e9 {
-        format!("{:.1} GB", b / 1e9)
-    } else if b >= 1e6 {
-        format!("{:.1} MB", b / 1e6)
-    } else {
-        format!("{bytes} bytes")
-    }
-}
+pub use disp_io::fmt::human_bytes;
 
 #[cfg(test)]
 mod tests {

@@ -13,6 +13,18 @@ pub fn thousands(n: u64) -> String {
     out
 }
 
+/// `1.2 GB`-style sizes for messages.
+pub fn human_bytes(bytes: u128) -> String {
+    let b = bytes as f64;
+    if b >= 1e9 {
+        format!("{:.1} GB", b / 1e9)
+    } else if b >= 1e6 {
+        format!("{:.1} MB", b / 1e6)
+    } else {
+        format!("{bytes} bytes")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::thousands;

@@ -9,4 +9,5 @@ pub mod fmt;
 pub mod fsutil;
 pub mod gguf;
 pub mod hf_folder;
+pub mod make_model;
 pub mod rng;

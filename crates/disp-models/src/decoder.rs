@@ -9,7 +9,7 @@
 //! [`Ends`] around the blocks.
 
 use anyhow::{bail, Result};
-use burn::tensor::{Device, Int, Tensor};
+use burn::tensor::{DType, Device, Int, Tensor};
 use disp_core::params::{BlockShape, MlpKind, ModelShape};
 use disp_core::plan::PruningPlan;
 use disp_core::selection::{BlockGates, IndexTensors, Selector, Site};
@@ -416,7 +416,7 @@ impl Ends {
         head_bias: bool,
         device: &Device,
     ) -> Result<Self> {
-        let tokens = ck.tensor("model.embed_tokens.weight", shape, device)?;
+        let tokens = ck.tensor_stored("model.embed_tokens.weight", shape, device)?;
         let head = Self::load_head(ck, &tokens, tied, head_bias, device)?;
         let (kind, name) = final_norm;
         let final_norm = Some(kind.load(ck, name, shape[1], device)?);
@@ -427,6 +427,8 @@ impl Ends {
         let [batch, seq] = tokens.dims();
         let width = self.tokens.dims()[1];
         let x = self.tokens.clone().select(0, tokens.reshape([batch * seq])).reshape([batch, seq, width]);
+        // The table keeps the checkpoint's precision; activations are f32.
+        let x = if x.dtype() == DType::F32 { x } else { x.cast(DType::F32) };
         let x = match &self.project_in {
             Some(project_in) => project_in.forward(x),
             None => x,

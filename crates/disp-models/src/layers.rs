@@ -5,11 +5,17 @@ use anyhow::Result;
 use burn::tensor::activation::{gelu, relu, silu};
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
+use burn::tensor::{Bool, DType, Device, Int, Tensor, TensorData};
 
 use crate::weights::Checkpoint;
 
 /// `y = x·W + b` with `W` stored `[in, out]`.
+///
+/// `weight` keeps the checkpoint's precision (bf16/f16 checkpoints stay bf16/f16 in memory; see
+/// [`crate::weights::weight_dtype`]); [`Self::forward`] casts it to the activations' dtype for
+/// the one matmul, so the computation is f32 with f32 accumulation while only one layer's weight
+/// exists in f32 at a time. Code that reads `weight` as numbers must not assume f32: use
+/// [`Self::weight_as`] (or `into_data().convert::<f32>()`). `bias` is f32.
 #[derive(Debug, Clone)]
 pub struct Linear {
     pub weight: Tensor<2>,
@@ -27,12 +33,26 @@ impl Linear {
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         let [batch, seq, inputs] = x.dims();
         let outputs = self.weight.dims()[1];
-        let y = x.reshape([batch * seq, inputs]).matmul(self.weight.clone());
+        let y = x.reshape([batch * seq, inputs]);
+        // burn-flex's bf16 matmul converts both operands to f32 and rounds the product to bf16;
+        // casting the weight and multiplying in the activations' dtype is the same work without
+        // the rounding (a no-op for f32 weights).
+        let weight = self.weight_as(y.dtype());
+        let y = y.matmul(weight);
         let y = match &self.bias {
             Some(b) => y + b.clone().unsqueeze::<2>(),
             None => y,
         };
         y.reshape([batch, seq, outputs])
+    }
+
+    /// The weight in `dtype` (the stored tensor itself when it already is).
+    pub fn weight_as(&self, dtype: DType) -> Tensor<2> {
+        if self.weight.dtype() == dtype {
+            self.weight.clone()
+        } else {
+            self.weight.clone().cast(dtype)
+        }
     }
 
     pub fn inputs(&self) -> usize {

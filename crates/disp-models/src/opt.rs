@@ -103,7 +103,7 @@ pub fn load(raw: &RawConfig, ck: &Checkpoint, device: &Device) -> Result<Decoder
     // transformers builds the decoder's final layer norm only for pre-LN models.
     let has_final_norm = config.do_layer_norm_before && !config.remove_final_layer_norm;
     let final_norm = if has_final_norm { Some(norm.load(ck, &format!("{root}.final_layer_norm"), d, device)?) } else { None };
-    let tokens = ck.tensor(&format!("{root}.embed_tokens.weight"), [v, e], device)?;
+    let tokens = ck.tensor_stored(&format!("{root}.embed_tokens.weight"), [v, e], device)?;
     let rows = config.max_position_embeddings + POSITION_OFFSET;
     let table = ck.tensor(&format!("{root}.embed_positions.weight"), [rows, d], device)?;
     let positions = Some(LearnedPositions { table, offset: POSITION_OFFSET });

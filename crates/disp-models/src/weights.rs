@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use anyhow::{anyhow, bail, Context, Result};
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{DType, Device, Tensor, TensorCreationOptions, TensorData};
 use disp_core::selection::IndexTensors;
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
@@ -146,9 +146,8 @@ impl Checkpoint {
     /// weight would silently poison every output.
     pub fn check_finite(&self, name: &str) -> Result<()> {
         let raw = self.raw(name)?;
-        let path = self.file_of(name)?.0.display();
-        match decode_floats(raw.dtype, raw.bytes) {
-            Some(values) => check_finite_values(&path.to_string(), name, &values),
+        match first_non_finite(raw.dtype, raw.bytes) {
+            Some((at, value)) => bail!("{}: tensor '{name}' holds {value} at flat index {at}; weights must be finite", self.file_of(name)?.0.display()),
             None => Ok(()),
         }
     }
@@ -226,44 +225,79 @@ impl Checkpoint {
             let flat = self.memory_tensor(memory, name, shape, &device)?;
             return flat.into_data().convert::<f32>().try_into_vec::<f32>().map_err(|e| anyhow!("{}: tensor '{name}': {e:?}", self.describe()));
         }
-        let (path, _) = self.file_of(name)?;
-        let view = self.raw(name)?;
-        let expected = self.stored_shape(name, shape);
-        if view.shape != expected {
-            let why = if expected != shape { " (cut to the index sets in config.json)" } else { "" };
-            bail!("{}: tensor '{name}' has shape {:?}, expected {:?}{why}", path.display(), view.shape, expected);
-        }
-        let Some(values) = decode_floats(view.dtype, view.bytes) else {
-            bail!("{}: tensor '{name}' has unsupported dtype {:?} (expected F32, F16 or BF16)", path.display(), view.dtype);
-        };
-        // Every value is decoded here anyway; checking it on the way costs no extra pass over
-        // the file, and no command then runs on a poisoned weight.
-        check_finite_values(&path.display().to_string(), name, &values)?;
-        Ok(values)
+        self.read_stored(name, shape, DType::F32, None)?.try_into_vec::<f32>().map_err(|e| anyhow!("{}: tensor '{name}': {e:?}", self.describe()))
     }
 
-    /// A tensor on the device, shape checked.
+    /// A tensor on the device as f32, shape checked (norms, biases: small tensors computed with).
     pub fn tensor<const D: usize>(&self, name: &str, shape: [usize; D], device: &Device) -> Result<Tensor<D>> {
         if let Some(memory) = &self.memory {
             let stored: [usize; D] = self.stored_rank(name, &shape)?;
             return Ok(self.memory_tensor(memory, name, &shape, device)?.reshape(stored));
         }
-        let values = self.read_f32(name, &shape)?;
-        let stored: [usize; D] = self.stored_rank(name, &shape)?;
-        Ok(Tensor::from_data(TensorData::new(values, stored), device))
+        let _: [usize; D] = self.stored_rank(name, &shape)?;
+        let data = self.read_stored(name, &shape, DType::F32, None)?;
+        Ok(Tensor::<D>::from_data(data, TensorCreationOptions::new(device.clone()).with_dtype(DType::F32)))
     }
 
-    /// An HF `[out, in]` matrix, transposed to the `[in, out]` layout our matmuls use. In a pruned
-    /// folder `inputs`/`outputs` are the dense widths; the result has the stored (cut) ones.
+    /// A tensor on the device at its stored precision (see [`weight_dtype`]), shape checked: for
+    /// the large matrices (embeddings), which are cast where they are used.
+    pub fn tensor_stored<const D: usize>(&self, name: &str, shape: [usize; D], device: &Device) -> Result<Tensor<D>> {
+        if self.memory.is_some() {
+            return self.tensor(name, shape, device);
+        }
+        let _: [usize; D] = self.stored_rank(name, &shape)?;
+        let dtype = weight_dtype(self.raw(name)?.dtype, device);
+        let data = self.read_stored(name, &shape, dtype, None)?;
+        Ok(Tensor::<D>::from_data(data, TensorCreationOptions::new(device.clone()).with_dtype(dtype)))
+    }
+
+    /// An HF `[out, in]` matrix, transposed to the `[in, out]` layout our matmuls use, at its
+    /// stored precision (see [`weight_dtype`]; [`crate::layers::Linear::forward`] casts it to the
+    /// activations' dtype). In a pruned folder `inputs`/`outputs` are the dense widths; the result
+    /// has the stored (cut) ones. The transposition happens while the mapped bytes are decoded:
+    /// each matrix is copied once.
     pub fn matrix_in_out(&self, name: &str, inputs: usize, outputs: usize, device: &Device) -> Result<Tensor<2>> {
         if let Some(memory) = &self.memory {
             let flat = self.memory_tensor(memory, name, &[outputs, inputs], device)?;
             let [outputs, inputs]: [usize; 2] = self.stored_rank(name, &[outputs, inputs])?;
             return Ok(flat.reshape([outputs, inputs]).transpose());
         }
-        let values = self.read_f32(name, &[outputs, inputs])?;
-        let [outputs, inputs]: [usize; 2] = self.stored_rank(name, &[outputs, inputs])?;
-        Ok(Tensor::from_data(TensorData::new(transpose(&values, outputs, inputs), [inputs, outputs]), device))
+        let [rows, cols]: [usize; 2] = self.stored_rank(name, &[outputs, inputs])?;
+        let dtype = weight_dtype(self.raw(name)?.dtype, device);
+        let data = self.read_stored(name, &[outputs, inputs], dtype, Some((rows, cols)))?;
+        Ok(Tensor::from_data(data, TensorCreationOptions::new(device.clone()).with_dtype(dtype)))
+    }
+
+    /// Decodes the stored tensor `name` (shape checked against `shape`, or its cut in a pruned
+    /// folder) into `dtype`, which is F32 or the stored float dtype, transposing a `[rows, cols]`
+    /// matrix on the way when asked; refuses non-finite values. The mapped pages are then handed
+    /// back to the kernel, so that the file does not stay resident beside the copy.
+    fn read_stored(&self, name: &str, shape: &[usize], dtype: DType, transpose: Option<(usize, usize)>) -> Result<TensorData> {
+        let (path, map) = self.file_of(name)?;
+        let view = self.raw(name)?;
+        let expected = self.stored_shape(name, shape);
+        if view.shape != expected {
+            let why = if expected != shape { " (cut to the index sets in config.json)" } else { "" };
+            bail!("{}: tensor '{name}' has shape {:?}, expected {:?}{why}", path.display(), view.shape, expected);
+        }
+        if let Some((at, value)) = first_non_finite(view.dtype, view.bytes) {
+            bail!("{}: tensor '{name}' holds {value} at flat index {at}; weights must be finite", path.display());
+        }
+        let out_shape = match transpose {
+            Some((rows, cols)) => vec![cols, rows],
+            None => expected.clone(),
+        };
+        let bytes = view.bytes;
+        let data = match (view.dtype, dtype) {
+            (Dtype::F32, DType::F32) => TensorData::new(gather(bytes, transpose, |b: [u8; 4]| f32::from_le_bytes(b)), out_shape),
+            (Dtype::BF16, DType::F32) => TensorData::new(gather(bytes, transpose, |b: [u8; 2]| half::bf16::from_le_bytes(b).to_f32()), out_shape),
+            (Dtype::F16, DType::F32) => TensorData::new(gather(bytes, transpose, |b: [u8; 2]| half::f16::from_le_bytes(b).to_f32()), out_shape),
+            (Dtype::BF16, DType::BF16) => TensorData::new(gather(bytes, transpose, half::bf16::from_le_bytes), out_shape),
+            (Dtype::F16, DType::F16) => TensorData::new(gather(bytes, transpose, half::f16::from_le_bytes), out_shape),
+            (stored, _) => bail!("{}: tensor '{name}' has unsupported dtype {stored:?} (expected F32, F16 or BF16)", path.display()),
+        };
+        release_pages(map, bytes);
+        Ok(data)
     }
 
     /// The flat tensor for `name` from a checkpoint in memory, checked against the stored shape
@@ -304,20 +338,77 @@ fn le_bytes<const N: usize>(chunk: &[u8]) -> [u8; N] {
     bytes
 }
 
-/// The values of a float tensor's bytes, or `None` for a dtype that is not F32, F16 or BF16.
-fn decode_floats(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
-    Some(match dtype {
-        Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes(le_bytes(b))).collect(),
-        Dtype::F16 => bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes(le_bytes(b)).to_f32()).collect(),
-        Dtype::BF16 => bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes(le_bytes(b)).to_f32()).collect(),
-        _ => return None,
-    })
+/// The dtype a stored float matrix keeps on `device`: its own (F32, F16, BF16) where the
+/// device computes with it, else F32 (e.g. bf16 on a Vulkan device that only stores it).
+pub fn weight_dtype(stored: Dtype, device: &Device) -> DType {
+    let dtype = match stored {
+        Dtype::BF16 => DType::BF16,
+        Dtype::F16 => DType::F16,
+        _ => DType::F32,
+    };
+    if dtype == DType::F32 || device.supports_dtype(dtype) {
+        dtype
+    } else {
+        DType::F32
+    }
 }
 
-fn check_finite_values(file: &str, name: &str, values: &[f32]) -> Result<()> {
-    match values.iter().position(|v| !v.is_finite()) {
-        Some(at) => bail!("{file}: tensor '{name}' holds {} at flat index {at}; weights must be finite", values.get(at).copied().unwrap_or(f32::NAN)),
-        None => Ok(()),
+/// The first NaN or ±Inf of a float tensor's bytes (flat index, value), read from the bit
+/// patterns without decoding the tensor; `None` for finite or non-float tensors.
+fn first_non_finite(dtype: Dtype, bytes: &[u8]) -> Option<(usize, f32)> {
+    match dtype {
+        Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes(le_bytes(b))).enumerate().find(|(_, v)| !v.is_finite()),
+        // An all-ones exponent is Inf or NaN.
+        Dtype::BF16 => bytes
+            .chunks_exact(2)
+            .map(|b| u16::from_le_bytes(le_bytes(b)))
+            .position(|bits| bits & 0x7f80 == 0x7f80)
+            .and_then(|at| bytes.get(2 * at..2 * at + 2).map(|b| (at, half::bf16::from_le_bytes(le_bytes(b)).to_f32()))),
+        Dtype::F16 => bytes
+            .chunks_exact(2)
+            .map(|b| u16::from_le_bytes(le_bytes(b)))
+            .position(|bits| bits & 0x7c00 == 0x7c00)
+            .and_then(|at| bytes.get(2 * at..2 * at + 2).map(|b| (at, half::f16::from_le_bytes(le_bytes(b)).to_f32()))),
+        _ => None,
+    }
+}
+
+/// Decodes little-endian elements of `N` bytes, transposing a row-major `[rows, cols]` to
+/// `[cols, rows]` when asked (blocked for cache locality), in one pass into one allocation.
+// `bytes` holds `rows * cols` elements (shape-checked by the caller); indexes stay below that.
+#[allow(clippy::indexing_slicing)]
+fn gather<const N: usize, T: Copy + Default>(bytes: &[u8], transpose: Option<(usize, usize)>, decode: impl Fn([u8; N]) -> T) -> Vec<T> {
+    let element = |i: usize| decode(le_bytes(&bytes[i * N..(i + 1) * N]));
+    let count = bytes.len() / N;
+    let Some((rows, cols)) = transpose else { return (0..count).map(element).collect() };
+    const TILE: usize = 32;
+    assert_eq!(count, rows * cols, "transpose of {rows}x{cols} values");
+    let mut out = vec![T::default(); count];
+    for r0 in (0..rows).step_by(TILE) {
+        for c0 in (0..cols).step_by(TILE) {
+            for r in r0..(r0 + TILE).min(rows) {
+                for c in c0..(c0 + TILE).min(cols) {
+                    out[c * rows + r] = element(r * cols + c);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Hands the pages of `bytes` (a range of `map`) back to the kernel once they are decoded:
+/// touched pages of a file map count in the process's resident memory, so without this a loaded
+/// model would be resident twice. The file stays in the page cache; a later read faults it in.
+fn release_pages(map: &Mmap, bytes: &[u8]) {
+    #[cfg(unix)]
+    {
+        let offset = (bytes.as_ptr() as usize).wrapping_sub(map.as_ptr() as usize);
+        if offset <= map.len() && bytes.len() <= map.len() - offset {
+            // SAFETY: the map is private and read-only, so MADV_DONTNEED only drops clean pages,
+            // which read back unchanged from the file; no reference into them outlives this call's
+            // callers' decode (they hold owned copies).
+            let _ = unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, bytes.len()) };
+        }
     }
 }
 
