@@ -184,8 +184,8 @@ struct MakeModelArgs {
     #[arg(long, default_value = "models/smollm2-135m-instruct")]
     tokenizer: PathBuf,
     /// Largest shard, in MB (HF writes 5 GB shards).
-    #[arg(long, default_value_t = 5000)]
-    shard_mb: u64,
+    #[arg(long, default_value_t = 5000.0)]
+    shard_mb: f64,
     /// Output folder (must not exist, or be empty).
     #[arg(long)]
     out: PathBuf,
@@ -283,7 +283,7 @@ fn make_model(args: MakeModelArgs) -> Result<()> {
         dtype: StoredDtype::parse(&args.dtype)?,
         seed: args.seed,
         tokenizer: args.tokenizer,
-        max_shard_bytes: args.shard_mb.saturating_mul(1_000_000),
+        max_shard_bytes: if args.shard_mb.is_finite() && args.shard_mb > 0.0 { (args.shard_mb * 1e6) as u64 } else { 0 },
     };
     let made = disp_io::make_model::make_model(&request, &args.out)?;
     println!(

@@ -1,9 +1,16 @@
 //! How much memory a run may reserve: the limit every size a file or flag implies is checked
 //! against before anything is allocated for it.
 
+/// Test hook: when set (to a number of bytes), [`available_bytes`] answers it instead of the
+/// system's figure, so refusals can be tested without exhausting memory.
+pub const AVAILABLE_OVERRIDE: &str = "DISP_TEST_AVAILABLE_MEMORY";
+
 /// Bytes the system can still hand out (Linux `MemAvailable`), or `None` where it is unknown
 /// (then no limit is applied beyond what the caller checks against file sizes).
 pub fn available_bytes() -> Option<u64> {
+    if let Some(bytes) = std::env::var(AVAILABLE_OVERRIDE).ok().and_then(|v| v.parse().ok()) {
+        return Some(bytes);
+    }
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;

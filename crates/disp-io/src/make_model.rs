@@ -151,7 +151,7 @@ const CHUNK: usize = 1 << 20;
 pub fn make_model(request: &MakeModelRequest, out: &Path) -> Result<MadeModel> {
     let shape = request.shape;
     if request.max_shard_bytes == 0 {
-        bail!("the shard size must be positive");
+        bail!("--shard-mb: the shard size must be positive");
     }
     let (tokenizer_json, tokenizer_config) = tokenizer_files(&request.tokenizer)?;
     let tokenizer = tokenizers::Tokenizer::from_file(&tokenizer_json)

@@ -272,18 +272,13 @@ impl RawConfig {
                     };
                     bail!("{}: {what}, more than the {bytes} bytes of weight files can hold", self.path.display());
                 }
-                // A pruned folder holds fewer values than its dense sizes; what it stores is at least a
-                // quarter of its bytes in f32.
-                let dense_held = dense.saturating_mul(HELD_BYTES_PER_VALUE);
-                if pruned {
-                    bytes.min(dense_held)
-                } else {
-                    dense_held
-                }
+                // Weights stay at their stored precision, so memory holds what the files hold (at
+                // most the f32 size of the values a dense config claims; a pruned folder stores fewer).
+                bytes.min(dense.saturating_mul(HELD_BYTES_PER_VALUE))
             }
             CheckpointCapacity::Memory => dense.saturating_mul(HELD_BYTES_PER_VALUE),
         };
-        disp_core::memory::check_fits(&format!("{}: the model ({claims}, in f32)", self.path.display()), held)
+        disp_core::memory::check_fits(&format!("{}: the model ({claims}, at their stored precision)", self.path.display()), held)
     }
 
     /// A size field: absent (or null), or an integer from 1 to [`MAX_SIZE`].

@@ -533,6 +533,31 @@ impl CausalLm for DecoderLm {
         self.ends.head.forward(hidden)
     }
 
+    fn embed(&self, tokens: Tensor<2, Int>) -> Tensor<3> {
+        self.ends.embed(tokens, 0)
+    }
+
+    fn block_forward(&self, layer: usize, x: Tensor<3>, gates: Option<&BlockGates>) -> Tensor<3> {
+        let block = &self.blocks[layer];
+        block.forward(x, crate::selector(block.kept.as_ref(), gates), &self.spec, 0, None)
+    }
+
+    fn finish(&self, x: Tensor<3>) -> Tensor<3> {
+        self.ends.finish(x)
+    }
+
+    fn weight_bytes(&self) -> u64 {
+        let size = |t: &Tensor<2>| t.dims().iter().product::<usize>() as u64 * t.dtype().size() as u64;
+        let linear = |l: &Linear| size(&l.weight) + l.bias.as_ref().map_or(0, |b| 4 * b.dims()[0] as u64);
+        let blocks: u64 = self.blocks.iter().map(|b| b.linears()).map(|l| l.attn_inputs.iter().chain(&l.mlp_inputs).chain([&l.attn_output, &l.mlp_output]).map(|l| linear(l)).sum::<u64>()).sum();
+        let norms: u64 = self.blocks.iter().map(|b| 4 * b.norm_params() as u64).sum();
+        let ends = &self.ends;
+        let head = if ends.tied { ends.head.bias.as_ref().map_or(0, |b| 4 * b.dims()[0] as u64) } else { linear(&ends.head) };
+        let projections: u64 = ends.project_in.iter().chain(&ends.project_out).map(linear).sum();
+        let positions = ends.positions.as_ref().map_or(0, |p| size(&p.table));
+        blocks + norms + size(&ends.tokens) + head + projections + positions + 4 * ends.final_norm.as_ref().map_or(0, |n| n.stored_params() as u64)
+    }
+
     fn block_linears(&self, layer: usize) -> BlockLinears<'_> {
         self.blocks[layer].linears()
     }

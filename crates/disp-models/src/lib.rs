@@ -73,6 +73,23 @@ pub trait CausalLm: Send + Sync {
     /// The LM head: logits `[B, T, vocab]` of hidden states `[B, T, h]`.
     fn logits(&self, hidden: Tensor<3>) -> Tensor<3>;
 
+    /// The residual stream entering block 0 for `tokens` `[B, T]` at positions `0..T`.
+    ///
+    /// [`Self::embed`], [`Self::block_forward`] for each layer in order and [`Self::finish`]
+    /// compute [`Self::hidden_states`] without a cache, one block at a time: the search's
+    /// per-block recompute (`disp_train::recompute`) keeps only the residual between blocks.
+    fn embed(&self, tokens: Tensor<2, Int>) -> Tensor<3>;
+
+    /// Block `layer` on the residual `x` `[B, T, h]` (positions `0..T`), masked by `gates` when
+    /// given (dense or pruned as the model is otherwise).
+    fn block_forward(&self, layer: usize, x: Tensor<3>, gates: Option<&BlockGates>) -> Tensor<3>;
+
+    /// The final norm (and projection) after the last block: what [`Self::logits`] reads.
+    fn finish(&self, x: Tensor<3>) -> Tensor<3>;
+
+    /// Bytes the model's weights occupy in memory, at the dtypes they are held in.
+    fn weight_bytes(&self) -> u64;
+
     /// Logits `[B, T, vocab]` for `tokens` `[B, T]` (see [`CausalLm::hidden_states`]).
     fn forward(&self, tokens: Tensor<2, Int>, gates: Option<&[BlockGates]>, cache: Option<&mut KvCache>) -> Tensor<3> {
         self.logits(self.hidden_states(tokens, gates, cache))

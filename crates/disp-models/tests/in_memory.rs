@@ -117,3 +117,31 @@ fn in_memory_checkpoint_names_missing_and_misshapen_tensors() {
     let err = Checkpoint::from_tensors(short).err().unwrap();
     assert_eq!(err.to_string(), "in-memory checkpoint: tensor 'model.norm.weight' holds 63 values, its shape [64] needs 64");
 }
+
+#[test]
+fn bf16_weights_stay_bf16_and_give_the_logits_of_their_f32_values() {
+    use burn::tensor::DType;
+    let device = Device::flex();
+    let dir = fixture("llama_bf16");
+    let bf16 = disp_models::load_model(&dir, &device).unwrap();
+    // The same values decoded to f32 (exact: every bf16 is an f32), held in f32.
+    let raw = RawConfig::read(&dir).unwrap();
+    let f32_model = disp_models::load_model_from(&raw, &memory_checkpoint("llama_bf16", &device), &device).unwrap();
+    for layer in 0..bf16.num_layers() {
+        let linears = bf16.block_linears(layer);
+        for linear in linears.attn_inputs.iter().chain(&linears.mlp_inputs).chain([&linears.attn_output, &linears.mlp_output]) {
+            assert_eq!(linear.weight.dtype(), DType::BF16, "block {layer}: a weight became {:?}", linear.weight.dtype());
+        }
+        let f32_linears = f32_model.block_linears(layer);
+        assert_eq!(f32_linears.attn_output.weight.dtype(), DType::F32);
+    }
+    // Held in bf16: half the bytes of the f32 copy's matrices.
+    assert!(bf16.weight_bytes() * 10 < f32_model.weight_bytes() * 6, "{} vs {}", bf16.weight_bytes(), f32_model.weight_bytes());
+    let (id_shape, ids) = reference(&dir, "input_ids");
+    let a = to_vec(bf16.forward(token_tensor(&id_shape, &ids, &device), None, None));
+    let b = to_vec(f32_model.forward(token_tensor(&id_shape, &ids, &device), None, None));
+    // The cast is exact and the matmuls are f32: equal up to summation order, far inside bf16's
+    // own rounding (2^-8 relative).
+    let scale = b.iter().fold(0f32, |m, x| m.max(x.abs()));
+    assert!(max_abs_diff(&a, &b) <= 1e-5 * scale, "logits differ by up to {} (scale {scale})", max_abs_diff(&a, &b));
+}

@@ -18,6 +18,7 @@ pub mod loss;
 pub mod masks;
 pub mod pretrain;
 pub mod prune;
+pub mod recompute;
 pub mod rng;
 pub mod search;
 pub mod search_state;
@@ -36,7 +37,8 @@ pub use generator::{DirectLogits, GateGenerator, GateSource};
 pub use hypernet::{HyperNet, HyperNetShape};
 pub use masks::{calibrate, final_indices, Calibration, GateScores};
 pub use prune::{prune, Method, PruneOutcome, PruneRequest};
-pub use search::Searcher;
+pub use recompute::BackwardMode;
+pub use search::{SearchMemory, Searcher};
 pub use step_timing::{time_search_steps, StepTimingReport};
 
 /// Settings of one search. [`Default`] holds the paper's values.
@@ -68,6 +70,10 @@ pub struct SearchConfig {
     /// What produces the gate logits: the hypernetwork (`disp`) or direct logits (`disp-direct`).
     #[serde(default)]
     pub gate_source: GateSource,
+    /// How a step back-propagates through the frozen model (see [`recompute`]); `Auto` picks by
+    /// the memory estimate.
+    #[serde(default)]
+    pub backward: recompute::BackwardMode,
 }
 
 impl Default for SearchConfig {
@@ -87,6 +93,7 @@ impl Default for SearchConfig {
             checkpoint_every: 500,
             resume: false,
             gate_source: GateSource::HyperNetwork,
+            backward: recompute::BackwardMode::Auto,
         }
     }
 }

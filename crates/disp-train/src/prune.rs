@@ -15,7 +15,7 @@ use disp_models::TextTokenizer;
 use serde::Serialize;
 
 use crate::wanda::SparsityReport;
-use crate::{GateSource, SearchConfig, StepReport};
+use crate::{GateSource, HyperNetShape, SearchConfig, StepReport};
 
 /// The pruning methods, in the order the comparison table reports them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -215,13 +215,20 @@ pub fn prune(request: &PruneRequest, device: &Device, on_step: impl FnMut(&StepR
             plan
         }
         Method::Disp | Method::DispDirect => {
-            crate::search::check_search_memory(model.as_ref(), request.search.batch_size, request.seq_len)
-                .map_err(|e| anyhow!("--batch-size {}: {e:#}", request.search.batch_size))?;
+            // Before tokenising or training: the estimate, printed (on stderr, so `--json`
+            // output stays one object), and a run that cannot fit refused.
+            let source = if request.method == Method::DispDirect { GateSource::Direct } else { GateSource::HyperNetwork };
+            let memory = crate::SearchMemory::estimate(model.as_ref(), request.search.batch_size, request.seq_len, source, HyperNetShape::of(&shape)?);
+            let backward = memory
+                .choose(request.search.backward, disp_core::memory::available_bytes())
+                .map_err(|e| anyhow!("--batch-size {} --seq-len {}: {e:#}", request.search.batch_size, request.seq_len))?;
+            eprintln!("search: {}", memory.describe(backward));
             let windows = calibration()?;
             let cfg = SearchConfig {
                 target_ratio: ratio,
                 ratio_of: request.ratio_of,
-                gate_source: if request.method == Method::DispDirect { GateSource::Direct } else { GateSource::HyperNetwork },
+                gate_source: source,
+                backward,
                 ..request.search.clone()
             };
             let mut plan = crate::search(model.as_ref(), &windows, &cfg, on_step)?;

@@ -18,7 +18,9 @@ use crate::loss::{lm_loss, LmLoss};
 use crate::masks::{calibrate, GateScores};
 use crate::rng::{mix64, Purpose, ShuffledBatches};
 use crate::search_state::{self, SearchStateHeader, SEARCH_STATE_FORMAT_VERSION};
+use crate::recompute::{lm_gate_gradients_per_block, BackwardMode};
 use crate::{SearchConfig, StepReport};
+use disp_core::memory::human_bytes;
 
 /// The differentiable losses of one step, before `backward`.
 pub struct StepLoss {
@@ -72,6 +74,8 @@ pub struct Searcher<'a> {
     batches: ShuffledBatches,
     /// Digest of some of the frozen weights (see [`weights_digest`]), recorded in checkpoints.
     weights_digest: String,
+    /// How steps back-propagate through the model (`FullGraph` or `PerBlock`, never `Auto`).
+    backward: BackwardMode,
 }
 
 /// A digest of the output projections of the first and last block: tells apart two models of the
@@ -121,7 +125,8 @@ impl<'a> Searcher<'a> {
         let kept = shape.kept_block_fraction(cfg.target_ratio, cfg.ratio_of)?;
         let net_shape = HyperNetShape::of(&shape)?;
         check_windows(windows, model)?;
-        check_search_memory(model, cfg.batch_size, windows[0].len())?;
+        let memory = SearchMemory::estimate(model, cfg.batch_size, windows[0].len(), cfg.gate_source, net_shape);
+        let backward = memory.choose(cfg.backward, disp_core::memory::available_bytes())?;
 
         let device = model.device().clone().autodiff();
         let generator = GateGenerator::new(cfg.gate_source, net_shape, cfg.seed, &device);
@@ -140,6 +145,7 @@ impl<'a> Searcher<'a> {
             first_regulariser: None,
             batches: ShuffledBatches::new(windows.len(), cfg.seed, Purpose::Shuffle),
             weights_digest: weights_digest(model),
+            backward,
         })
     }
 
@@ -180,6 +186,11 @@ impl<'a> Searcher<'a> {
         &self.cfg
     }
 
+    /// How steps back-propagate through the model (resolved from the config's mode).
+    pub fn backward_mode(&self) -> BackwardMode {
+        self.backward
+    }
+
     pub fn last_report(&self) -> Option<&StepReport> {
         self.last.as_ref()
     }
@@ -212,9 +223,18 @@ impl<'a> Searcher<'a> {
         let batch = self.batch_windows(step);
         let sampled = self.sample_gates(step);
         let tokens = self.tokens(&batch);
-        let block_gates = gates::block_gates(&sampled.soft);
-        let logits = self.model.forward(tokens.clone(), Some(&block_gates), None);
-        let lm = lm_loss(logits, &tokens);
+        let lm = match self.backward {
+            BackwardMode::PerBlock => {
+                // The model's backward runs here, block by block; what is left for `backward`
+                // is the gate generator's.
+                let grads = lm_gate_gradients_per_block(self.model, &tokens, &sampled.soft);
+                LmLoss { value: grads.lm_loss, surrogate: grads.surrogate(&sampled.soft) }
+            }
+            BackwardMode::FullGraph | BackwardMode::Auto => {
+                let logits = self.model.forward(tokens.clone(), Some(&gates::block_gates(&sampled.soft)), None);
+                lm_loss(logits, &tokens)
+            }
+        };
         let params = gates::parameter_count(&self.block, &sampled.straight_through);
         let regulariser = disp_core::params::parameter_regulariser(params, self.target_block_params, self.cfg.lambda);
         StepLoss { lm, regulariser, hard: sampled.hard }
@@ -467,15 +487,102 @@ fn adamw(cfg: &SearchConfig) -> ModuleOptimizer {
 
 /// Calibration windows must exist, share one length of at least 2 tokens that the model's
 /// positions cover, and hold only in-vocabulary tokens.
-/// Fails before the first step when a step's activations cannot fit in the available memory.
-/// The estimate is a lower bound of what the masked forward and its backward keep per token: the
-/// logits and their gradient, and per block a few hidden-width and intermediate-width tensors.
-pub fn check_search_memory(model: &dyn CausalLm, batch_size: usize, seq_len: usize) -> Result<()> {
-    let shape = model.model_shape();
-    let per_block: u128 = shape.blocks.iter().map(|b| 8 * b.hidden as u128 + 4 * b.intermediate as u128).sum();
-    let per_token = (3 * model.vocab_size() as u128).saturating_add(per_block).saturating_mul(4);
-    let bytes = per_token.saturating_mul(batch_size as u128).saturating_mul(seq_len as u128);
-    disp_core::memory::check_fits(&format!("a search step of batch size {batch_size} x {seq_len} tokens"), bytes)
+/// What a search step holds at its peak, in bytes (estimates; f32 activations).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SearchMemory {
+    /// The frozen model's weights as held (already loaded when this is estimated).
+    pub weights: u64,
+    /// The gate generator's parameters, their gradients and AdamW's two moments.
+    pub generator: u64,
+    /// Activations (and f32 casts of weights stored below f32) kept by one graph of the whole model.
+    pub full_graph: u64,
+    /// The same for per-block recompute: every block's input residual plus one block's graph.
+    pub per_block: u64,
+    /// Tokens per step (batch size × sequence length) the activation figures are for.
+    pub tokens: u64,
+}
+
+impl SearchMemory {
+    /// The estimate for `model` with `batch_size` windows of `seq_len` tokens and the generator
+    /// `source` for `net` gates.
+    pub fn estimate(model: &dyn CausalLm, batch_size: usize, seq_len: usize, source: GateSource, net: HyperNetShape) -> Self {
+        let shape = model.model_shape();
+        let block = shape.blocks[0];
+        let (layers, vocab) = (shape.blocks.len() as u64, model.vocab_size() as u64);
+        let tokens = batch_size as u64 * seq_len as u64;
+        let (d, f, q, kv) = (block.hidden as u64, block.intermediate as u64, block.q_dim as u64, block.kv_dim as u64);
+        // Head dimensions are 64 or more: at most q/64 heads.
+        let heads = q / 64;
+        // Per block: norms, residual adds, masks (~12·d), q/k/v, their rotary and grouped-query
+        // copies and the attention output (5q + 4kv), the MLP's gate, up, activation, product and
+        // masked copies (6·f); plus burn's autodiff attention (a composition of tensor ops): the
+        // scores, their mask, softmax and its gradient, four [B, H, T, T] tensors.
+        let block_activations = 4 * tokens * (12 * d + 5 * q + 4 * kv + 6 * f) + 4 * 4 * batch_size as u64 * heads * (seq_len as u64).pow(2);
+        // The graph keeps each matmul's weight operand: its f32 cast when stored below f32.
+        let below_f32 = model.weight_bytes() < 4 * (shape.dense_total_params());
+        let block_casts = if below_f32 { 4 * block.linear_params(&block.full_widths()) } else { 0 };
+        // Logits, their softmax, the loss's gradient and the surrogate product; the head's cast.
+        let head = 4 * tokens * vocab * 4 + if below_f32 { 4 * vocab * d } else { 0 };
+        let residual = 4 * tokens * d;
+        let generator_params = match source {
+            GateSource::HyperNetwork => {
+                let feature = 2 * crate::hypernet::GRU_HIDDEN as u64;
+                let gru = 2 * 3 * (crate::hypernet::INPUT_WIDTH as u64 + feature / 2 + 2) * (feature / 2);
+                net.layers as u64 * feature * net.widths.iter().sum::<usize>() as u64 + gru
+            }
+            GateSource::Direct => net.gate_entries() as u64,
+        };
+        Self {
+            weights: model.weight_bytes(),
+            generator: 4 * 4 * generator_params,
+            full_graph: layers * (block_activations + block_casts) + head,
+            per_block: (layers + 1) * residual + (block_activations + block_casts).max(head),
+            tokens,
+        }
+    }
+
+    /// Bytes the step needs beyond the loaded weights in `mode` (`Auto` is not a mode here).
+    pub fn beyond_weights(&self, mode: BackwardMode) -> u64 {
+        self.generator + if mode == BackwardMode::PerBlock { self.per_block } else { self.full_graph }
+    }
+
+    /// One line: the peak of `mode` and what its activations cost per token.
+    pub fn describe(&self, mode: BackwardMode) -> String {
+        let activations = if mode == BackwardMode::PerBlock { self.per_block } else { self.full_graph };
+        let per_token = activations / self.tokens.max(1);
+        format!(
+            "peak memory estimate {} ({} weights + {} gate generator and AdamW state + {} activations, {} backward; {} per token of --seq-len x --batch-size)",
+            human_bytes(u128::from(self.weights + self.beyond_weights(mode))),
+            human_bytes(self.weights.into()),
+            human_bytes(self.generator.into()),
+            human_bytes(activations.into()),
+            mode.name(),
+            human_bytes(per_token.into())
+        )
+    }
+
+    /// The backward mode for `requested` given `available` bytes (beyond the loaded weights):
+    /// `Auto` takes the full graph when it fits, else per-block recompute. Fails with the
+    /// estimate and the available memory when the chosen mode does not fit.
+    pub fn choose(&self, requested: BackwardMode, available: Option<u64>) -> Result<BackwardMode> {
+        let fits = |mode| available.is_none_or(|a| self.beyond_weights(mode) <= a);
+        let mode = match requested {
+            BackwardMode::Auto if fits(BackwardMode::FullGraph) => BackwardMode::FullGraph,
+            BackwardMode::Auto => BackwardMode::PerBlock,
+            mode => mode,
+        };
+        if let (false, Some(available)) = (fits(mode), available) {
+            bail!(
+                "a search step of {} tokens ({} backward) needs {} beyond the loaded weights (peak {}) but only {} of memory are available",
+                self.tokens,
+                mode.name(),
+                human_bytes(self.beyond_weights(mode).into()),
+                human_bytes(u128::from(self.weights + self.beyond_weights(mode))),
+                human_bytes(available.into())
+            );
+        }
+        Ok(mode)
+    }
 }
 
 pub(crate) fn check_windows(windows: &[Vec<u32>], model: &dyn CausalLm) -> Result<()> {

@@ -5,7 +5,7 @@
 //! uniform-width rule is shared with `wanda-sp`, which ranks by activation-weighted scores.
 
 use anyhow::Result;
-use burn::tensor::Tensor;
+use burn::tensor::{DType, Tensor};
 use disp_core::params::{BlockWidths, ModelShape, RatioOf};
 use disp_core::plan::{LayerIndices, PruningPlan};
 use disp_core::selection::Site;
@@ -33,10 +33,11 @@ pub fn uniform_magnitude_plan(model: &dyn CausalLm, target_ratio: f64, ratio_of:
 /// importance used by the uniform-width baseline.
 pub fn weight_magnitudes(model: &dyn CausalLm) -> Vec<[Vec<f32>; 5]> {
     fn rows(l: &Linear) -> Tensor<1> {
-        l.weight.clone().powi_scalar(2).sum_dim(1).squeeze_dim::<1>(1)
+        // Weights may be stored below f32; square and sum in f32.
+        l.weight_as(DType::F32).powi_scalar(2).sum_dim(1).squeeze_dim::<1>(1)
     }
     fn cols(l: &Linear) -> Tensor<1> {
-        l.weight.clone().powi_scalar(2).sum_dim(0).squeeze_dim::<1>(0)
+        l.weight_as(DType::F32).powi_scalar(2).sum_dim(0).squeeze_dim::<1>(0)
     }
     fn total(parts: Vec<Tensor<1>>) -> Vec<f32> {
         let sum = parts.into_iter().reduce(|a, b| a + b).expect("at least one layer");

@@ -165,8 +165,9 @@ fn sparsify(linear: &mut Linear, input_norms: &[f32]) -> u64 {
             }
         })
         .collect();
-    let device = linear.weight.device();
-    linear.weight = Tensor::from_data(TensorData::new(values, [host.inputs, host.outputs]), &device);
+    let (device, dtype) = (linear.weight.device(), linear.weight.dtype());
+    // Back at the precision the weight was held in (the zeros are exact in any).
+    linear.weight = Tensor::<2>::from_data(TensorData::new(values, [host.inputs, host.outputs]), &device).cast(dtype);
     zeroed
 }
 

@@ -349,3 +349,55 @@ fn direct_search_stops_on_a_non_finite_loss() {
     assert!(err.contains("non-finite loss at step 2") && err.contains("no checkpoint configured"), "{err}");
     assert_eq!(searcher.steps_done(), 1);
 }
+
+/// Per-block recompute gives the full graph's gate gradients: on the f32 fixture and on the
+/// bf16 one (whose weights are cast per op), for gates in (0, 1) and a batch of two windows.
+#[test]
+fn per_block_recompute_gives_the_full_graphs_gate_gradients() {
+    use disp_train::recompute::{lm_gate_gradients_full_graph, lm_gate_gradients_per_block};
+    for name in ["llama_gqa_tied", "llama_bf16", "phi", "opt_post_ln_proj"] {
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(name);
+        let device = Device::flex();
+        let model = disp_models::load_model(&dir, &device).expect("fixture loads");
+        let shape = model.model_shape();
+        let widths = shape.blocks[0].site_widths();
+        let layers = model.num_layers();
+        let mut rng = SplitMix64::new(11);
+        let soft: [Tensor<2>; 5] = std::array::from_fn(|s| {
+            let values: Vec<f32> = (0..layers * widths[s]).map(|_| 0.05 + 0.9 * rng.unit() as f32).collect();
+            Tensor::from_data(TensorData::new(values, [layers, widths[s]]), &device.clone().autodiff())
+        });
+        let vocab = model.vocab_size();
+        let ids: Vec<i64> = (0..2 * 24).map(|_| rng.below(vocab.min(256)) as i64).collect();
+        let tokens = Tensor::<2, Int>::from_data(TensorData::new(ids, [2, 24]), &device);
+        let full = lm_gate_gradients_full_graph(model.as_ref(), &tokens, &soft);
+        let per_block = lm_gate_gradients_per_block(model.as_ref(), &tokens, &soft);
+        assert!((full.lm_loss - per_block.lm_loss).abs() <= 1e-6 * full.lm_loss.abs(), "{name}: loss {} vs {}", full.lm_loss, per_block.lm_loss);
+        for s in 0..5 {
+            let a = full.per_site[s].clone().into_data().convert::<f32>().try_into_vec::<f32>().unwrap();
+            let b = per_block.per_site[s].clone().into_data().convert::<f32>().try_into_vec::<f32>().unwrap();
+            let scale = a.iter().fold(0f32, |m, x| m.max(x.abs()));
+            assert!(scale > 0.0, "{name}: site {s} has no gradient");
+            let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+            assert!(diff <= 1e-5 * scale, "{name}: site {s} gradients differ by {diff} (largest {scale})");
+        }
+    }
+}
+
+/// A search with per-block recompute takes the same steps as one with the full graph.
+#[test]
+fn per_block_search_follows_the_full_graph_search() {
+    use disp_train::BackwardMode;
+    let model = model();
+    let windows = windows(4, 32, 5);
+    let mut full = Searcher::new(model.as_ref(), &windows, &SearchConfig { backward: BackwardMode::FullGraph, ..cfg(3) }).unwrap();
+    let mut per_block = Searcher::new(model.as_ref(), &windows, &SearchConfig { backward: BackwardMode::PerBlock, ..cfg(3) }).unwrap();
+    assert_eq!((full.backward_mode(), per_block.backward_mode()), (BackwardMode::FullGraph, BackwardMode::PerBlock));
+    for _ in 0..3 {
+        let (a, b) = (full.step().unwrap(), per_block.step().unwrap());
+        assert!((a.lm_loss - b.lm_loss).abs() <= 1e-5 * a.lm_loss.abs(), "{a:?} vs {b:?}");
+    }
+    let (a, b) = (full.scores(), per_block.scores());
+    let diff = a.iter().flatten().flatten().zip(b.iter().flatten().flatten()).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    assert!(diff < 1e-4, "scores differ by {diff} after 3 steps");
+}

@@ -39,7 +39,12 @@ pub struct Outcome {
 }
 
 pub fn disp(args: &[&str]) -> Outcome {
-    let out = Command::new(env!("CARGO_BIN_EXE_disp")).args(args).output().expect("runs");
+    disp_with_env(args, &[])
+}
+
+/// [`disp`] with extra environment variables (the test hooks).
+pub fn disp_with_env(args: &[&str], env: &[(&str, &str)]) -> Outcome {
+    let out = Command::new(env!("CARGO_BIN_EXE_disp")).args(args).envs(env.iter().copied()).output().expect("runs");
     Outcome {
         code: out.status.code().unwrap_or(-1),
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
