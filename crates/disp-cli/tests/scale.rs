@@ -26,7 +26,21 @@ fn make_model_writes_a_loadable_sharded_folder_of_the_asked_shape_and_dtype() {
     let tokenizer = fixture("byte_tokenizer.json");
     for (dtype, stored) in [("bf16", "BF16"), ("f32", "F32")] {
         let out = tmp.path().join(format!("tiny-{dtype}"));
-        let run = disp(&["make-model", "--shape", "tiny", "--dtype", dtype, "--seed", "3", "--tokenizer", s(&tokenizer), "--shard-mb", "0.1", "--out", s(&out)]);
+        let run = disp(&[
+            "make-model",
+            "--shape",
+            "tiny",
+            "--dtype",
+            dtype,
+            "--seed",
+            "3",
+            "--tokenizer",
+            s(&tokenizer),
+            "--shard-mb",
+            "0.1",
+            "--out",
+            s(&out),
+        ]);
         assert_eq!(run.code, 0, "{}", run.stderr);
         let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
         assert_eq!(config["vocab_size"], 256, "the tokenizer's vocabulary");
@@ -92,6 +106,9 @@ fn prune_prints_its_memory_estimate_and_refuses_a_search_that_cannot_fit() {
 
     // Enough memory for the model (its files are a few hundred KB), not for the hypernetwork.
     let refused = disp_with_env(&args, &[(disp_core::memory::AVAILABLE_OVERRIDE, "1000000")]);
-    assert_one_line_error(&refused, &["--batch-size 1 --seq-len 64", "per-block backward", "beyond the loaded weights", "but only 1.0 MB of memory are available"]);
+    assert_one_line_error(
+        &refused,
+        &["--batch-size 1 --seq-len 64", "per-block backward", "beyond the loaded weights", "but only 1.0 MB of memory are available"],
+    );
     assert!(!plan.exists());
 }

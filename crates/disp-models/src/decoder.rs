@@ -549,7 +549,12 @@ impl CausalLm for DecoderLm {
     fn weight_bytes(&self) -> u64 {
         let size = |t: &Tensor<2>| t.dims().iter().product::<usize>() as u64 * t.dtype().size() as u64;
         let linear = |l: &Linear| size(&l.weight) + l.bias.as_ref().map_or(0, |b| 4 * b.dims()[0] as u64);
-        let blocks: u64 = self.blocks.iter().map(|b| b.linears()).map(|l| l.attn_inputs.iter().chain(&l.mlp_inputs).chain([&l.attn_output, &l.mlp_output]).map(|l| linear(l)).sum::<u64>()).sum();
+        let blocks: u64 = self
+            .blocks
+            .iter()
+            .map(|b| b.linears())
+            .map(|l| l.attn_inputs.iter().chain(&l.mlp_inputs).chain([&l.attn_output, &l.mlp_output]).map(|l| linear(l)).sum::<u64>())
+            .sum();
         let norms: u64 = self.blocks.iter().map(|b| 4 * b.norm_params() as u64).sum();
         let ends = &self.ends;
         let head = if ends.tied { ends.head.bias.as_ref().map_or(0, |b| 4 * b.dims()[0] as u64) } else { linear(&ends.head) };

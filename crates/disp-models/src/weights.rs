@@ -147,7 +147,9 @@ impl Checkpoint {
     pub fn check_finite(&self, name: &str) -> Result<()> {
         let raw = self.raw(name)?;
         match first_non_finite(raw.dtype, raw.bytes) {
-            Some((at, value)) => bail!("{}: tensor '{name}' holds {value} at flat index {at}; weights must be finite", self.file_of(name)?.0.display()),
+            Some((at, value)) => {
+                bail!("{}: tensor '{name}' holds {value} at flat index {at}; weights must be finite", self.file_of(name)?.0.display())
+            }
             None => Ok(()),
         }
     }

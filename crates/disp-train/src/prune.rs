@@ -218,19 +218,14 @@ pub fn prune(request: &PruneRequest, device: &Device, on_step: impl FnMut(&StepR
             // Before tokenising or training: the estimate, printed (on stderr, so `--json`
             // output stays one object), and a run that cannot fit refused.
             let source = if request.method == Method::DispDirect { GateSource::Direct } else { GateSource::HyperNetwork };
-            let memory = crate::SearchMemory::estimate(model.as_ref(), request.search.batch_size, request.seq_len, source, HyperNetShape::of(&shape)?);
+            let memory =
+                crate::SearchMemory::estimate(model.as_ref(), request.search.batch_size, request.seq_len, source, HyperNetShape::of(&shape)?);
             let backward = memory
                 .choose(request.search.backward, disp_core::memory::available_bytes())
                 .map_err(|e| anyhow!("--batch-size {} --seq-len {}: {e:#}", request.search.batch_size, request.seq_len))?;
             eprintln!("search: {}", memory.describe(backward));
             let windows = calibration()?;
-            let cfg = SearchConfig {
-                target_ratio: ratio,
-                ratio_of: request.ratio_of,
-                gate_source: source,
-                backward,
-                ..request.search.clone()
-            };
+            let cfg = SearchConfig { target_ratio: ratio, ratio_of: request.ratio_of, gate_source: source, backward, ..request.search.clone() };
             let mut plan = crate::search(model.as_ref(), &windows, &cfg, on_step)?;
             plan.search["seq_len"] = request.seq_len.into();
             plan.search["windows"] = windows.len().into();

@@ -16,9 +16,9 @@ use crate::generator::{GateGenerator, GateSource};
 use crate::hypernet::{HyperNet, HyperNetShape};
 use crate::loss::{lm_loss, LmLoss};
 use crate::masks::{calibrate, GateScores};
+use crate::recompute::{lm_gate_gradients_per_block, BackwardMode};
 use crate::rng::{mix64, Purpose, ShuffledBatches};
 use crate::search_state::{self, SearchStateHeader, SEARCH_STATE_FORMAT_VERSION};
-use crate::recompute::{lm_gate_gradients_per_block, BackwardMode};
 use crate::{SearchConfig, StepReport};
 use disp_core::memory::human_bytes;
 
@@ -500,30 +500,16 @@ pub struct SearchMemory {
     pub per_block: u64,
     /// Tokens per step (batch size × sequence length) the activation figures are for.
     pub tokens: u64,
+    /// What one more window per step (`--batch-size` + 1) adds to the activations, [full, per block].
+    pub per_window: [u64; 2],
+    /// The activations at twice the sequence length, [full, per block].
+    pub doubled_seq: [u64; 2],
 }
 
 impl SearchMemory {
     /// The estimate for `model` with `batch_size` windows of `seq_len` tokens and the generator
     /// `source` for `net` gates.
     pub fn estimate(model: &dyn CausalLm, batch_size: usize, seq_len: usize, source: GateSource, net: HyperNetShape) -> Self {
-        let shape = model.model_shape();
-        let block = shape.blocks[0];
-        let (layers, vocab) = (shape.blocks.len() as u64, model.vocab_size() as u64);
-        let tokens = batch_size as u64 * seq_len as u64;
-        let (d, f, q, kv) = (block.hidden as u64, block.intermediate as u64, block.q_dim as u64, block.kv_dim as u64);
-        // Head dimensions are 64 or more: at most q/64 heads.
-        let heads = q / 64;
-        // Per block: norms, residual adds, masks (~12·d), q/k/v, their rotary and grouped-query
-        // copies and the attention output (5q + 4kv), the MLP's gate, up, activation, product and
-        // masked copies (6·f); plus burn's autodiff attention (a composition of tensor ops): the
-        // scores, their mask, softmax and its gradient, four [B, H, T, T] tensors.
-        let block_activations = 4 * tokens * (12 * d + 5 * q + 4 * kv + 6 * f) + 4 * 4 * batch_size as u64 * heads * (seq_len as u64).pow(2);
-        // The graph keeps each matmul's weight operand: its f32 cast when stored below f32.
-        let below_f32 = model.weight_bytes() < 4 * (shape.dense_total_params());
-        let block_casts = if below_f32 { 4 * block.linear_params(&block.full_widths()) } else { 0 };
-        // Logits, their softmax, the loss's gradient and the surrogate product; the head's cast.
-        let head = 4 * tokens * vocab * 4 + if below_f32 { 4 * vocab * d } else { 0 };
-        let residual = 4 * tokens * d;
         let generator_params = match source {
             GateSource::HyperNetwork => {
                 let feature = 2 * crate::hypernet::GRU_HIDDEN as u64;
@@ -532,13 +518,43 @@ impl SearchMemory {
             }
             GateSource::Direct => net.gate_entries() as u64,
         };
+        let activations = |batch: u64, seq: u64| Self::activations(model, batch, seq);
+        let (batch, seq) = (batch_size as u64, seq_len as u64);
+        let [full_graph, per_block] = activations(batch, seq);
+        let [full_wider, per_block_wider] = activations(batch + 1, seq);
+        let [full_longer, per_block_longer] = activations(batch, 2 * seq);
         Self {
             weights: model.weight_bytes(),
             generator: 4 * 4 * generator_params,
-            full_graph: layers * (block_activations + block_casts) + head,
-            per_block: (layers + 1) * residual + (block_activations + block_casts).max(head),
-            tokens,
+            full_graph,
+            per_block,
+            tokens: batch * seq,
+            per_window: [full_wider - full_graph, per_block_wider - per_block],
+            doubled_seq: [full_longer, per_block_longer],
         }
+    }
+
+    /// Activation bytes of [full graph, per block] for `batch` windows of `seq` tokens.
+    fn activations(model: &dyn CausalLm, batch: u64, seq: u64) -> [u64; 2] {
+        let shape = model.model_shape();
+        let block = shape.blocks[0];
+        let (layers, vocab) = (shape.blocks.len() as u64, model.vocab_size() as u64);
+        let tokens = batch * seq;
+        let (d, f, q, kv) = (block.hidden as u64, block.intermediate as u64, block.q_dim as u64, block.kv_dim as u64);
+        // Head dimensions are 64 or more: at most q/64 heads.
+        let heads = q / 64;
+        // Per block: norms, residual adds, masks (~12·d), q/k/v, their rotary and grouped-query
+        // copies and the attention output (5q + 4kv), the MLP's gate, up, activation, product and
+        // masked copies (6·f); plus burn's autodiff attention (a composition of tensor ops): the
+        // scores, their mask, softmax and its gradient, four [B, H, T, T] tensors.
+        let block_activations = 4 * tokens * (12 * d + 5 * q + 4 * kv + 6 * f) + 4 * 4 * batch * heads * seq * seq;
+        // The graph keeps each matmul's weight operand: its f32 cast when stored below f32.
+        let below_f32 = model.weight_bytes() < 4 * shape.dense_total_params();
+        let block_casts = if below_f32 { 4 * block.linear_params(&block.full_widths()) } else { 0 };
+        // Logits, their softmax, the loss's gradient and the surrogate product; the head's cast.
+        let head = 4 * tokens * vocab * 4 + if below_f32 { 4 * vocab * d } else { 0 };
+        let residual = 4 * tokens * d;
+        [layers * (block_activations + block_casts) + head, (layers + 1) * residual + (block_activations + block_casts).max(head)]
     }
 
     /// Bytes the step needs beyond the loaded weights in `mode` (`Auto` is not a mode here).
@@ -546,18 +562,19 @@ impl SearchMemory {
         self.generator + if mode == BackwardMode::PerBlock { self.per_block } else { self.full_graph }
     }
 
-    /// One line: the peak of `mode` and what its activations cost per token.
+    /// One line: the peak of `mode`, its parts, and what `--batch-size` / `--seq-len` cost.
     pub fn describe(&self, mode: BackwardMode) -> String {
-        let activations = if mode == BackwardMode::PerBlock { self.per_block } else { self.full_graph };
-        let per_token = activations / self.tokens.max(1);
+        let i = usize::from(mode == BackwardMode::PerBlock);
+        let activations = [self.full_graph, self.per_block][i];
         format!(
-            "peak memory estimate {} ({} weights + {} gate generator and AdamW state + {} activations, {} backward; {} per token of --seq-len x --batch-size)",
+            "peak memory estimate {} ({} weights + {} gate generator and AdamW state + {} activations, {} backward; --batch-size +1 adds {}, twice the --seq-len needs {} of activations)",
             human_bytes(u128::from(self.weights + self.beyond_weights(mode))),
             human_bytes(self.weights.into()),
             human_bytes(self.generator.into()),
             human_bytes(activations.into()),
             mode.name(),
-            human_bytes(per_token.into())
+            human_bytes(self.per_window[i].into()),
+            human_bytes(self.doubled_seq[i].into())
         )
     }
 
