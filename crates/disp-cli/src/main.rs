@@ -425,7 +425,13 @@ fn prune(device: DeviceChoice, args: PruneArgs) -> Result<()> {
     let device = select_device(device)?;
     let bar = progress_bar(if args.method.searches() { args.steps as u64 } else { 0 }, "steps", args.json || !args.method.searches());
     let start = std::time::Instant::now();
-    let outcome = disp_train::prune(&request, &device, |report| {
+    let json = args.json;
+    let on_estimate = |memory: &disp_train::SearchMemory, mode| {
+        if !json {
+            println!("search: {}", memory.describe(mode));
+        }
+    };
+    let outcome = disp_train::prune(&request, &device, on_estimate, |report| {
         bar.set_position(report.step as u64);
         bar.set_message(format!("CE {:.3}  reg {:.3}  removed {:.1}%", report.lm_loss, report.regulariser, 100.0 * report.achieved_ratio));
     })?;

@@ -163,7 +163,10 @@ fn a_batch_size_beyond_memory_is_refused_before_the_search() {
         "--out",
         s(&plan),
     ]);
-    assert_one_line_error(&out, &["--batch-size 10000000", "a search step of batch size 10000000 x 16 tokens needs", "of memory are available"]);
+    assert_one_line_error(
+        &out,
+        &["--batch-size 10000000 --seq-len 16", "a search step of 160000000 tokens", "needs", "beyond the loaded weights", "of memory are available"],
+    );
     assert!(!plan.exists());
 }
 

@@ -101,7 +101,7 @@ fn prune_prints_its_memory_estimate_and_refuses_a_search_that_cannot_fit() {
     let args = ["prune", "--model", s(&model), "--ratio", "0.3", "--data", s(&text), "--steps", "1", "--seq-len", "64", "--out", s(&plan)];
     let ok = disp(&args);
     assert_eq!(ok.code, 0, "{}", ok.stderr);
-    assert!(ok.stderr.contains("search: peak memory estimate") && ok.stderr.contains("full-graph backward"), "{}", ok.stderr);
+    assert!(ok.stdout.contains("search: peak memory estimate") && ok.stdout.contains("full-graph backward"), "{}", ok.stdout);
     std::fs::remove_file(&plan).unwrap();
 
     // Enough memory for the model (its files are a few hundred KB), not for the hypernetwork.

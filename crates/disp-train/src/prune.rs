@@ -172,9 +172,15 @@ impl PruneRequest {
     }
 }
 
-/// Runs `request` on `device`: loads the model, runs the method (calling `on_step` after every
-/// search update), writes the plan and, if asked, the exported folder.
-pub fn prune(request: &PruneRequest, device: &Device, on_step: impl FnMut(&StepReport)) -> Result<PruneOutcome> {
+/// Runs `request` on `device`: loads the model, runs the method (for a search, calling
+/// `on_estimate` with its memory estimate and backward mode before the first step, and
+/// `on_step` after every update), writes the plan and, if asked, the exported folder.
+pub fn prune(
+    request: &PruneRequest,
+    device: &Device,
+    on_estimate: impl FnOnce(&crate::SearchMemory, crate::BackwardMode),
+    on_step: impl FnMut(&StepReport),
+) -> Result<PruneOutcome> {
     request.check()?;
     let mut model = disp_models::load_model(&request.model_dir, device)?;
     let shape = model.model_shape();
@@ -215,15 +221,14 @@ pub fn prune(request: &PruneRequest, device: &Device, on_step: impl FnMut(&StepR
             plan
         }
         Method::Disp | Method::DispDirect => {
-            // Before tokenising or training: the estimate, printed (on stderr, so `--json`
-            // output stays one object), and a run that cannot fit refused.
+            // Before tokenising or training: the estimate, and a run that cannot fit refused.
             let source = if request.method == Method::DispDirect { GateSource::Direct } else { GateSource::HyperNetwork };
             let memory =
                 crate::SearchMemory::estimate(model.as_ref(), request.search.batch_size, request.seq_len, source, HyperNetShape::of(&shape)?);
             let backward = memory
                 .choose(request.search.backward, disp_core::memory::available_bytes())
                 .map_err(|e| anyhow!("--batch-size {} --seq-len {}: {e:#}", request.search.batch_size, request.seq_len))?;
-            eprintln!("search: {}", memory.describe(backward));
+            on_estimate(&memory, backward);
             let windows = calibration()?;
             let cfg = SearchConfig { target_ratio: ratio, ratio_of: request.ratio_of, gate_source: source, backward, ..request.search.clone() };
             let mut plan = crate::search(model.as_ref(), &windows, &cfg, on_step)?;
