@@ -3,7 +3,7 @@
 //! files and folders atomically ([`fsutil`]), the project's one seeded random number generator
 //! ([`rng`]), the weight files and tensor shapes of a Hugging Face folder ([`hf_folder`]), and
 //! GGUF import ([`gguf`]: a validating reader, dequantisation, conversion into an HF folder, and
-//! a small writer for test files), and number formatting for reports ([`fmt`]). `disp-core` and `disp-models` re-export these modules.
+//! a small writer for test files), number formatting for reports ([`fmt`]), and LLaMA-shaped checkpoints with seeded random weights for measuring at scale ([`make_model`], `disp make-model`). `disp-core` and `disp-models` re-export these modules.
 
 pub mod fmt;
 pub mod fsutil;
