@@ -154,6 +154,14 @@ struct PruneArgs {
     /// Continue from --checkpoint.
     #[arg(long)]
     resume: bool,
+    /// What the search trains the masked model against: lm (next-token cross-entropy on --data,
+    /// the paper's), kd (KL from the dense model's next-token distribution to the masked
+    /// model's), or lm+kd (their sum).
+    #[arg(long, default_value = "lm")]
+    loss: disp_train::Objective,
+    /// Softmax temperature of the distillation loss (kd, lm+kd).
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
+    kd_temperature: f64,
     /// Where to write the plan (JSON); every method but wanda-2:4 makes one.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -365,6 +373,8 @@ fn prune(device: DeviceChoice, args: PruneArgs) -> Result<()> {
             checkpoint: args.checkpoint.clone(),
             checkpoint_every: args.checkpoint_every,
             resume: args.resume,
+            objective: args.loss,
+            kd_temperature: args.kd_temperature,
             ..Default::default()
         },
         plan_out: args.out.clone(),
@@ -379,7 +389,8 @@ fn prune(device: DeviceChoice, args: PruneArgs) -> Result<()> {
     let start = std::time::Instant::now();
     let outcome = disp_train::prune(&request, &device, |report| {
         bar.set_position(report.step as u64);
-        bar.set_message(format!("CE {:.3}  reg {:.3}  removed {:.1}%", report.lm_loss, report.regulariser, 100.0 * report.achieved_ratio));
+        let kd = report.kd_loss.map(|v| format!("  KD {v:.3}")).unwrap_or_default();
+        bar.set_message(format!("CE {:.3}{kd}  reg {:.3}  removed {:.1}%", report.lm_loss, report.regulariser, 100.0 * report.achieved_ratio));
     })?;
     bar.finish_and_clear();
     if args.json {

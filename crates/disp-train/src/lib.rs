@@ -33,6 +33,7 @@ use disp_models::CausalLm;
 use serde::{Deserialize, Serialize};
 
 pub use generator::{DirectLogits, GateGenerator, GateSource};
+pub use loss::Objective;
 pub use hypernet::{HyperNet, HyperNetShape};
 pub use masks::{calibrate, final_indices, Calibration, GateScores};
 pub use prune::{prune, Method, PruneOutcome, PruneRequest};
@@ -68,6 +69,17 @@ pub struct SearchConfig {
     /// What produces the gate logits: the hypernetwork (`disp`) or direct logits (`disp-direct`).
     #[serde(default)]
     pub gate_source: GateSource,
+    /// What the masked model is trained against: the calibration text's next tokens (`lm`, the
+    /// paper's), the dense model's next-token distributions (`kd`), or both.
+    #[serde(default)]
+    pub objective: Objective,
+    /// Softmax temperature of the distillation loss (used by `kd` and `lm+kd`).
+    #[serde(default = "default_kd_temperature")]
+    pub kd_temperature: f64,
+}
+
+fn default_kd_temperature() -> f64 {
+    1.0
 }
 
 impl Default for SearchConfig {
@@ -87,6 +99,8 @@ impl Default for SearchConfig {
             checkpoint_every: 500,
             resume: false,
             gate_source: GateSource::HyperNetwork,
+            objective: Objective::Lm,
+            kd_temperature: default_kd_temperature(),
         }
     }
 }
@@ -100,6 +114,9 @@ pub struct StepReport {
     pub lm_loss: f64,
     /// λ·|log(P(S)/(p·P_blocks))| of the hard gates.
     pub regulariser: f64,
+    /// The distillation loss (see [`loss::kd_loss`]), when the objective uses it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kd_loss: Option<f64>,
     /// Fraction removed (of `ratio_of`) by this step's hard gates.
     pub achieved_ratio: f64,
 }

@@ -162,6 +162,9 @@ impl PruneRequest {
         if method.searches() && self.search.steps == 0 {
             bail!("--steps must be at least 1");
         }
+        if !method.searches() && self.search.objective != crate::Objective::Lm {
+            bail!("--loss {}: only the searches (disp, disp-direct) train against a loss; {} does not", self.search.objective, method.name());
+        }
         if method.uses_activation_statistics() && self.calibration_windows == 0 {
             bail!("--calibration-windows must be at least 1");
         }
@@ -326,6 +329,9 @@ mod tests {
         assert!(err(PruneRequest { search: SearchConfig { steps: 0, ..Default::default() }, ..request(Method::Disp) }).contains("--steps"));
         assert!(err(PruneRequest { calibration_windows: 0, ..request(Method::WandaSp) }).contains("--calibration-windows"));
         assert!(err(PruneRequest { data: vec![], ..request(Method::Disp) }).contains("--data"));
+        let kd = SearchConfig { objective: crate::Objective::Kd, ..request(Method::Disp).search };
+        PruneRequest { search: kd.clone(), ..request(Method::DispDirect) }.check().unwrap();
+        assert!(err(PruneRequest { search: kd, ..request(Method::WandaSp) }).contains("--loss kd: only the searches"));
         PruneRequest { data: vec![], ..request(Method::UniformMagnitude) }.check().unwrap();
         assert!(err(request(Method::Wanda24)).contains("use --export DIR"));
         let sparse = PruneRequest { export: Some(("out".into(), ExportFormat::Pruned)), ..request(Method::Wanda24) };

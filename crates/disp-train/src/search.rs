@@ -14,7 +14,7 @@ use serde_json::json;
 use crate::gates::{self, SampledGates};
 use crate::generator::{GateGenerator, GateSource};
 use crate::hypernet::{HyperNet, HyperNetShape};
-use crate::loss::{lm_loss, LmLoss};
+use crate::loss::{kd_loss, lm_loss, KdLoss, LmLoss, Objective};
 use crate::masks::{calibrate, GateScores};
 use crate::rng::{mix64, Purpose, ShuffledBatches};
 use crate::search_state::{self, SearchStateHeader, SEARCH_STATE_FORMAT_VERSION};
@@ -25,6 +25,10 @@ pub struct StepLoss {
     /// Mean next-token NLL under the soft gates (value on the host, surrogate for backward; see
     /// [`crate::loss`]).
     pub lm: LmLoss,
+    /// Distillation from the dense model (same model, no gates) to the masked one, when the
+    /// objective uses it.
+    pub kd: Option<KdLoss>,
+    pub objective: Objective,
     /// λ·|log(P(S)/(p·P_blocks))| of the straight-through gates, `[1]`.
     pub regulariser: Tensor<1>,
     /// Hard gates (no graph), per site `[layers, width]`.
@@ -32,9 +36,17 @@ pub struct StepLoss {
 }
 
 impl StepLoss {
-    /// What `backward` is called on: its gradient is that of LM loss + regulariser.
+    /// What `backward` is called on: its gradient is that of the objective (LM loss, KD loss or
+    /// both) plus the regulariser.
     pub fn total(&self) -> Tensor<1> {
-        self.lm.surrogate.clone() + self.regulariser.clone()
+        let mut total = self.regulariser.clone();
+        if self.objective.uses_lm() {
+            total = total + self.lm.surrogate.clone();
+        }
+        if let Some(kd) = &self.kd {
+            total = total + kd.surrogate.clone();
+        }
+        total
     }
 }
 
@@ -101,6 +113,9 @@ impl<'a> Searcher<'a> {
         }
         if !(cfg.temperature > 0.0 && cfg.temperature.is_finite()) {
             bail!("Gumbel-sigmoid temperature must be positive, got {}", cfg.temperature);
+        }
+        if !(cfg.kd_temperature > 0.0 && cfg.kd_temperature.is_finite()) {
+            bail!("distillation temperature must be positive, got {}", cfg.kd_temperature);
         }
         if !(cfg.learning_rate > 0.0 && cfg.learning_rate.is_finite()) {
             bail!("learning rate must be positive, got {}", cfg.learning_rate);
@@ -206,18 +221,27 @@ impl<'a> Searcher<'a> {
         gates::sample(logits, noise, self.cfg.offset, self.cfg.temperature)
     }
 
-    /// Forward pass of (1-based) step `step`: LM loss under the soft gates and the regulariser
-    /// of the straight-through gates.
+    /// Forward pass of (1-based) step `step`: LM loss (and, if the objective asks, the
+    /// distillation loss) under the soft gates and the regulariser of the straight-through gates.
+    ///
+    /// The teacher is the same frozen model run dense (no gates) on the plain device, computed
+    /// on the fly: each window's teacher forward is needed once per visit, and a search of the
+    /// usual length visits a window about once (100–200 steps of batch 1 over a few hundred
+    /// windows), so a cache of teacher logits would cost the same forwards plus its memory.
     pub fn step_loss(&mut self, step: usize) -> StepLoss {
         let batch = self.batch_windows(step);
         let sampled = self.sample_gates(step);
         let tokens = self.tokens(&batch);
         let block_gates = gates::block_gates(&sampled.soft);
         let logits = self.model.forward(tokens.clone(), Some(&block_gates), None);
+        let kd = self.cfg.objective.uses_kd().then(|| {
+            let teacher = self.model.forward(tokens.clone(), None, None);
+            kd_loss(logits.clone(), teacher, self.cfg.kd_temperature)
+        });
         let lm = lm_loss(logits, &tokens);
         let params = gates::parameter_count(&self.block, &sampled.straight_through);
         let regulariser = disp_core::params::parameter_regulariser(params, self.target_block_params, self.cfg.lambda);
-        StepLoss { lm, regulariser, hard: sampled.hard }
+        StepLoss { lm, kd, objective: self.cfg.objective, regulariser, hard: sampled.hard }
     }
 
     /// One update of the gate generator. Fails, without updating, on a non-finite loss.
@@ -231,15 +255,17 @@ impl<'a> Searcher<'a> {
         let start = Instant::now();
         let loss = self.step_loss(step);
         let lm_loss = loss.lm.value;
+        let kd_loss = loss.kd.as_ref().map(|kd| kd.value);
         let regulariser = loss.regulariser.clone().into_scalar::<f32>() as f64;
         let forward = start.elapsed().as_secs_f64();
-        if !(lm_loss.is_finite() && regulariser.is_finite()) {
+        if !(lm_loss.is_finite() && regulariser.is_finite() && kd_loss.is_none_or(f64::is_finite)) {
             let kept = match &self.cfg.checkpoint {
                 Some(path) if path.exists() => format!("last good checkpoint kept at {}", path.display()),
                 Some(path) => format!("no checkpoint written yet ({})", path.display()),
                 None => "no checkpoint configured".to_string(),
             };
-            bail!("non-finite loss at step {step} (LM {lm_loss}, regulariser {regulariser}); {kept}");
+            let kd = kd_loss.map(|v| format!(", KD {v}")).unwrap_or_default();
+            bail!("non-finite loss at step {step} (LM {lm_loss}{kd}, regulariser {regulariser}); {kept}");
         }
         let achieved_ratio = self.hard_ratio(&loss.hard);
         let t = Instant::now();
@@ -249,7 +275,7 @@ impl<'a> Searcher<'a> {
         self.generator.update(&mut self.optim, self.cfg.learning_rate, grads);
         let optimizer = t.elapsed().as_secs_f64();
         self.steps_done = step;
-        let report = StepReport { step, lm_loss, regulariser, achieved_ratio };
+        let report = StepReport { step, lm_loss, regulariser, kd_loss, achieved_ratio };
         self.first_regulariser.get_or_insert(regulariser);
         self.last = Some(report.clone());
 
@@ -347,6 +373,13 @@ impl<'a> Searcher<'a> {
                 "gate_source": self.cfg.gate_source,
             }),
         };
+        // Recorded only for distillation, so `lm` plans stay byte-identical to earlier ones.
+        if self.cfg.objective != Objective::Lm {
+            plan.search["loss"] = json!(self.cfg.objective);
+            plan.search["kd_temperature"] = json!(self.cfg.kd_temperature);
+            plan.search["kd_teacher"] = json!("the same model run dense (no gates), on the fly");
+            plan.search["final_kd_loss"] = json!(last.and_then(|r| r.kd_loss));
+        }
         if self.cfg.gate_source == GateSource::HyperNetwork {
             plan.search["hypernetwork"] = json!({"input_width": crate::hypernet::INPUT_WIDTH, "gru_hidden": crate::hypernet::GRU_HIDDEN});
         }
@@ -383,6 +416,10 @@ impl<'a> Searcher<'a> {
         // direct logits existed still resume.
         if self.cfg.gate_source != GateSource::HyperNetwork {
             settings["gate_source"] = json!(self.cfg.gate_source);
+        }
+        if self.cfg.objective != Objective::Lm {
+            settings["loss"] = json!(self.cfg.objective);
+            settings["kd_temperature"] = json!(self.cfg.kd_temperature);
         }
         settings
     }
