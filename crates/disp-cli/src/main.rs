@@ -6,6 +6,7 @@ mod bench;
 mod checks;
 mod eval_mc;
 mod export;
+mod finetune;
 mod inspect;
 mod train_tiny;
 
@@ -48,6 +49,9 @@ enum Command {
     /// Write a model pruned by a plan to a folder: smaller tensors plus index sets (default), or
     /// a dense-equivalent stock checkpoint any HF loader reads.
     Export(export::ExportArgs),
+    /// Recovery fine-tuning of a pruned folder: LoRA adapters on its block linears, trained on
+    /// text (or by distillation from the dense teacher), merged and written as a new folder.
+    Finetune(finetune::FinetuneArgs),
     /// Show what a plan, a pruned folder or a dense folder keeps: parameters, per-layer widths of
     /// S1..S5, which embedding positions the blocks read and write; optionally as a PNG figure.
     Inspect(inspect::InspectArgs),
@@ -252,6 +256,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Export(args) => export::export(args),
+        Command::Finetune(args) => finetune::finetune(cli.device, args),
         Command::Inspect(args) => inspect::inspect(cli.device, args),
         Command::Bench(args) => bench::bench(cli.device, args),
         Command::TrainTiny(args) => train_tiny::run(cli.device, args),

@@ -11,9 +11,11 @@
 //! same final masks.
 
 pub mod activation_stats;
+pub mod finetune;
 pub mod gates;
 pub mod generator;
 pub mod hypernet;
+pub mod lora;
 pub mod loss;
 pub mod masks;
 pub mod pretrain;
@@ -32,9 +34,11 @@ use disp_core::plan::PruningPlan;
 use disp_models::CausalLm;
 use serde::{Deserialize, Serialize};
 
+pub use finetune::{finetune, FinetuneConfig, FinetuneOutcome, FinetuneReport, FinetuneRequest, Finetuner};
 pub use generator::{DirectLogits, GateGenerator, GateSource};
-pub use loss::Objective;
 pub use hypernet::{HyperNet, HyperNetShape};
+pub use lora::{LoraAdapters, LoraTarget};
+pub use loss::Objective;
 pub use masks::{calibrate, final_indices, Calibration, GateScores};
 pub use prune::{prune, Method, PruneOutcome, PruneRequest};
 pub use search::Searcher;

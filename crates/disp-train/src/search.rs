@@ -89,7 +89,7 @@ pub struct Searcher<'a> {
 /// A digest of the output projections of the first and last block: tells apart two models of the
 /// same sizes (e.g. a base model and its fine-tune), so a checkpoint of one does not resume on
 /// the other. A few small matrices, read once per run.
-fn weights_digest(model: &dyn CausalLm) -> String {
+pub(crate) fn weights_digest(model: &dyn CausalLm) -> String {
     let last = model.num_layers().saturating_sub(1);
     let mut hash = mix64(model.num_layers() as u64);
     for layer in [0, last] {
