@@ -125,10 +125,10 @@ struct PruneArgs {
     ratio_of: RatioOf,
     #[arg(long, value_parser = method_parser(), default_value = "disp")]
     method: Method,
-    /// Calibration text files (disp, disp-direct, wanda-sp and wanda-2:4 need them).
+    /// Calibration text files (disp, disp-direct, wanda-sp, wanda-sp-mlp and wanda-2:4 need them).
     #[arg(long, num_args = 1..)]
     data: Vec<PathBuf>,
-    /// Calibration windows the activation statistics of wanda-sp / wanda-2:4 are computed on,
+    /// Calibration windows the activation statistics of the wanda methods are computed on,
     /// evenly spaced over all windows of --data.
     #[arg(long, default_value_t = 128)]
     calibration_windows: usize,

@@ -26,8 +26,11 @@ pub enum Method {
     DispDirect,
     /// Regular structural pruning: one embedding subset for all blocks, by weight magnitude.
     UniformMagnitude,
-    /// Structured Wanda: |W|·‖X‖ scores on calibration data, uniform widths.
+    /// Structured Wanda: |W|·‖X‖ scores on calibration data, uniform widths (the paper's
+    /// "regular structural pruning" with Wanda scores).
     WandaSp,
+    /// FLAP's Wanda-sp restricted to MLP channels: per-block channel scores, uniform count.
+    WandaSpMlp,
     /// Semi-structured Wanda: 2 of every 4 input weights zeroed in every block linear.
     Wanda24,
 }
@@ -49,7 +52,7 @@ pub struct MethodInfo {
 }
 
 impl Method {
-    pub const ALL: [Method; 5] = [Method::Disp, Method::DispDirect, Method::UniformMagnitude, Method::WandaSp, Method::Wanda24];
+    pub const ALL: [Method; 6] = [Method::Disp, Method::DispDirect, Method::UniformMagnitude, Method::WandaSp, Method::WandaSpMlp, Method::Wanda24];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -57,6 +60,7 @@ impl Method {
             Method::DispDirect => "disp-direct",
             Method::UniformMagnitude => "uniform-magnitude",
             Method::WandaSp => "wanda-sp",
+            Method::WandaSpMlp => "wanda-sp-mlp",
             Method::Wanda24 => "wanda-2:4",
         }
     }
@@ -70,7 +74,12 @@ impl Method {
             Method::Disp => "the hypernetwork search of DISP-LLM",
             Method::DispDirect => "DISP-LLM's ablation: the same search, learning the gate logits directly (no hypernetwork)",
             Method::UniformMagnitude => "regular structural pruning: one embedding subset for all blocks, by weight magnitude",
-            Method::WandaSp => "structured Wanda: |W|·‖X‖ scores on calibration data, uniform widths like uniform-magnitude",
+            Method::WandaSp => {
+                "regular structural pruning with Wanda scores: |W|·‖X‖ on calibration data, one embedding subset and one MLP width for all blocks"
+            }
+            Method::WandaSpMlp => {
+                "FLAP's Wanda-sp restricted to MLP channels: each block keeps its top |W_down|·‖h‖ channels, the same count everywhere; heads and residual width whole"
+            }
             Method::Wanda24 => "semi-structured Wanda: 2 of every 4 input weights zeroed in every block linear (no plan)",
         }
     }
@@ -84,7 +93,7 @@ impl Method {
     }
 
     pub fn uses_activation_statistics(self) -> bool {
-        matches!(self, Method::WandaSp | Method::Wanda24)
+        matches!(self, Method::WandaSp | Method::WandaSpMlp | Method::Wanda24)
     }
 
     pub fn makes_plan(self) -> bool {
@@ -209,11 +218,15 @@ pub fn prune(request: &PruneRequest, device: &Device, on_step: impl FnMut(&StepR
     shape.kept_block_fraction(ratio, request.ratio_of)?;
     let mut plan = match request.method {
         Method::UniformMagnitude => crate::uniform::uniform_magnitude_plan(model.as_ref(), ratio, request.ratio_of)?,
-        Method::WandaSp => {
+        Method::WandaSp | Method::WandaSpMlp => {
             let all = calibration()?;
             let available = all.len();
             let windows = evenly_spaced(all, request.calibration_windows);
-            let mut plan = crate::wanda::wanda_sp_plan(model.as_ref(), &windows, ratio, request.ratio_of)?;
+            let mut plan = if request.method == Method::WandaSp {
+                crate::wanda::wanda_sp_plan(model.as_ref(), &windows, ratio, request.ratio_of)?
+            } else {
+                crate::wanda::wanda_sp_mlp_plan(model.as_ref(), &windows, ratio, request.ratio_of)?
+            };
             plan.search["windows_available"] = available.into();
             plan
         }
