@@ -75,6 +75,9 @@ enum EvalCommand {
     Ppl(PplArgs),
     /// Zero-shot multiple-choice accuracy over JSONL task files (lm-evaluation-harness scoring).
     Mc(eval_mc::McArgs),
+    /// Chat retention: greedy answers to held-out prompts compared with a reference (dense)
+    /// model's: first-sentence agreement and token-level agreement.
+    Chat(ChatArgs),
 }
 
 #[derive(Args)]
@@ -85,6 +88,26 @@ struct ModelArgs {
     /// Apply a pruning plan (from `disp prune`) before running.
     #[arg(long)]
     plan: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct ChatArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The model to agree with (usually the dense one).
+    #[arg(long)]
+    reference: PathBuf,
+    /// JSONL prompt file (`{"prompt": "..."}` per line), held out from any calibration.
+    #[arg(long)]
+    prompts: PathBuf,
+    #[arg(long, default_value_t = 48)]
+    max_tokens: usize,
+    /// Send prompts as they are instead of through the chat template.
+    #[arg(long)]
+    raw: bool,
+    /// Print one JSON object (with every answer) instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -190,8 +213,17 @@ struct MethodsArgs {
 struct GenerateArgs {
     #[command(flatten)]
     model: ModelArgs,
-    #[arg(long)]
-    prompt: String,
+    /// The prompt (or use --prompts).
+    #[arg(long, required_unless_present = "prompts", conflicts_with = "prompts")]
+    prompt: Option<String>,
+    /// A JSONL file of prompts (`{"prompt": "..."}` per line): the answers are written to --out
+    /// as calibration text (each exchange in the form the model sees it), for `prune --data` and
+    /// `finetune --data`.
+    #[arg(long, requires = "out")]
+    prompts: Option<PathBuf>,
+    /// Where --prompts writes the calibration text.
+    #[arg(long, requires = "prompts")]
+    out: Option<PathBuf>,
     #[arg(long, default_value_t = 64)]
     max_tokens: usize,
     /// 0 means greedy.
@@ -249,6 +281,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Eval(EvalCommand::Ppl(args)) => eval_ppl(cli.device, args),
         Command::Eval(EvalCommand::Mc(args)) => eval_mc::eval_mc(cli.device, args),
+        Command::Eval(EvalCommand::Chat(args)) => eval_chat(cli.device, args),
         Command::Generate(args) => generate(cli.device, args),
         Command::Prune(args) => prune(cli.device, args),
         Command::Methods(args) => {
@@ -327,16 +360,26 @@ fn progress_bar(len: u64, unit: &str, hidden: bool) -> indicatif::ProgressBar {
 fn generate(device: DeviceChoice, args: GenerateArgs) -> Result<()> {
     checks::generation(args.max_tokens, args.temperature, args.top_p)?;
     let tokenizer = TextTokenizer::load(&args.model.model)?;
-    let prompt = if args.chat {
-        let template = disp_models::chat::ChatTemplate::load(&args.model.model)?;
-        template.render(&[disp_models::chat::ChatMessage::new("user", &args.prompt)], true)?
-    } else {
-        args.prompt.clone()
-    };
-    let ids = tokenizer.encode(&prompt)?;
-    let model = load(device, &args.model)?;
+    let template = if args.chat { Some(disp_models::chat::ChatTemplate::load(&args.model.model)?) } else { None };
     let stop_tokens = disp_models::config::RawConfig::read(&args.model.model)?.eos_token_ids();
     let opts = GenerateOptions { max_new_tokens: args.max_tokens, temperature: args.temperature, top_p: args.top_p, seed: args.seed, stop_tokens };
+    if let (Some(file), Some(out)) = (&args.prompts, &args.out) {
+        let prompts = disp_eval::chat_retention::read_prompts(file)?;
+        let model = load(device, &args.model)?;
+        let bar = progress_bar(prompts.len() as u64, "prompts", false);
+        let start = std::time::Instant::now();
+        let text = disp_eval::chat_retention::self_generated_calibration(model.as_ref(), &tokenizer, template.as_ref(), &prompts, &opts, |done| {
+            bar.set_position(done as u64)
+        })?;
+        bar.finish_and_clear();
+        disp_core::fsutil::write_atomic(out, text.as_bytes())?;
+        let tokens = tokenizer.encode(&text)?.len();
+        println!("wrote {} ({} answers, {tokens} tokens) in {:.1} s", out.display(), prompts.len(), start.elapsed().as_secs_f64());
+        return Ok(());
+    }
+    let prompt = disp_eval::chat_retention::render_prompt(template.as_ref(), args.prompt.as_deref().unwrap_or_default())?;
+    let ids = tokenizer.encode(&prompt)?;
+    let model = load(device, &args.model)?;
     let out = disp_eval::generate(model.as_ref(), &ids, &opts)?;
     println!("{}", tokenizer.decode(&out.tokens)?);
     eprintln!(
@@ -346,6 +389,40 @@ fn generate(device: DeviceChoice, args: GenerateArgs) -> Result<()> {
         out.tokens.len(),
         out.tokens.len().saturating_sub(1) as f64 / out.decode_seconds.max(1e-9)
     );
+    Ok(())
+}
+
+fn eval_chat(device: DeviceChoice, args: ChatArgs) -> Result<()> {
+    checks::generation(args.max_tokens, 0.0, 1.0)?;
+    let prompts = disp_eval::chat_retention::read_prompts(&args.prompts)?;
+    let tokenizer = TextTokenizer::load(&args.model.model)?;
+    let reference_tokenizer = std::fs::read(args.reference.join("tokenizer.json"));
+    if reference_tokenizer.ok() != std::fs::read(args.model.model.join("tokenizer.json")).ok() {
+        anyhow::bail!("{}: the reference's tokenizer.json differs from the model's", args.reference.display());
+    }
+    let template = if args.raw { None } else { Some(disp_models::chat::ChatTemplate::load(&args.model.model)?) };
+    let stop_tokens = disp_models::config::RawConfig::read(&args.model.model)?.eos_token_ids();
+    let opts = GenerateOptions { max_new_tokens: args.max_tokens, temperature: 0.0, top_p: 1.0, seed: 0, stop_tokens };
+    let model = load(device, &args.model)?;
+    let reference = disp_models::load_model(&args.reference, &select_device(device)?)?;
+    let bar = progress_bar(prompts.len() as u64, "prompts", args.json);
+    let report =
+        disp_eval::chat_retention::chat_retention(model.as_ref(), reference.as_ref(), &tokenizer, template.as_ref(), &prompts, &opts, |done| {
+            bar.set_position(done as u64)
+        })?;
+    bar.finish_and_clear();
+    if args.json {
+        let mut json = report_json(&report, &args.model, "prompts", &args.prompts);
+        json["reference"] = args.reference.display().to_string().into();
+        println!("{json}");
+    } else {
+        println!(
+            "first-sentence agreement {:.1}% ({} prompts), token agreement {:.1}%",
+            100.0 * report.first_sentence_agreement,
+            report.prompts.len(),
+            100.0 * report.token_agreement
+        );
+    }
     Ok(())
 }
 

@@ -3,6 +3,7 @@
 //! benchmarks, and zero-shot multiple-choice accuracy (lm-evaluation-harness style). It works
 //! on any [`disp_models::CausalLm`], dense, masked or pruned.
 
+pub mod chat_retention;
 pub mod generate;
 pub mod host_nll;
 pub mod multiple_choice;
