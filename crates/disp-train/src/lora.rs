@@ -57,7 +57,7 @@ impl LoraTarget {
     }
 
     /// The linear of block `layer` this target names, if the family has it.
-    fn linear<'m>(self, model: &'m mut dyn CausalLm, layer: usize) -> Option<&'m mut Linear> {
+    fn linear(self, model: &mut dyn CausalLm, layer: usize) -> Option<&mut Linear> {
         let b = model.block_linears_mut(layer);
         let gated = b.mlp_inputs.len() == 2;
         let mut attn = b.attn_inputs.into_iter();

@@ -3,14 +3,14 @@
 //!
 //! * `wanda-sp` (structured): per-position scores of every block's five sets, then the same
 //!   uniform-width rule as `uniform-magnitude` (one embedding subset shared by all blocks, one
-//!   MLP width), so it is directly comparable at the same parameter count.
+//!   MLP width), so it is directly comparable at the same parameter count. This is the
+//!   DISP-LLM paper's "regular structural pruning" with Wanda scores, not the Wanda-sp of FLAP
+//!   and the papers citing it, which removes heads and MLP channels.
 //!   - S1 position j: ‖X1_j‖ · Σ over q, k, v of Σ_o |W_jo| (X1: the attention input);
 //!   - S3 position j: ‖X3_j‖ · Σ over gate, up (or fc1) of Σ_o |W_jo| (X3: the MLP input);
 //!   - S4 channel j: ‖h_j‖ · Σ_k |W_down,jk| (h: the intermediate entering down_proj / fc2);
 //!   - S2 / S5 position j: ‖y_j‖, the norm of what the attention / MLP adds to residual
 //!     position j.
-//!   This is the DISP-LLM paper's "regular structural pruning" with Wanda scores, not the
-//!   Wanda-sp of FLAP and the papers citing it, which removes heads and MLP channels.
 //! * `wanda-sp-mlp` (structured, as in FLAP's Wanda-sp, restricted to MLP channels since disp
 //!   keeps heads): per-block S4 scores as above, the same channel count in every block, every
 //!   other set whole.

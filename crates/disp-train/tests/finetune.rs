@@ -184,7 +184,7 @@ fn written_folders_reload_to_the_merged_function() {
     assert_eq!(outcome.steps, 3);
 
     // The same run in memory.
-    let windows = disp_train::prune::calibration_windows(&disp_models::TextTokenizer::load(&dir).unwrap(), &[text.clone()], 16).unwrap();
+    let windows = disp_train::prune::calibration_windows(&disp_models::TextTokenizer::load(&dir).unwrap(), std::slice::from_ref(&text), 16).unwrap();
     let mut model = load(&dir);
     let dense = load(&teacher);
     let mut tuner = Finetuner::new(model.as_mut(), Some(dense.as_ref()), &windows, &req.cfg).unwrap();
