@@ -8,7 +8,10 @@
 //! (straight-through) gates. At the end the deterministic scores are thresholded, one global
 //! threshold shift lands the exact parameter count on the target ratio, and the result is a
 //! [`PruningPlan`]. Runs are reproducible from the seed, checkpointable and resumable to the
-//! same final masks.
+//! same final masks. The objective can instead (or also) be the KL divergence from the dense
+//! model's next-token distribution (`--loss kd`, [`loss::kd_loss`]). Recovery fine-tuning of a
+//! pruned model with LoRA adapters ([`finetune`], [`lora`]) reuses the losses, batches,
+//! optimizer and checkpoint format.
 
 pub mod activation_stats;
 pub mod finetune;
