@@ -173,22 +173,7 @@ pub fn export_modified_weights(model_dir: &Path, model: &dyn CausalLm, provenanc
                 if element_size(source.dtype).is_none() {
                     bail!("{}: tensor '{name}' has dtype {:?}; block weights must be F32, F16 or BF16", ck.describe(), source.dtype);
                 }
-                let linears = model.block_linears(block.axes.layer);
-                let linear: &Linear = match block.slot {
-                    LinearSlot::AttnInput(i) => linears.attn_inputs[i],
-                    LinearSlot::AttnOutput => linears.attn_output,
-                    LinearSlot::MlpInput(i) => linears.mlp_inputs[i],
-                    LinearSlot::MlpOutput => linears.mlp_output,
-                };
-                let values: Vec<f32> = if block.is_bias {
-                    let bias = linear.bias.clone().ok_or_else(|| anyhow!("{}: the model has no bias for '{name}'", ck.describe()))?;
-                    bias.into_data().convert::<f32>().try_into_vec::<f32>().map_err(|e| anyhow!("{e:?}"))?
-                } else {
-                    // Ours is [in, out]; HF stores [out, in].
-                    let [inputs, outputs] = linear.weight.dims();
-                    let ours = linear.weight.clone().into_data().convert::<f32>().try_into_vec::<f32>().map_err(|e| anyhow!("{e:?}"))?;
-                    transpose(&ours, inputs, outputs)
-                };
+                let values = hf_values(model, block, name, &ck)?;
                 if values.len() != source.shape.iter().product::<usize>() {
                     bail!("{}: tensor '{name}' has shape {:?}, the model's has {} values", ck.describe(), source.shape, values.len());
                 }
