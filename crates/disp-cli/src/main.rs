@@ -412,7 +412,7 @@ fn eval_chat(device: DeviceChoice, args: ChatArgs) -> Result<()> {
         })?;
     bar.finish_and_clear();
     if args.json {
-        let mut json = report_json(&report, &args.model, "prompts", &args.prompts);
+        let mut json = report_json(&report, &args.model, "prompt_file", &args.prompts);
         json["reference"] = args.reference.display().to_string().into();
         println!("{json}");
     } else {
