@@ -347,7 +347,16 @@ pub fn reproduce(settings: &TableSettings) -> Result<Vec<CellResult>> {
             None => {
                 let path = settings.cell_path(model, method, *ratio);
                 println!("[{}/{}] {} {} {:.0}% ...", index + 1, plan.len(), model.name, method, ratio * 100.0);
-                let result = run_cell(settings, model, method, *ratio).map_err(|e| anyhow!("{} {method} {ratio}: {e:#}", model.name))?;
+                let result = match run_cell(settings, model, method, *ratio) {
+                    Ok(result) => result,
+                    // A method that cannot remove that much (wanda-sp-mlp cuts MLP channels only)
+                    // leaves its cell empty instead of stopping the table.
+                    Err(e) if format!("{e:#}").contains("cannot be reached by removing") => {
+                        println!("    skipped: {method} cannot remove {:.0}% of {}", ratio * 100.0, model.name);
+                        continue;
+                    }
+                    Err(e) => bail!("{} {method} {ratio}: {e:#}", model.name),
+                };
                 let json = serde_json::to_string_pretty(&result)?;
                 disp_io::fsutil::write_atomic(&path, json.as_bytes())?;
                 println!("    done in {:.0} s: {:?}", result.seconds, result.perplexity);

@@ -51,6 +51,7 @@ fn method_colour(method: &str) -> RGBColor {
         "disp-direct" => OKABE_ITO[4],
         "uniform-magnitude" => OKABE_ITO[0],
         "wanda-sp" => OKABE_ITO[2],
+        "wanda-sp-mlp" => OKABE_ITO[1],
         "wanda-2:4" => OKABE_ITO[5],
         _ => OKABE_ITO[7],
     }

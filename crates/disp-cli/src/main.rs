@@ -6,6 +6,7 @@ mod bench;
 mod checks;
 mod eval_mc;
 mod export;
+mod finetune;
 mod inspect;
 mod train_tiny;
 
@@ -48,6 +49,9 @@ enum Command {
     /// Write a model pruned by a plan to a folder: smaller tensors plus index sets (default), or
     /// a dense-equivalent stock checkpoint any HF loader reads.
     Export(export::ExportArgs),
+    /// Recovery fine-tuning of a pruned folder: LoRA adapters on its block linears, trained on
+    /// text (or by distillation from the dense teacher), merged and written as a new folder.
+    Finetune(finetune::FinetuneArgs),
     /// Show what a plan, a pruned folder or a dense folder keeps: parameters, per-layer widths of
     /// S1..S5, which embedding positions the blocks read and write; optionally as a PNG figure.
     Inspect(inspect::InspectArgs),
@@ -74,6 +78,9 @@ enum EvalCommand {
     Ppl(PplArgs),
     /// Zero-shot multiple-choice accuracy over JSONL task files (lm-evaluation-harness scoring).
     Mc(eval_mc::McArgs),
+    /// Chat retention: greedy answers to held-out prompts compared with a reference (dense)
+    /// model's: first-sentence agreement and token-level agreement.
+    Chat(ChatArgs),
 }
 
 #[derive(Args)]
@@ -84,6 +91,26 @@ struct ModelArgs {
     /// Apply a pruning plan (from `disp prune`) before running.
     #[arg(long)]
     plan: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct ChatArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The model to agree with (usually the dense one).
+    #[arg(long)]
+    reference: PathBuf,
+    /// JSONL prompt file (`{"prompt": "..."}` per line), held out from any calibration.
+    #[arg(long)]
+    prompts: PathBuf,
+    #[arg(long, default_value_t = 48)]
+    max_tokens: usize,
+    /// Send prompts as they are instead of through the chat template.
+    #[arg(long)]
+    raw: bool,
+    /// Print one JSON object (with every answer) instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -124,10 +151,10 @@ struct PruneArgs {
     ratio_of: RatioOf,
     #[arg(long, value_parser = method_parser(), default_value = "disp")]
     method: Method,
-    /// Calibration text files (disp, disp-direct, wanda-sp and wanda-2:4 need them).
+    /// Calibration text files (disp, disp-direct, wanda-sp, wanda-sp-mlp and wanda-2:4 need them).
     #[arg(long, num_args = 1..)]
     data: Vec<PathBuf>,
-    /// Calibration windows the activation statistics of wanda-sp / wanda-2:4 are computed on,
+    /// Calibration windows the activation statistics of the wanda methods are computed on,
     /// evenly spaced over all windows of --data.
     #[arg(long, default_value_t = 128)]
     calibration_windows: usize,
@@ -157,6 +184,14 @@ struct PruneArgs {
     /// Continue from --checkpoint.
     #[arg(long)]
     resume: bool,
+    /// What the search trains the masked model against: lm (next-token cross-entropy on --data,
+    /// the paper's), kd (KL from the dense model's next-token distribution to the masked
+    /// model's), or lm+kd (their sum).
+    #[arg(long, default_value = "lm")]
+    loss: disp_train::Objective,
+    /// Softmax temperature of the distillation loss (kd, lm+kd).
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
+    kd_temperature: f64,
     /// Where to write the plan (JSON); every method but wanda-2:4 makes one.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -202,8 +237,17 @@ struct MethodsArgs {
 struct GenerateArgs {
     #[command(flatten)]
     model: ModelArgs,
-    #[arg(long)]
-    prompt: String,
+    /// The prompt (or use --prompts).
+    #[arg(long, required_unless_present = "prompts", conflicts_with = "prompts")]
+    prompt: Option<String>,
+    /// A JSONL file of prompts (`{"prompt": "..."}` per line): the answers are written to --out
+    /// as calibration text (each exchange in the form the model sees it), for `prune --data` and
+    /// `finetune --data`.
+    #[arg(long, requires = "out")]
+    prompts: Option<PathBuf>,
+    /// Where --prompts writes the calibration text.
+    #[arg(long, requires = "prompts")]
+    out: Option<PathBuf>,
     #[arg(long, default_value_t = 64)]
     max_tokens: usize,
     /// 0 means greedy.
@@ -262,6 +306,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::MakeModel(args) => make_model(args),
         Command::Eval(EvalCommand::Ppl(args)) => eval_ppl(cli.device, args),
         Command::Eval(EvalCommand::Mc(args)) => eval_mc::eval_mc(cli.device, args),
+        Command::Eval(EvalCommand::Chat(args)) => eval_chat(cli.device, args),
         Command::Generate(args) => generate(cli.device, args),
         Command::Prune(args) => prune(cli.device, args),
         Command::Methods(args) => {
@@ -269,6 +314,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Export(args) => export::export(args),
+        Command::Finetune(args) => finetune::finetune(cli.device, args),
         Command::Inspect(args) => inspect::inspect(cli.device, args),
         Command::Bench(args) => bench::bench(cli.device, args),
         Command::TrainTiny(args) => train_tiny::run(cli.device, args),
@@ -362,16 +408,26 @@ fn progress_bar(len: u64, unit: &str, hidden: bool) -> indicatif::ProgressBar {
 fn generate(device: DeviceChoice, args: GenerateArgs) -> Result<()> {
     checks::generation(args.max_tokens, args.temperature, args.top_p)?;
     let tokenizer = TextTokenizer::load(&args.model.model)?;
-    let prompt = if args.chat {
-        let template = disp_models::chat::ChatTemplate::load(&args.model.model)?;
-        template.render(&[disp_models::chat::ChatMessage::new("user", &args.prompt)], true)?
-    } else {
-        args.prompt.clone()
-    };
-    let ids = tokenizer.encode(&prompt)?;
-    let model = load(device, &args.model)?;
+    let template = if args.chat { Some(disp_models::chat::ChatTemplate::load(&args.model.model)?) } else { None };
     let stop_tokens = disp_models::config::RawConfig::read(&args.model.model)?.eos_token_ids();
     let opts = GenerateOptions { max_new_tokens: args.max_tokens, temperature: args.temperature, top_p: args.top_p, seed: args.seed, stop_tokens };
+    if let (Some(file), Some(out)) = (&args.prompts, &args.out) {
+        let prompts = disp_eval::chat_retention::read_prompts(file)?;
+        let model = load(device, &args.model)?;
+        let bar = progress_bar(prompts.len() as u64, "prompts", false);
+        let start = std::time::Instant::now();
+        let text = disp_eval::chat_retention::self_generated_calibration(model.as_ref(), &tokenizer, template.as_ref(), &prompts, &opts, |done| {
+            bar.set_position(done as u64)
+        })?;
+        bar.finish_and_clear();
+        disp_core::fsutil::write_atomic(out, text.as_bytes())?;
+        let tokens = tokenizer.encode(&text)?.len();
+        println!("wrote {} ({} answers, {tokens} tokens) in {:.1} s", out.display(), prompts.len(), start.elapsed().as_secs_f64());
+        return Ok(());
+    }
+    let prompt = disp_eval::chat_retention::render_prompt(template.as_ref(), args.prompt.as_deref().unwrap_or_default())?;
+    let ids = tokenizer.encode(&prompt)?;
+    let model = load(device, &args.model)?;
     let out = disp_eval::generate(model.as_ref(), &ids, &opts)?;
     println!("{}", tokenizer.decode(&out.tokens)?);
     eprintln!(
@@ -381,6 +437,40 @@ fn generate(device: DeviceChoice, args: GenerateArgs) -> Result<()> {
         out.tokens.len(),
         out.tokens.len().saturating_sub(1) as f64 / out.decode_seconds.max(1e-9)
     );
+    Ok(())
+}
+
+fn eval_chat(device: DeviceChoice, args: ChatArgs) -> Result<()> {
+    checks::generation(args.max_tokens, 0.0, 1.0)?;
+    let prompts = disp_eval::chat_retention::read_prompts(&args.prompts)?;
+    let tokenizer = TextTokenizer::load(&args.model.model)?;
+    let reference_tokenizer = std::fs::read(args.reference.join("tokenizer.json"));
+    if reference_tokenizer.ok() != std::fs::read(args.model.model.join("tokenizer.json")).ok() {
+        anyhow::bail!("{}: the reference's tokenizer.json differs from the model's", args.reference.display());
+    }
+    let template = if args.raw { None } else { Some(disp_models::chat::ChatTemplate::load(&args.model.model)?) };
+    let stop_tokens = disp_models::config::RawConfig::read(&args.model.model)?.eos_token_ids();
+    let opts = GenerateOptions { max_new_tokens: args.max_tokens, temperature: 0.0, top_p: 1.0, seed: 0, stop_tokens };
+    let model = load(device, &args.model)?;
+    let reference = disp_models::load_model(&args.reference, &select_device(device)?)?;
+    let bar = progress_bar(prompts.len() as u64, "prompts", args.json);
+    let report =
+        disp_eval::chat_retention::chat_retention(model.as_ref(), reference.as_ref(), &tokenizer, template.as_ref(), &prompts, &opts, |done| {
+            bar.set_position(done as u64)
+        })?;
+    bar.finish_and_clear();
+    if args.json {
+        let mut json = report_json(&report, &args.model, "prompt_file", &args.prompts);
+        json["reference"] = args.reference.display().to_string().into();
+        println!("{json}");
+    } else {
+        println!(
+            "first-sentence agreement {:.1}% ({} prompts), token agreement {:.1}%",
+            100.0 * report.first_sentence_agreement,
+            report.prompts.len(),
+            100.0 * report.token_agreement
+        );
+    }
     Ok(())
 }
 
@@ -413,6 +503,8 @@ fn prune(device: DeviceChoice, args: PruneArgs) -> Result<()> {
             checkpoint: args.checkpoint.clone(),
             checkpoint_every: args.checkpoint_every,
             resume: args.resume,
+            objective: args.loss,
+            kd_temperature: args.kd_temperature,
             ..Default::default()
         },
         plan_out: args.out.clone(),
@@ -433,7 +525,8 @@ fn prune(device: DeviceChoice, args: PruneArgs) -> Result<()> {
     };
     let outcome = disp_train::prune(&request, &device, on_estimate, |report| {
         bar.set_position(report.step as u64);
-        bar.set_message(format!("CE {:.3}  reg {:.3}  removed {:.1}%", report.lm_loss, report.regulariser, 100.0 * report.achieved_ratio));
+        let kd = report.kd_loss.map(|v| format!("  KD {v:.3}")).unwrap_or_default();
+        bar.set_message(format!("CE {:.3}{kd}  reg {:.3}  removed {:.1}%", report.lm_loss, report.regulariser, 100.0 * report.achieved_ratio));
     })?;
     bar.finish_and_clear();
     if args.json {

@@ -478,3 +478,40 @@ fn prune_killed_mid_search_resumes_to_the_same_plan() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(std::fs::read(&resumed).unwrap(), std::fs::read(&uninterrupted).unwrap(), "byte-identical plans");
 }
+
+// ---- recovery fine-tuning and prompt files -------------------------------------------------
+
+#[test]
+fn finetune_and_prompt_file_errors_are_one_line_and_write_nothing() {
+    let (tmp, model) = model_copy("llama_gqa_tied");
+    let text = text_file(tmp.path());
+    let plan = tmp.path().join("plan.json");
+    uniform_plan(&model, &plan);
+    let pruned = tmp.path().join("pruned");
+    assert_eq!(disp(&["export", "--model", s(&model), "--plan", s(&plan), "--out", s(&pruned)]).code, 0);
+    let out = tmp.path().join("out");
+    let finetune = |extra: &[&str]| {
+        let mut args = vec!["finetune", "--model", s(&pruned), "--data", s(&text), "--steps", "2", "--seq-len", "16", "--out", s(&out)];
+        args.extend_from_slice(extra);
+        disp(&args)
+    };
+    assert_one_line_error(&finetune(&["--rank", "0"]), &["--rank must be at least 1"]);
+    assert_one_line_error(&finetune(&["--rank", "100000"]), &["--rank 100000 is larger than the q linear of block 0"]);
+    assert_one_line_error(&finetune(&["--eval", s(&text)]), &["is also an evaluation file of this run"]);
+    assert_one_line_error(&finetune(&["--loss", "kd"]), &["--loss kd needs --teacher DENSE_DIR"]);
+    assert_one_line_error(&finetune(&["--teacher", s(&pruned), "--loss", "kd"]), &["the teacher must be the dense model"]);
+    let dense = disp(&["finetune", "--model", s(&model), "--data", s(&text), "--steps", "2", "--seq-len", "16", "--out", s(&out)]);
+    assert_one_line_error(&dense, &["not a pruned folder"]);
+    let zero = disp(&["finetune", "--model", s(&pruned), "--data", s(&text), "--steps", "0", "--seq-len", "16", "--out", s(&out)]);
+    assert_one_line_error(&zero, &["--steps must be at least 1"]);
+    assert!(!out.exists(), "no partial output");
+
+    let prompts = tmp.path().join("prompts.jsonl");
+    std::fs::write(&prompts, "{\"prompt\": \"Hi\"}\n{\"text\": \"no prompt\"}\n").unwrap();
+    let calib = tmp.path().join("calib.txt");
+    let generated = disp(&["generate", "--model", s(&model), "--prompts", s(&prompts), "--out", s(&calib), "--max-tokens", "4"]);
+    assert_one_line_error(&generated, &["prompts.jsonl:2: no \"prompt\" string"]);
+    assert!(!calib.exists());
+    let chat = disp(&["eval", "chat", "--model", s(&model), "--reference", s(&model), "--prompts", s(&prompts), "--raw"]);
+    assert_one_line_error(&chat, &["prompts.jsonl:2"]);
+}

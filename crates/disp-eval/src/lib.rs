@@ -1,8 +1,10 @@
 //! `disp-eval` measures models the way pruning papers do: perplexity over non-overlapping windows
 //! of a tokenised text (the WikiText-2 protocol), text generation with a KV cache, and speed
-//! benchmarks, and zero-shot multiple-choice accuracy (lm-evaluation-harness style). It works
+//! benchmarks, zero-shot multiple-choice accuracy (lm-evaluation-harness style), and chat
+//! retention against a reference model (plus self-generated calibration text). It works
 //! on any [`disp_models::CausalLm`], dense, masked or pruned.
 
+pub mod chat_retention;
 pub mod generate;
 pub mod host_nll;
 pub mod multiple_choice;

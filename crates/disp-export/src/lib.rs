@@ -173,22 +173,7 @@ pub fn export_modified_weights(model_dir: &Path, model: &dyn CausalLm, provenanc
                 if element_size(source.dtype).is_none() {
                     bail!("{}: tensor '{name}' has dtype {:?}; block weights must be F32, F16 or BF16", ck.describe(), source.dtype);
                 }
-                let linears = model.block_linears(block.axes.layer);
-                let linear: &Linear = match block.slot {
-                    LinearSlot::AttnInput(i) => linears.attn_inputs[i],
-                    LinearSlot::AttnOutput => linears.attn_output,
-                    LinearSlot::MlpInput(i) => linears.mlp_inputs[i],
-                    LinearSlot::MlpOutput => linears.mlp_output,
-                };
-                let values: Vec<f32> = if block.is_bias {
-                    let bias = linear.bias.clone().ok_or_else(|| anyhow!("{}: the model has no bias for '{name}'", ck.describe()))?;
-                    bias.into_data().convert::<f32>().try_into_vec::<f32>().map_err(|e| anyhow!("{e:?}"))?
-                } else {
-                    // Ours is [in, out]; HF stores [out, in].
-                    let [inputs, outputs] = linear.weight.dims();
-                    let ours = linear.weight.clone().into_data().convert::<f32>().try_into_vec::<f32>().map_err(|e| anyhow!("{e:?}"))?;
-                    transpose(&ours, inputs, outputs)
-                };
+                let values = hf_values(model, block, name, &ck)?;
                 if values.len() != source.shape.iter().product::<usize>() {
                     bail!("{}: tensor '{name}' has shape {:?}, the model's has {} values", ck.describe(), source.shape, values.len());
                 }
@@ -207,6 +192,131 @@ pub fn export_modified_weights(model_dir: &Path, model: &dyn CausalLm, provenanc
     let weight_bytes = write_folder(&staged, model_dir, outputs, &config)?;
     staged.publish()?;
     Ok(ExportSummary { tensors, stored_params: params, source_params: params, weight_bytes, source_fingerprint: fingerprint })
+}
+
+/// Writes `model` — loaded from the pruned folder `pruned_dir`, with its block linear weights
+/// changed in memory (recovery fine-tuning merges its adapters into them) — as a pruned folder
+/// (the same index sets, the model's weights in the source dtype) or, with
+/// [`ExportFormat::DenseEquivalent`], as a stock checkpoint with zeros at the dropped positions.
+/// Everything else is copied from the source. `provenance` is stored in `config.json` under
+/// `disp_finetuned`.
+pub fn export_changed_pruned(
+    pruned_dir: &Path,
+    model: &dyn CausalLm,
+    provenance: serde_json::Value,
+    format: ExportFormat,
+    out_dir: &Path,
+) -> Result<ExportSummary> {
+    let staged = StagedFolder::new(out_dir)?;
+    let raw = RawConfig::read(pruned_dir)?;
+    let family = raw.family()?;
+    let Some(plan) = disp_models::pruned_folder::read_plan(pruned_dir)? else {
+        bail!("{}: not a pruned folder (no '{CONFIG_KEY}' section in config.json)", pruned_dir.display());
+    };
+    if !model.is_pruned() || family != model.family() {
+        bail!("{}: the model in memory is not this folder's pruned {}", pruned_dir.display(), family.model_type());
+    }
+    let ck = Checkpoint::open(pruned_dir)?;
+    let fingerprint = source_fingerprint(&raw.path, &ck.paths().collect::<Vec<_>>())?;
+    let shape = model.model_shape();
+    let mut names: Vec<&str> = ck.names().collect();
+    names.sort_unstable();
+    let mut outputs: Vec<(String, OutputTensor)> = Vec::with_capacity(names.len());
+    let (mut stored_params, mut source_params) = (0u64, 0u64);
+    for name in names {
+        let source = ck.raw(name)?;
+        let is_index = (0..plan.layers.len()).any(|layer| Site::ALL.iter().any(|&site| index_tensor_name(layer, site) == name));
+        if is_index && format == ExportFormat::DenseEquivalent {
+            continue;
+        }
+        let tensor = match block_tensor(family, name).filter(|_| !is_index) {
+            Some(block) => {
+                if element_size(source.dtype).is_none() {
+                    bail!("{}: tensor '{name}' has dtype {:?}; block weights must be F32, F16 or BF16", ck.describe(), source.dtype);
+                }
+                let values = hf_values(model, block, name, &ck)?;
+                if values.len() != source.shape.iter().product::<usize>() {
+                    bail!("{}: tensor '{name}' has shape {:?}, the model's has {} values", ck.describe(), source.shape, values.len());
+                }
+                match format {
+                    ExportFormat::Pruned => {
+                        OutputTensor { dtype: source.dtype, shape: source.shape.clone(), content: Content::Owned(encode(&values, source.dtype)) }
+                    }
+                    ExportFormat::DenseEquivalent => {
+                        let layer = plan
+                            .layers
+                            .get(block.axes.layer)
+                            .ok_or_else(|| anyhow!("{}: '{name}' is in a layer the plan does not have", ck.describe()))?;
+                        let full = |site: Site| {
+                            if site == Site::MlpInter {
+                                shape.blocks[block.axes.layer].intermediate
+                            } else {
+                                shape.blocks[block.axes.layer].hidden
+                            }
+                        };
+                        let rows: Option<&[u32]> = block.axes.rows.map(|s| layer.get(s));
+                        let cols: Option<&[u32]> = block.axes.cols.map(|s| layer.get(s));
+                        let full_rows = block.axes.rows.map_or(source.shape[0], full);
+                        let full_cols = if source.shape.len() == 2 { block.axes.cols.map_or(source.shape[1], full) } else { 1 };
+                        let stored_cols = source.shape.get(1).copied().unwrap_or(1);
+                        let mut dense = vec![0f32; full_rows * full_cols];
+                        for (r, row) in values.chunks_exact(stored_cols).enumerate() {
+                            let to_row = rows.map_or(r, |k| k[r] as usize);
+                            for (c, &v) in row.iter().enumerate() {
+                                let to_col = cols.map_or(c, |k| k[c] as usize);
+                                dense[to_row * full_cols + to_col] = v;
+                            }
+                        }
+                        let dense_shape = if source.shape.len() == 2 { vec![full_rows, full_cols] } else { vec![full_rows] };
+                        OutputTensor { dtype: source.dtype, shape: dense_shape, content: Content::Owned(encode(&dense, source.dtype)) }
+                    }
+                }
+            }
+            None => OutputTensor::weight(source, None, ExportFormat::DenseEquivalent),
+        };
+        if element_size(tensor.dtype).is_some() {
+            source_params += tensor.source_len() as u64;
+            stored_params += tensor.shape.iter().product::<usize>() as u64;
+        }
+        outputs.push((name.to_string(), tensor));
+    }
+    let mut config = raw.json.clone();
+    config["disp_finetuned"] = serde_json::json!({ "source_fingerprint": fingerprint, "how": provenance });
+    if format == ExportFormat::DenseEquivalent {
+        if let Some(object) = config.as_object_mut() {
+            object.remove(CONFIG_KEY);
+        }
+        config["disp_dense_equivalent"] = serde_json::json!({
+            "method": plan.method,
+            "achieved_ratio": plan.achieved_ratio,
+            "ratio_of": plan.ratio_of,
+            "note": "dropped rows/columns of the block linears are zeros; pruned parameter count is in `pruned_params`",
+            "pruned_params": plan.pruned_params,
+        });
+    }
+    let tensors = outputs.len();
+    let weight_bytes = write_folder(&staged, pruned_dir, outputs, &config)?;
+    staged.publish()?;
+    Ok(ExportSummary { tensors, stored_params, source_params, weight_bytes, source_fingerprint: fingerprint })
+}
+
+/// The values of block tensor `name` in the model, in HF layout (`[out, in]` for weights).
+fn hf_values(model: &dyn CausalLm, block: disp_models::pruned_folder::BlockTensor, name: &str, ck: &Checkpoint) -> Result<Vec<f32>> {
+    let linears = model.block_linears(block.axes.layer);
+    let linear: &Linear = match block.slot {
+        LinearSlot::AttnInput(i) => linears.attn_inputs[i],
+        LinearSlot::AttnOutput => linears.attn_output,
+        LinearSlot::MlpInput(i) => linears.mlp_inputs[i],
+        LinearSlot::MlpOutput => linears.mlp_output,
+    };
+    if block.is_bias {
+        let bias = linear.bias.clone().ok_or_else(|| anyhow!("{}: the model has no bias for '{name}'", ck.describe()))?;
+        return bias.into_data().convert::<f32>().try_into_vec::<f32>().map_err(|e| anyhow!("{e:?}"));
+    }
+    // Ours is [in, out]; HF stores [out, in].
+    let [inputs, outputs] = linear.weight.dims();
+    let ours = linear.weight.clone().into_data().convert::<f32>().try_into_vec::<f32>().map_err(|e| anyhow!("{e:?}"))?;
+    Ok(transpose(&ours, inputs, outputs))
 }
 
 /// Values in a float dtype's little-endian bytes.

@@ -8,12 +8,17 @@
 //! (straight-through) gates. At the end the deterministic scores are thresholded, one global
 //! threshold shift lands the exact parameter count on the target ratio, and the result is a
 //! [`PruningPlan`]. Runs are reproducible from the seed, checkpointable and resumable to the
-//! same final masks.
+//! same final masks. The objective can instead (or also) be the KL divergence from the dense
+//! model's next-token distribution (`--loss kd`, [`loss::kd_loss`]). Recovery fine-tuning of a
+//! pruned model with LoRA adapters ([`finetune`], [`lora`]) reuses the losses, batches,
+//! optimizer and checkpoint format.
 
 pub mod activation_stats;
+pub mod finetune;
 pub mod gates;
 pub mod generator;
 pub mod hypernet;
+pub mod lora;
 pub mod loss;
 pub mod masks;
 pub mod pretrain;
@@ -33,8 +38,11 @@ use disp_core::plan::PruningPlan;
 use disp_models::CausalLm;
 use serde::{Deserialize, Serialize};
 
+pub use finetune::{finetune, FinetuneConfig, FinetuneOutcome, FinetuneReport, FinetuneRequest, Finetuner};
 pub use generator::{DirectLogits, GateGenerator, GateSource};
 pub use hypernet::{HyperNet, HyperNetShape};
+pub use lora::{LoraAdapters, LoraTarget};
+pub use loss::Objective;
 pub use masks::{calibrate, final_indices, Calibration, GateScores};
 pub use prune::{prune, Method, PruneOutcome, PruneRequest};
 pub use recompute::BackwardMode;
@@ -74,6 +82,17 @@ pub struct SearchConfig {
     /// the memory estimate.
     #[serde(default)]
     pub backward: recompute::BackwardMode,
+    /// What the masked model is trained against: the calibration text's next tokens (`lm`, the
+    /// paper's), the dense model's next-token distributions (`kd`), or both.
+    #[serde(default)]
+    pub objective: Objective,
+    /// Softmax temperature of the distillation loss (used by `kd` and `lm+kd`).
+    #[serde(default = "default_kd_temperature")]
+    pub kd_temperature: f64,
+}
+
+fn default_kd_temperature() -> f64 {
+    1.0
 }
 
 impl Default for SearchConfig {
@@ -94,6 +113,8 @@ impl Default for SearchConfig {
             resume: false,
             gate_source: GateSource::HyperNetwork,
             backward: recompute::BackwardMode::Auto,
+            objective: Objective::Lm,
+            kd_temperature: default_kd_temperature(),
         }
     }
 }
@@ -107,6 +128,9 @@ pub struct StepReport {
     pub lm_loss: f64,
     /// λ·|log(P(S)/(p·P_blocks))| of the hard gates.
     pub regulariser: f64,
+    /// The distillation loss (see [`loss::kd_loss`]), when the objective uses it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kd_loss: Option<f64>,
     /// Fraction removed (of `ratio_of`) by this step's hard gates.
     pub achieved_ratio: f64,
 }

@@ -26,8 +26,11 @@ pub enum Method {
     DispDirect,
     /// Regular structural pruning: one embedding subset for all blocks, by weight magnitude.
     UniformMagnitude,
-    /// Structured Wanda: |W|·‖X‖ scores on calibration data, uniform widths.
+    /// Structured Wanda: |W|·‖X‖ scores on calibration data, uniform widths (the paper's
+    /// "regular structural pruning" with Wanda scores).
     WandaSp,
+    /// FLAP's Wanda-sp restricted to MLP channels: per-block channel scores, uniform count.
+    WandaSpMlp,
     /// Semi-structured Wanda: 2 of every 4 input weights zeroed in every block linear.
     Wanda24,
 }
@@ -49,7 +52,7 @@ pub struct MethodInfo {
 }
 
 impl Method {
-    pub const ALL: [Method; 5] = [Method::Disp, Method::DispDirect, Method::UniformMagnitude, Method::WandaSp, Method::Wanda24];
+    pub const ALL: [Method; 6] = [Method::Disp, Method::DispDirect, Method::UniformMagnitude, Method::WandaSp, Method::WandaSpMlp, Method::Wanda24];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -57,6 +60,7 @@ impl Method {
             Method::DispDirect => "disp-direct",
             Method::UniformMagnitude => "uniform-magnitude",
             Method::WandaSp => "wanda-sp",
+            Method::WandaSpMlp => "wanda-sp-mlp",
             Method::Wanda24 => "wanda-2:4",
         }
     }
@@ -70,7 +74,12 @@ impl Method {
             Method::Disp => "the hypernetwork search of DISP-LLM",
             Method::DispDirect => "DISP-LLM's ablation: the same search, learning the gate logits directly (no hypernetwork)",
             Method::UniformMagnitude => "regular structural pruning: one embedding subset for all blocks, by weight magnitude",
-            Method::WandaSp => "structured Wanda: |W|·‖X‖ scores on calibration data, uniform widths like uniform-magnitude",
+            Method::WandaSp => {
+                "regular structural pruning with Wanda scores: |W|·‖X‖ on calibration data, one embedding subset and one MLP width for all blocks"
+            }
+            Method::WandaSpMlp => {
+                "FLAP's Wanda-sp restricted to MLP channels: each block keeps its top |W_down|·‖h‖ channels, the same count everywhere; heads and residual width whole"
+            }
             Method::Wanda24 => "semi-structured Wanda: 2 of every 4 input weights zeroed in every block linear (no plan)",
         }
     }
@@ -84,7 +93,7 @@ impl Method {
     }
 
     pub fn uses_activation_statistics(self) -> bool {
-        matches!(self, Method::WandaSp | Method::Wanda24)
+        matches!(self, Method::WandaSp | Method::WandaSpMlp | Method::Wanda24)
     }
 
     pub fn makes_plan(self) -> bool {
@@ -162,6 +171,9 @@ impl PruneRequest {
         if method.searches() && self.search.steps == 0 {
             bail!("--steps must be at least 1");
         }
+        if !method.searches() && self.search.objective != crate::Objective::Lm {
+            bail!("--loss {}: only the searches (disp, disp-direct) train against a loss; {} does not", self.search.objective, method.name());
+        }
         if method.uses_activation_statistics() && self.calibration_windows == 0 {
             bail!("--calibration-windows must be at least 1");
         }
@@ -212,11 +224,15 @@ pub fn prune(
     shape.kept_block_fraction(ratio, request.ratio_of)?;
     let mut plan = match request.method {
         Method::UniformMagnitude => crate::uniform::uniform_magnitude_plan(model.as_ref(), ratio, request.ratio_of)?,
-        Method::WandaSp => {
+        Method::WandaSp | Method::WandaSpMlp => {
             let all = calibration()?;
             let available = all.len();
             let windows = evenly_spaced(all, request.calibration_windows);
-            let mut plan = crate::wanda::wanda_sp_plan(model.as_ref(), &windows, ratio, request.ratio_of)?;
+            let mut plan = if request.method == Method::WandaSp {
+                crate::wanda::wanda_sp_plan(model.as_ref(), &windows, ratio, request.ratio_of)?
+            } else {
+                crate::wanda::wanda_sp_mlp_plan(model.as_ref(), &windows, ratio, request.ratio_of)?
+            };
             plan.search["windows_available"] = available.into();
             plan
         }
@@ -333,6 +349,9 @@ mod tests {
         assert!(err(PruneRequest { search: SearchConfig { steps: 0, ..Default::default() }, ..request(Method::Disp) }).contains("--steps"));
         assert!(err(PruneRequest { calibration_windows: 0, ..request(Method::WandaSp) }).contains("--calibration-windows"));
         assert!(err(PruneRequest { data: vec![], ..request(Method::Disp) }).contains("--data"));
+        let kd = SearchConfig { objective: crate::Objective::Kd, ..request(Method::Disp).search };
+        PruneRequest { search: kd.clone(), ..request(Method::DispDirect) }.check().unwrap();
+        assert!(err(PruneRequest { search: kd, ..request(Method::WandaSp) }).contains("--loss kd: only the searches"));
         PruneRequest { data: vec![], ..request(Method::UniformMagnitude) }.check().unwrap();
         assert!(err(request(Method::Wanda24)).contains("use --export DIR"));
         let sparse = PruneRequest { export: Some(("out".into(), ExportFormat::Pruned)), ..request(Method::Wanda24) };

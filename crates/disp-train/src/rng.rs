@@ -25,6 +25,10 @@ pub enum Purpose {
     PretrainInit = 6,
     /// The order of the training windows in one epoch of `pretrain`.
     PretrainShuffle = 7,
+    /// The initial `A` factor of one LoRA adapter (one stream per adapter).
+    LoraInit = 8,
+    /// The order of the training windows in one epoch of recovery fine-tuning.
+    FinetuneShuffle = 9,
 }
 
 /// Batches that walk through `count` windows in a seeded random order, reshuffled every epoch:

@@ -14,7 +14,7 @@ use serde_json::json;
 use crate::gates::{self, SampledGates};
 use crate::generator::{GateGenerator, GateSource};
 use crate::hypernet::{HyperNet, HyperNetShape};
-use crate::loss::{lm_loss, LmLoss};
+use crate::loss::{kd_loss, lm_loss, KdLoss, LmLoss, Objective};
 use crate::masks::{calibrate, GateScores};
 use crate::recompute::{lm_gate_gradients_per_block, BackwardMode};
 use crate::rng::{mix64, Purpose, ShuffledBatches};
@@ -27,6 +27,10 @@ pub struct StepLoss {
     /// Mean next-token NLL under the soft gates (value on the host, surrogate for backward; see
     /// [`crate::loss`]).
     pub lm: LmLoss,
+    /// Distillation from the dense model (same model, no gates) to the masked one, when the
+    /// objective uses it.
+    pub kd: Option<KdLoss>,
+    pub objective: Objective,
     /// λ·|log(P(S)/(p·P_blocks))| of the straight-through gates, `[1]`.
     pub regulariser: Tensor<1>,
     /// Hard gates (no graph), per site `[layers, width]`.
@@ -34,9 +38,17 @@ pub struct StepLoss {
 }
 
 impl StepLoss {
-    /// What `backward` is called on: its gradient is that of LM loss + regulariser.
+    /// What `backward` is called on: its gradient is that of the objective (LM loss, KD loss or
+    /// both) plus the regulariser.
     pub fn total(&self) -> Tensor<1> {
-        self.lm.surrogate.clone() + self.regulariser.clone()
+        let mut total = self.regulariser.clone();
+        if self.objective.uses_lm() {
+            total = total + self.lm.surrogate.clone();
+        }
+        if let Some(kd) = &self.kd {
+            total = total + kd.surrogate.clone();
+        }
+        total
     }
 }
 
@@ -81,7 +93,7 @@ pub struct Searcher<'a> {
 /// A digest of the output projections of the first and last block: tells apart two models of the
 /// same sizes (e.g. a base model and its fine-tune), so a checkpoint of one does not resume on
 /// the other. A few small matrices, read once per run.
-fn weights_digest(model: &dyn CausalLm) -> String {
+pub(crate) fn weights_digest(model: &dyn CausalLm) -> String {
     let last = model.num_layers().saturating_sub(1);
     let mut hash = mix64(model.num_layers() as u64);
     for layer in [0, last] {
@@ -106,6 +118,9 @@ impl<'a> Searcher<'a> {
         if !(cfg.temperature > 0.0 && cfg.temperature.is_finite()) {
             bail!("Gumbel-sigmoid temperature must be positive, got {}", cfg.temperature);
         }
+        if !(cfg.kd_temperature > 0.0 && cfg.kd_temperature.is_finite()) {
+            bail!("distillation temperature must be positive, got {}", cfg.kd_temperature);
+        }
         if !(cfg.learning_rate > 0.0 && cfg.learning_rate.is_finite()) {
             bail!("learning rate must be positive, got {}", cfg.learning_rate);
         }
@@ -127,6 +142,13 @@ impl<'a> Searcher<'a> {
         check_windows(windows, model)?;
         let memory = SearchMemory::estimate(model, cfg.batch_size, windows[0].len(), cfg.gate_source, net_shape);
         let backward = memory.choose(cfg.backward, disp_core::memory::available_bytes())?;
+        if backward == BackwardMode::PerBlock && cfg.objective.uses_kd() {
+            bail!(
+                "the {} loss needs the full-graph backward, but this search step only fits in memory with per-block recompute ({}); use --loss lm",
+                cfg.objective.name(),
+                memory.describe(BackwardMode::PerBlock)
+            );
+        }
 
         let device = model.device().clone().autodiff();
         let generator = GateGenerator::new(cfg.gate_source, net_shape, cfg.seed, &device);
@@ -217,27 +239,36 @@ impl<'a> Searcher<'a> {
         gates::sample(logits, noise, self.cfg.offset, self.cfg.temperature)
     }
 
-    /// Forward pass of (1-based) step `step`: LM loss under the soft gates and the regulariser
-    /// of the straight-through gates.
+    /// Forward pass of (1-based) step `step`: LM loss (and, if the objective asks, the
+    /// distillation loss) under the soft gates and the regulariser of the straight-through gates.
+    ///
+    /// The teacher is the same frozen model run dense (no gates) on the plain device, computed
+    /// on the fly: each window's teacher forward is needed once per visit, and a search of the
+    /// usual length visits a window about once (100–200 steps of batch 1 over a few hundred
+    /// windows), so a cache of teacher logits would cost the same forwards plus its memory.
     pub fn step_loss(&mut self, step: usize) -> StepLoss {
         let batch = self.batch_windows(step);
         let sampled = self.sample_gates(step);
         let tokens = self.tokens(&batch);
-        let lm = match self.backward {
+        let (lm, kd) = match self.backward {
             BackwardMode::PerBlock => {
                 // The model's backward runs here, block by block; what is left for `backward`
-                // is the gate generator's.
+                // is the gate generator's. `new` refuses distillation in this mode.
                 let grads = lm_gate_gradients_per_block(self.model, &tokens, &sampled.soft);
-                LmLoss { value: grads.lm_loss, surrogate: grads.surrogate(&sampled.soft) }
+                (LmLoss { value: grads.lm_loss, surrogate: grads.surrogate(&sampled.soft) }, None)
             }
             BackwardMode::FullGraph | BackwardMode::Auto => {
                 let logits = self.model.forward(tokens.clone(), Some(&gates::block_gates(&sampled.soft)), None);
-                lm_loss(logits, &tokens)
+                let kd = self.cfg.objective.uses_kd().then(|| {
+                    let teacher = self.model.forward(tokens.clone(), None, None);
+                    kd_loss(logits.clone(), teacher, self.cfg.kd_temperature)
+                });
+                (lm_loss(logits, &tokens), kd)
             }
         };
         let params = gates::parameter_count(&self.block, &sampled.straight_through);
         let regulariser = disp_core::params::parameter_regulariser(params, self.target_block_params, self.cfg.lambda);
-        StepLoss { lm, regulariser, hard: sampled.hard }
+        StepLoss { lm, kd, objective: self.cfg.objective, regulariser, hard: sampled.hard }
     }
 
     /// One update of the gate generator. Fails, without updating, on a non-finite loss.
@@ -251,15 +282,17 @@ impl<'a> Searcher<'a> {
         let start = Instant::now();
         let loss = self.step_loss(step);
         let lm_loss = loss.lm.value;
+        let kd_loss = loss.kd.as_ref().map(|kd| kd.value);
         let regulariser = loss.regulariser.clone().into_scalar::<f32>() as f64;
         let forward = start.elapsed().as_secs_f64();
-        if !(lm_loss.is_finite() && regulariser.is_finite()) {
+        if !(lm_loss.is_finite() && regulariser.is_finite() && kd_loss.is_none_or(f64::is_finite)) {
             let kept = match &self.cfg.checkpoint {
                 Some(path) if path.exists() => format!("last good checkpoint kept at {}", path.display()),
                 Some(path) => format!("no checkpoint written yet ({})", path.display()),
                 None => "no checkpoint configured".to_string(),
             };
-            bail!("non-finite loss at step {step} (LM {lm_loss}, regulariser {regulariser}); {kept}");
+            let kd = kd_loss.map(|v| format!(", KD {v}")).unwrap_or_default();
+            bail!("non-finite loss at step {step} (LM {lm_loss}{kd}, regulariser {regulariser}); {kept}");
         }
         let achieved_ratio = self.hard_ratio(&loss.hard);
         let t = Instant::now();
@@ -269,7 +302,7 @@ impl<'a> Searcher<'a> {
         self.generator.update(&mut self.optim, self.cfg.learning_rate, grads);
         let optimizer = t.elapsed().as_secs_f64();
         self.steps_done = step;
-        let report = StepReport { step, lm_loss, regulariser, achieved_ratio };
+        let report = StepReport { step, lm_loss, regulariser, kd_loss, achieved_ratio };
         self.first_regulariser.get_or_insert(regulariser);
         self.last = Some(report.clone());
 
@@ -367,6 +400,13 @@ impl<'a> Searcher<'a> {
                 "gate_source": self.cfg.gate_source,
             }),
         };
+        // Recorded only for distillation, so `lm` plans stay byte-identical to earlier ones.
+        if self.cfg.objective != Objective::Lm {
+            plan.search["loss"] = json!(self.cfg.objective);
+            plan.search["kd_temperature"] = json!(self.cfg.kd_temperature);
+            plan.search["kd_teacher"] = json!("the same model run dense (no gates), on the fly");
+            plan.search["final_kd_loss"] = json!(last.and_then(|r| r.kd_loss));
+        }
         if self.cfg.gate_source == GateSource::HyperNetwork {
             plan.search["hypernetwork"] = json!({"input_width": crate::hypernet::INPUT_WIDTH, "gru_hidden": crate::hypernet::GRU_HIDDEN});
         }
@@ -403,6 +443,10 @@ impl<'a> Searcher<'a> {
         // direct logits existed still resume.
         if self.cfg.gate_source != GateSource::HyperNetwork {
             settings["gate_source"] = json!(self.cfg.gate_source);
+        }
+        if self.cfg.objective != Objective::Lm {
+            settings["loss"] = json!(self.cfg.objective);
+            settings["kd_temperature"] = json!(self.cfg.kd_temperature);
         }
         settings
     }

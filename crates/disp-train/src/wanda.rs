@@ -3,12 +3,17 @@
 //!
 //! * `wanda-sp` (structured): per-position scores of every block's five sets, then the same
 //!   uniform-width rule as `uniform-magnitude` (one embedding subset shared by all blocks, one
-//!   MLP width), so it is directly comparable at the same parameter count.
+//!   MLP width), so it is directly comparable at the same parameter count. This is the
+//!   DISP-LLM paper's "regular structural pruning" with Wanda scores, not the Wanda-sp of FLAP
+//!   and the papers citing it, which removes heads and MLP channels.
 //!   - S1 position j: ‖X1_j‖ · Σ over q, k, v of Σ_o |W_jo| (X1: the attention input);
 //!   - S3 position j: ‖X3_j‖ · Σ over gate, up (or fc1) of Σ_o |W_jo| (X3: the MLP input);
 //!   - S4 channel j: ‖h_j‖ · Σ_k |W_down,jk| (h: the intermediate entering down_proj / fc2);
 //!   - S2 / S5 position j: ‖y_j‖, the norm of what the attention / MLP adds to residual
 //!     position j.
+//! * `wanda-sp-mlp` (structured, as in FLAP's Wanda-sp, restricted to MLP channels since disp
+//!   keeps heads): per-block S4 scores as above, the same channel count in every block, every
+//!   other set whole.
 //! * `wanda-2:4` (semi-structured): in every block linear, each output unit keeps the 2 of every
 //!   4 consecutive input weights with the largest |W_ij|·‖X_j‖; half of the block linear weights
 //!   become zero and no shape changes, so it is not a [`PruningPlan`].
@@ -17,8 +22,8 @@ use crate::uniform::uniform_width_layers;
 use anyhow::{bail, Result};
 use burn::tensor::{Tensor, TensorData};
 use disp_core::activation_stats::BlockActivationNorms;
-use disp_core::params::RatioOf;
-use disp_core::plan::PruningPlan;
+use disp_core::params::{BlockWidths, ModelShape, RatioOf};
+use disp_core::plan::{LayerIndices, PruningPlan};
 use disp_models::layers::Linear;
 use disp_models::CausalLm;
 use serde::Serialize;
@@ -100,6 +105,75 @@ pub fn wanda_sp_plan(model: &dyn CausalLm, windows: &[Vec<u32>], target_ratio: f
         serde_json::json!({
             "score": "S1/S3: input activation norm x summed |W| of the reading rows; S4: intermediate norm x summed |W| of the down row; S2/S5: norm of the block output",
             "selection": "uniform width: one embedding subset shared by all blocks, one MLP width",
+            "windows": windows.len(),
+            "seq_len": windows[0].len(),
+            "tokens": norms[0].tokens,
+        }),
+    ))
+}
+
+/// The MLP width (same in every block) whose exact block parameter count, with every other set
+/// at full width, is closest to `target_params`; `None` when even one channel per block keeps
+/// more than that (the ratio cannot be reached by MLP channels alone).
+pub fn mlp_only_width(shape: &ModelShape, target_params: u64) -> Option<usize> {
+    let first = shape.blocks[0];
+    let widths_at = |m: usize| vec![BlockWidths { mlp_inter: m, ..first.full_widths() }; shape.blocks.len()];
+    if shape.block_params(&widths_at(1)) > target_params {
+        return None;
+    }
+    // Parameters grow with m: the largest m at or under the target, or the next one if closer.
+    let (mut low, mut high) = (1usize, first.intermediate);
+    while low < high {
+        let mid = (low + high).div_ceil(2);
+        if shape.block_params(&widths_at(mid)) <= target_params {
+            low = mid;
+        } else {
+            high = mid - 1;
+        }
+    }
+    let distance = |m: usize| shape.block_params(&widths_at(m)).abs_diff(target_params);
+    Some(if low < first.intermediate && distance(low + 1) < distance(low) { low + 1 } else { low })
+}
+
+/// `wanda-sp-mlp`: the literature's structured Wanda (Wanda-sp as FLAP, An et al. 2024, runs
+/// it) restricted to what disp prunes of it: MLP channels, the same count in every block
+/// (uniform sparsity), each block keeping its own channels with the largest
+/// ‖h_j‖·Σ_k |W_down,jk|; attention heads and the residual width stay whole. At the exact
+/// parameter count of `target_ratio`.
+pub fn wanda_sp_mlp_plan(model: &dyn CausalLm, windows: &[Vec<u32>], target_ratio: f64, ratio_of: RatioOf) -> Result<PruningPlan> {
+    let shape = model.model_shape();
+    if shape.blocks.iter().any(|b| *b != shape.blocks[0]) {
+        bail!("wanda-sp-mlp needs identical blocks");
+    }
+    let kept = shape.kept_block_fraction(target_ratio, ratio_of)?;
+    let target_params = (kept * shape.dense_block_params() as f64).round() as u64;
+    let Some(width) = mlp_only_width(&shape, target_params) else {
+        bail!("ratio {target_ratio} cannot be reached by removing MLP channels alone (attention and one channel per block already keep more)");
+    };
+    let norms = crate::activation_stats::collect(model, windows)?;
+    let first = shape.blocks[0];
+    let layers = norms
+        .iter()
+        .enumerate()
+        .map(|(layer, block_norms)| {
+            let down = HostWeight::of(model.block_linears(layer).mlp_output);
+            let scores = activation_weighted_rows(std::slice::from_ref(&down), &block_norms.mlp_inter);
+            let mut indices = LayerIndices::full(first.hidden, first.intermediate);
+            indices.mlp_inter = crate::uniform::top_k_sorted(&scores, width);
+            indices
+        })
+        .collect();
+    Ok(PruningPlan::from_layers(
+        model.identity(),
+        &shape,
+        "wanda-sp-mlp",
+        ratio_of,
+        target_ratio,
+        layers,
+        serde_json::json!({
+            "score": "S4: intermediate activation norm x summed |W| of the down row (structured Wanda, per block)",
+            "selection": "MLP channels only, the same count in every block; attention, S1, S2, S3, S5 whole",
+            "mlp_width": width,
             "windows": windows.len(),
             "seq_len": windows[0].len(),
             "tokens": norms[0].tokens,

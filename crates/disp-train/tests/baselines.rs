@@ -233,3 +233,44 @@ fn weights_only(b: &disp_core::params::BlockShape) -> u64 {
     };
     d * (q + 2 * kv) + q * d + mlp_in * d * ff + ff * d
 }
+
+#[test]
+fn wanda_sp_mlp_cuts_only_mlp_channels_at_the_target_count() {
+    for name in FAMILIES {
+        let model = load(name);
+        let shape = model.model_shape();
+        let data = windows(3, 16, 9);
+        let plan = disp_train::wanda::wanda_sp_mlp_plan(model.as_ref(), &data, 0.2, RatioOf::Blocks).unwrap();
+        assert_eq!(plan.method, "wanda-sp-mlp");
+        let (hidden, inter) = (shape.blocks[0].hidden, shape.blocks[0].intermediate);
+        let width = plan.layers[0].mlp_inter.len();
+        assert!(width < inter, "{name}: no MLP channel removed");
+        for layer in &plan.layers {
+            for set in [&layer.attn_in, &layer.attn_out, &layer.mlp_in, &layer.mlp_out] {
+                assert_eq!(set.len(), hidden, "{name}: only MLP channels are cut");
+            }
+            assert_eq!(layer.mlp_inter.len(), width, "{name}: the same count in every block");
+        }
+        // The closest width: one channel more or less is farther from the target.
+        let target = (shape.kept_block_fraction(0.2, RatioOf::Blocks).unwrap() * shape.dense_block_params() as f64).round() as u64;
+        let params = |m: usize| {
+            let w = disp_core::params::BlockWidths { mlp_inter: m, ..shape.blocks[0].full_widths() };
+            shape.block_params(&vec![w; shape.blocks.len()])
+        };
+        assert!(params(width).abs_diff(target) <= params(width - 1).abs_diff(target));
+        assert!(params(width).abs_diff(target) <= params(width + 1).abs_diff(target));
+        // Each block keeps its own best channels by ‖h‖·Σ|W_down|.
+        let norms = disp_train::activation_stats::collect(model.as_ref(), &data).unwrap();
+        let down = disp_train::wanda::HostWeight::of(model.block_linears(1).mlp_output);
+        let scores: Vec<f32> = down
+            .values
+            .chunks_exact(down.outputs)
+            .zip(&norms[1].mlp_inter)
+            .map(|(row, n)| (row.iter().map(|w| w.abs() as f64).sum::<f64>() * *n as f64) as f32)
+            .collect();
+        assert_eq!(plan.layers[1].mlp_inter, top_k_sorted(&scores, width), "{name}");
+        // Beyond what MLP channels can give: a clear error.
+        let err = disp_train::wanda::wanda_sp_mlp_plan(model.as_ref(), &data, 0.95, RatioOf::Blocks).unwrap_err().to_string();
+        assert!(err.contains("cannot be reached by removing MLP channels alone"), "{err}");
+    }
+}

@@ -8,7 +8,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use disp_core::params::RatioOf;
 use disp_models::CausalLm;
 use disp_train::rng::SplitMix64;
-use disp_train::{search, DirectLogits, GateGenerator, GateSource, SearchConfig, Searcher, StepReport};
+use disp_train::{search, DirectLogits, GateGenerator, GateSource, Objective, SearchConfig, Searcher, StepReport};
 
 fn model() -> Box<dyn CausalLm> {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/llama_gqa_tied");
@@ -400,4 +400,84 @@ fn per_block_search_follows_the_full_graph_search() {
     let (a, b) = (full.scores(), per_block.scores());
     let diff = a.iter().flatten().flatten().zip(b.iter().flatten().flatten()).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
     assert!(diff < 1e-4, "scores differ by {diff} after 3 steps");
+}
+
+fn kd_cfg(steps: usize, objective: Objective) -> SearchConfig {
+    SearchConfig { objective, kd_temperature: 2.0, ..cfg(steps) }
+}
+
+#[test]
+fn distillation_gradients_reach_the_hypernetwork_only() {
+    let model = model();
+    let data = windows(4, 24, 21);
+    let tokens = Tensor::<2, Int>::from_data(TensorData::new(data[0].iter().map(|&t| t as i64).collect::<Vec<_>>(), [1, 24]), model.device());
+    let before = bits(model.forward(tokens.clone(), None, None));
+
+    // λ = 0: the regulariser contributes nothing, so any gradient comes from the KD loss.
+    let kd_only = SearchConfig { lambda: 0.0, ..kd_cfg(3, Objective::Kd) };
+    let mut searcher = Searcher::new(model.as_ref(), &data, &kd_only).unwrap();
+    let loss = searcher.step_loss(1);
+    let kd = loss.kd.as_ref().expect("kd objective computes the distillation loss");
+    assert!(kd.value.is_finite() && kd.value > 0.0, "soft gates change the distribution: KD {}", kd.value);
+    let grads = GradientsParams::from_grads(loss.total().backward(), searcher.hypernet());
+    let mut collector = GradCollector { grads: &grads, path: Vec::new(), found: Vec::new() };
+    searcher.hypernet().visit(&mut collector);
+    assert_eq!(grads.len(), searcher.hypernet().num_params_tensors(), "gradients exist only for hypernetwork parameters");
+    for (path, values, _) in &collector.found {
+        assert!(values.iter().all(|v| v.is_finite()), "{path}: non-finite gradient");
+        assert!(values.iter().any(|&v| v != 0.0), "{path}: the KD loss sends it no gradient");
+    }
+    // The objective changes the gradient: kd alone, lm alone and their sum all differ.
+    let grad_of = |objective: Objective| {
+        let mut s = Searcher::new(model.as_ref(), &data, &SearchConfig { lambda: 0.0, ..kd_cfg(3, objective) }).unwrap();
+        let loss = s.step_loss(1);
+        let grads = GradientsParams::from_grads(loss.total().backward(), s.hypernet());
+        let mut c = GradCollector { grads: &grads, path: Vec::new(), found: Vec::new() };
+        s.hypernet().visit(&mut c);
+        c.found.into_iter().flat_map(|(_, v, _)| v).collect::<Vec<f32>>()
+    };
+    let (lm, kd, both) = (grad_of(Objective::Lm), grad_of(Objective::Kd), grad_of(Objective::LmKd));
+    assert_ne!(lm, kd);
+    let sum_diff = both.iter().zip(lm.iter().zip(&kd)).map(|(b, (l, k))| (b - (l + k)).abs()).fold(0f32, f32::max);
+    let scale = both.iter().map(|v| v.abs()).fold(0f32, f32::max);
+    assert!(sum_diff <= 1e-4 * scale.max(1e-6), "lm+kd gradient is not the sum: {sum_diff} of {scale}");
+
+    for _ in 0..2 {
+        let report = searcher.step().unwrap();
+        assert!(report.kd_loss.is_some_and(f64::is_finite));
+    }
+    assert_eq!(before, bits(model.forward(tokens, None, None)), "the frozen model's logits changed");
+}
+
+#[test]
+fn distillation_is_recorded_in_the_plan_and_the_checkpoint_settings() {
+    let model = model();
+    let data = windows(5, 16, 22);
+    let lm = search(model.as_ref(), &data, &cfg(3), |_| {}).unwrap();
+    assert!(lm.search.get("loss").is_none(), "lm plans keep their earlier fields");
+    for objective in [Objective::Kd, Objective::LmKd] {
+        let mut reports = Vec::new();
+        let plan = search(model.as_ref(), &data, &kd_cfg(3, objective), |r| reports.push(r.clone())).unwrap();
+        assert_eq!(plan.search["loss"], objective.name());
+        assert_eq!(plan.search["kd_temperature"], 2.0);
+        assert_eq!(plan.search["final_kd_loss"].as_f64(), reports.last().unwrap().kd_loss);
+        assert_ne!(plan.layers, lm.layers, "{objective}: another loss should give other masks");
+        assert_eq!(plan, search(model.as_ref(), &data, &kd_cfg(3, objective), |_| {}).unwrap(), "{objective}: reproducible");
+    }
+    for direct in [false, true] {
+        let source = if direct { GateSource::Direct } else { GateSource::HyperNetwork };
+        let plan = search(model.as_ref(), &data, &SearchConfig { gate_source: source, ..kd_cfg(2, Objective::Kd) }, |_| {}).unwrap();
+        assert_eq!(plan.search["loss"], "kd", "{source:?}");
+    }
+
+    // A checkpoint of an lm search does not resume as a kd one.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.bin");
+    let with_checkpoint = |c: SearchConfig| SearchConfig { checkpoint: Some(path.clone()), checkpoint_every: 1, ..c };
+    search(model.as_ref(), &data, &with_checkpoint(cfg(2)), |_| {}).unwrap();
+    let mut kd = Searcher::new(model.as_ref(), &data, &SearchConfig { resume: true, ..with_checkpoint(kd_cfg(4, Objective::Kd)) }).unwrap();
+    let err = format!("{:#}", kd.resume().unwrap_err());
+    assert!(err.contains("different settings") && err.contains("loss"), "{err}");
+    let bad = Searcher::new(model.as_ref(), &data, &SearchConfig { kd_temperature: 0.0, ..kd_cfg(2, Objective::Kd) });
+    assert!(bad.err().unwrap().to_string().contains("distillation temperature must be positive"));
 }
