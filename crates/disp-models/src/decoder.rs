@@ -188,7 +188,7 @@ impl BlockSpec {
 
 /// A block's norms, placed as its [`Wiring`] says.
 #[derive(Debug, Clone)]
-enum BlockNorms {
+pub(crate) enum BlockNorms {
     Pre { attn: Norm, mlp: Norm },
     Post { attn: Norm, mlp: Norm },
     Parallel(Norm),
@@ -197,17 +197,17 @@ enum BlockNorms {
 /// One decoder block, dense or cut to its index sets.
 #[derive(Debug, Clone)]
 pub struct Block {
-    norms: BlockNorms,
-    qk_norms: Option<[Norm; 2]>,
+    pub(crate) norms: BlockNorms,
+    pub(crate) qk_norms: Option<[Norm; 2]>,
     /// q, k, v.
-    attn_inputs: [Linear; 3],
-    attn_output: Linear,
-    mlp_inputs: Vec<Linear>,
-    mlp_output: Linear,
+    pub(crate) attn_inputs: [Linear; 3],
+    pub(crate) attn_output: Linear,
+    pub(crate) mlp_inputs: Vec<Linear>,
+    pub(crate) mlp_output: Linear,
     /// Sliding-window attention: a query sees only the keys of its last `window` positions.
-    window: Option<usize>,
+    pub(crate) window: Option<usize>,
     /// Set once the block is pruned: its weights are then cut to these positions.
-    kept: Option<IndexTensors>,
+    pub(crate) kept: Option<IndexTensors>,
 }
 
 impl Block {
@@ -517,9 +517,13 @@ impl CausalLm for DecoderLm {
         let seq = tokens.dims()[1];
         let start = cache.as_ref().map_or(0, |c| c.len());
         let mut x = self.ends.embed(tokens, start);
-        for (i, block) in self.blocks.iter().enumerate() {
-            let sel = crate::selector(block.kept.as_ref(), gates.map(|g| &g[i]));
-            x = block.forward(x, sel, &self.spec, start, cache.as_deref_mut().map(|c| (c, i)));
+        if crate::host_forward::covers(self, gates.is_some(), seq, start) {
+            x = crate::host_forward::blocks(self, x, cache.as_deref_mut());
+        } else {
+            for (i, block) in self.blocks.iter().enumerate() {
+                let sel = crate::selector(block.kept.as_ref(), gates.map(|g| &g[i]));
+                x = block.forward(x, sel, &self.spec, start, cache.as_deref_mut().map(|c| (c, i)));
+            }
         }
         if let Some(c) = cache {
             c.advance(seq);

@@ -199,6 +199,32 @@ impl Rope {
         (Tensor::from_data(TensorData::new(cos, shape), device), Tensor::from_data(TensorData::new(sin, shape), device))
     }
 
+    /// cos and sin `[len, rotary_dim / 2]` of positions `start..start+len`, as [`Self::apply`]
+    /// uses them (its tables repeat each half).
+    pub(crate) fn half_tables(&self, start: usize, len: usize) -> (Vec<f32>, Vec<f32>) {
+        let half = self.rotary_dim / 2;
+        let angles = (start..start + len).flat_map(|pos| self.inv_freq[..half].iter().map(move |f| (pos as f32) * (*f as f32)));
+        angles.map(|a| (a.cos(), a.sin())).unzip()
+    }
+
+    /// [`Self::apply`] in place on row-major `[positions, heads·head_dim]` values, position `p`
+    /// of the rows reading row `p` of `tables` (from [`Self::half_tables`]).
+    pub(crate) fn rotate_rows(&self, x: &mut [f32], heads: usize, tables: &(Vec<f32>, Vec<f32>), positions: impl Fn(usize) -> usize) {
+        let half = self.rotary_dim / 2;
+        for (row, values) in x.chunks_exact_mut(heads * self.head_dim).enumerate() {
+            let at = positions(row) * half;
+            let (cos, sin) = (&tables.0[at..at + half], &tables.1[at..at + half]);
+            for head in values.chunks_exact_mut(self.head_dim) {
+                let (first, second) = head[..self.rotary_dim].split_at_mut(half);
+                for i in 0..half {
+                    let (a, b) = (first[i], second[i]);
+                    first[i] = a * cos[i] - b * sin[i];
+                    second[i] = b * cos[i] + a * sin[i];
+                }
+            }
+        }
+    }
+
     /// Rotates `[B, H, T, head_dim]` for positions starting at `start`.
     pub fn apply(&self, x: Tensor<4>, start: usize) -> Tensor<4> {
         let [_, _, seq, _] = x.dims();

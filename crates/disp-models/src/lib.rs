@@ -12,6 +12,7 @@ pub mod chat;
 pub mod config;
 pub mod decoder;
 pub mod host_attention;
+pub mod host_forward;
 pub mod layers;
 pub mod llama;
 pub mod mistral;
