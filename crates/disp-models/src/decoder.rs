@@ -423,7 +423,7 @@ impl Ends {
         Ok(Self { tokens, positions: None, project_in: None, project_out: None, final_norm, head, tied })
     }
 
-    fn embed(&self, tokens: Tensor<2, Int>, start: usize) -> Tensor<3> {
+    pub(crate) fn embed(&self, tokens: Tensor<2, Int>, start: usize) -> Tensor<3> {
         let [batch, seq] = tokens.dims();
         let width = self.tokens.dims()[1];
         let x = self.tokens.clone().select(0, tokens.reshape([batch * seq])).reshape([batch, seq, width]);
@@ -533,6 +533,10 @@ impl CausalLm for DecoderLm {
 
     fn logits(&self, hidden: Tensor<3>) -> Tensor<3> {
         self.ends.head.forward(hidden)
+    }
+
+    fn gate_gradients(&self, tokens: &[u32], batch: usize, gates: &[[Vec<f32>; 5]]) -> Option<crate::host_search::GateGradients> {
+        crate::host_search::gate_gradients(self, tokens, batch, gates)
     }
 
     fn block_linears(&self, layer: usize) -> BlockLinears<'_> {

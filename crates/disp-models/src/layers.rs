@@ -225,6 +225,24 @@ impl Rope {
         }
     }
 
+    /// The transpose of [`Self::rotate_rows`] (rotation by the opposite angles): turns the
+    /// gradient with respect to rotated values into the gradient with respect to the inputs.
+    pub(crate) fn unrotate_rows(&self, x: &mut [f32], heads: usize, tables: &(Vec<f32>, Vec<f32>), positions: impl Fn(usize) -> usize) {
+        let half = self.rotary_dim / 2;
+        for (row, values) in x.chunks_exact_mut(heads * self.head_dim).enumerate() {
+            let at = positions(row) * half;
+            let (cos, sin) = (&tables.0[at..at + half], &tables.1[at..at + half]);
+            for head in values.chunks_exact_mut(self.head_dim) {
+                let (first, second) = head[..self.rotary_dim].split_at_mut(half);
+                for i in 0..half {
+                    let (a, b) = (first[i], second[i]);
+                    first[i] = a * cos[i] + b * sin[i];
+                    second[i] = b * cos[i] - a * sin[i];
+                }
+            }
+        }
+    }
+
     /// Rotates `[B, H, T, head_dim]` for positions starting at `start`.
     pub fn apply(&self, x: Tensor<4>, start: usize) -> Tensor<4> {
         let [_, _, seq, _] = x.dims();

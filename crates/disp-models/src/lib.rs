@@ -13,6 +13,7 @@ pub mod config;
 pub mod decoder;
 pub mod host_attention;
 pub mod host_forward;
+pub mod host_search;
 pub mod layers;
 pub mod llama;
 pub mod mistral;
@@ -86,6 +87,13 @@ pub trait CausalLm: Send + Sync {
         let hidden = self.hidden_states(tokens, None, cache);
         let [batch, seq, _] = hidden.dims();
         self.logits(hidden.narrow(1, seq - 1, 1)).reshape([batch, self.vocab_size()])
+    }
+
+    /// The mean next-token NLL of `tokens` (`batch` rows) under masked gates (per layer, S1..S5)
+    /// and its gradient with respect to every gate, computed without autodiff where the model
+    /// has a host path for it ([`host_search`]); `None` otherwise (use autodiff then).
+    fn gate_gradients(&self, _tokens: &[u32], _batch: usize, _gates: &[[Vec<f32>; 5]]) -> Option<host_search::GateGradients> {
+        None
     }
 
     /// The linear layers of block `layer`, grouped by the index set they touch.
