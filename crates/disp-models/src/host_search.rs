@@ -235,13 +235,13 @@ fn column_dot(a: &[f32], b: &[f32], width: usize) -> Vec<f32> {
             }
             sum
         })
-        .reduce(
-            || vec![0f32; width],
-            |mut x, y| {
-                x.iter_mut().zip(y).for_each(|(x, y)| *x += y);
-                x
-            },
-        )
+        // Collected in order and summed on one thread: the same bits on every run.
+        .collect::<Vec<_>>()
+        .into_iter()
+        .fold(vec![0f32; width], |mut x, y| {
+            x.iter_mut().zip(y).for_each(|(x, y)| *x += y);
+            x
+        })
 }
 
 /// What a block's backward reads from its forward.
@@ -609,6 +609,8 @@ fn head_loss(head: &Linear, hidden: &[f32], tokens: &[u32], seq: usize) -> (f64,
                 row[target] -= 1.0 / predicted;
                 max as f64 + sum.ln() - picked as f64
             })
+            .collect::<Vec<f64>>()
+            .into_iter()
             .sum::<f64>();
         gemm(n, width, vocab, &mut d_hidden[first * width..], width, false, (block, vocab, 1), (w.values(), w.col, w.row));
     }

@@ -211,13 +211,45 @@ impl<'a> Searcher<'a> {
     pub fn step_loss(&mut self, step: usize) -> StepLoss {
         let batch = self.batch_windows(step);
         let sampled = self.sample_gates(step);
-        let tokens = self.tokens(&batch);
-        let block_gates = gates::block_gates(&sampled.soft);
-        let logits = self.model.forward(tokens.clone(), Some(&block_gates), None);
-        let lm = lm_loss(logits, &tokens);
+        let lm = self.masked_lm_loss(&batch, &sampled.soft);
         let params = gates::parameter_count(&self.block, &sampled.straight_through);
         let regulariser = disp_core::params::parameter_regulariser(params, self.target_block_params, self.cfg.lambda);
         StepLoss { lm, regulariser, hard: sampled.hard }
+    }
+
+    /// The LM loss of the windows `batch` under the soft gates (per site `[layers, width]`). Where
+    /// the model computes the gate gradients itself ([`CausalLm::gate_gradients`]: on the plain
+    /// CPU device, no autodiff through the frozen model), the surrogate Σ gates · ∂L/∂gates
+    /// carries them into the small autodiff graph of the gate generator; otherwise burn's
+    /// autodiff runs through the whole masked forward.
+    pub fn masked_lm_loss(&self, batch: &[usize], soft: &[Tensor<2>; 5]) -> LmLoss {
+        let [layers, _] = soft[0].dims();
+        let values: Vec<Vec<f32>> =
+            soft.iter().map(|s| s.clone().inner().into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 gates")).collect();
+        let per_layer: Vec<[Vec<f32>; 5]> = (0..layers)
+            .map(|l| {
+                std::array::from_fn(|s| {
+                    let width = soft[s].dims()[1];
+                    values[s][l * width..(l + 1) * width].to_vec()
+                })
+            })
+            .collect();
+        let flat: Vec<u32> = batch.iter().flat_map(|&i| self.windows[i].iter().copied()).collect();
+        if let Some(host) = self.model.gate_gradients(&flat, batch.len(), &per_layer) {
+            let device = soft[0].device();
+            let surrogate = (0..5)
+                .map(|s| {
+                    let width = soft[s].dims()[1];
+                    let grad: Vec<f32> = host.layers.iter().flat_map(|l| l[s].iter().copied()).collect();
+                    (soft[s].clone() * Tensor::<2>::from_data(TensorData::new(grad, [layers, width]), &device)).sum()
+                })
+                .reduce(|a, b| a + b)
+                .expect("five sites");
+            return LmLoss { value: host.loss, surrogate };
+        }
+        let tokens = self.tokens(batch);
+        let block_gates = gates::block_gates(soft);
+        lm_loss(self.model.forward(tokens.clone(), Some(&block_gates), None), &tokens)
     }
 
     /// One update of the gate generator. Fails, without updating, on a non-finite loss.
