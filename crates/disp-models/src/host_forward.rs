@@ -31,8 +31,9 @@ thread_local! {
     static HOST_PATH: Cell<bool> = const { Cell::new(true) };
 }
 
-/// Runs `f` with the host path switched off on this thread: the model then computes with the
-/// generic burn operations (the reference the host path is tested against).
+/// Runs `f` with the host paths (this forward and [`crate::host_search`]'s backward) switched off
+/// on this thread: the model then computes with the generic burn operations and autodiff (the
+/// reference the host paths are tested against).
 pub fn with_generic_path<R>(f: impl FnOnce() -> R) -> R {
     let before = HOST_PATH.with(|c| c.replace(false));
     let out = f();
@@ -40,10 +41,15 @@ pub fn with_generic_path<R>(f: impl FnOnce() -> R) -> R {
     out
 }
 
+/// Whether the host paths are switched on for this thread (see [`with_generic_path`]).
+pub(crate) fn enabled() -> bool {
+    HOST_PATH.with(Cell::get)
+}
+
 /// Whether [`blocks`] computes this forward pass: plain CPU device, no gates, a prompt of more
 /// than one token into no cache or an empty one, and only activations it implements.
 pub(crate) fn covers(model: &DecoderLm, gated: bool, seq: usize, start: usize) -> bool {
-    HOST_PATH.with(Cell::get)
+    enabled()
         && !gated
         && seq > 1
         && start == 0

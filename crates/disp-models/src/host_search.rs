@@ -282,7 +282,8 @@ impl Pass<'_> {
 
 /// Whether [`gate_gradients`] covers this model (see the module documentation).
 pub(crate) fn covers(model: &DecoderLm) -> bool {
-    model.device == Device::flex()
+    crate::host_forward::enabled()
+        && model.device == Device::flex()
         && model.spec.activation != Activation::Gelu
         && model.ends.project_out.is_none()
         && model.blocks.iter().all(|b| matches!(b.norms, BlockNorms::Pre { .. }) && b.qk_norms.is_none() && b.kept.is_none())
