@@ -54,6 +54,9 @@ pub fn token_windows(tokens: &[u32], seq_len: usize, max_windows: Option<usize>,
 pub fn window_nll(model: &dyn CausalLm, batch: &[Vec<u32>]) -> f64 {
     let device = model.device();
     let (rows, seq) = (batch.len(), batch[0].len());
+    if let Some(nll) = model.summed_nll(&batch.concat(), rows) {
+        return nll;
+    }
     let flat: Vec<i64> = batch.iter().flatten().map(|&t| t as i64).collect();
     let tokens = Tensor::<2, Int>::from_data(TensorData::new(flat, [rows, seq]), device);
     let logits = model.forward(tokens, None, None);

@@ -440,7 +440,7 @@ impl Ends {
         x + positions.table.clone().narrow(0, start + positions.offset, seq).unsqueeze::<3>()
     }
 
-    fn finish(&self, x: Tensor<3>) -> Tensor<3> {
+    pub(crate) fn finish(&self, x: Tensor<3>) -> Tensor<3> {
         let x = match &self.final_norm {
             Some(norm) => norm.forward(x),
             None => x,
@@ -533,6 +533,10 @@ impl CausalLm for DecoderLm {
 
     fn logits(&self, hidden: Tensor<3>) -> Tensor<3> {
         self.ends.head.forward(hidden)
+    }
+
+    fn summed_nll(&self, tokens: &[u32], batch: usize) -> Option<f64> {
+        crate::host_forward::summed_nll(self, tokens, batch)
     }
 
     fn gate_gradients(&self, tokens: &[u32], batch: usize, gates: &[[Vec<f32>; 5]]) -> Option<crate::host_search::GateGradients> {

@@ -547,7 +547,7 @@ pub(crate) fn gate_gradients(model: &DecoderLm, tokens: &[u32], batch: usize, ga
     let saved: Vec<Saved> = model.blocks.iter().zip(gates).map(|(b, g)| block_forward(b, g, &mut x, &pass)).collect();
     let final_norm = model.ends.final_norm.as_ref().map(HostNorm::of);
     let hidden = final_norm.as_ref().map_or_else(|| x.clone(), |n| n.forward(&x, d));
-    let (loss, d_hidden) = head_loss(&model.ends.head, &hidden, tokens, seq);
+    let (loss, d_hidden) = head_loss(&model.ends.head, &hidden, tokens, seq, true);
     let mut dx = match &final_norm {
         Some(n) => {
             let mut dx = vec![0f32; x.len()];
@@ -565,16 +565,17 @@ pub(crate) fn gate_gradients(model: &DecoderLm, tokens: &[u32], batch: usize, ga
     Some(GateGradients { loss, layers })
 }
 
-/// The mean NLL of the head's logits over `hidden` `[rows, width]` and its gradient with respect
-/// to `hidden`, in blocks of rows: logits, softmax and (softmax − one-hot)/N·Wᵀ per block.
-fn head_loss(head: &Linear, hidden: &[f32], tokens: &[u32], seq: usize) -> (f64, Vec<f32>) {
+/// The mean NLL of the head's logits over `hidden` `[rows, width]` and (with `gradient`) its
+/// gradient with respect to `hidden`, in blocks of rows: logits, softmax and
+/// (softmax − one-hot)/N·Wᵀ per block, so the `[rows, vocab]` logits are never stored.
+pub(crate) fn head_loss(head: &Linear, hidden: &[f32], tokens: &[u32], seq: usize, gradient: bool) -> (f64, Vec<f32>) {
     const BLOCK: usize = 128;
     let (width, vocab) = (head.inputs(), head.outputs());
     let rows = tokens.len();
     let predicted = (rows / seq * (seq - 1)) as f32;
     let w = Matrix::of(&head.weight);
     let bias = head.bias.as_ref().map(vector);
-    let mut d_hidden = vec![0f32; rows * width];
+    let mut d_hidden = vec![0f32; if gradient { rows * width } else { 0 }];
     let mut logits = vec![0f32; BLOCK * vocab];
     let mut loss = 0f64;
     for first in (0..rows).step_by(BLOCK) {
@@ -605,15 +606,19 @@ fn head_loss(head: &Linear, hidden: &[f32], tokens: &[u32], seq: usize) -> (f64,
                     }
                     sum += partial as f64;
                 }
-                let scale = (1.0 / sum) as f32 / predicted;
-                row.iter_mut().for_each(|z| *z *= scale);
-                row[target] -= 1.0 / predicted;
+                if gradient {
+                    let scale = (1.0 / sum) as f32 / predicted;
+                    row.iter_mut().for_each(|z| *z *= scale);
+                    row[target] -= 1.0 / predicted;
+                }
                 max as f64 + sum.ln() - picked as f64
             })
             .collect::<Vec<f64>>()
             .into_iter()
             .sum::<f64>();
-        gemm(n, width, vocab, &mut d_hidden[first * width..], width, false, (block, vocab, 1), (w.values(), w.col, w.row));
+        if gradient {
+            gemm(n, width, vocab, &mut d_hidden[first * width..], width, false, (block, vocab, 1), (w.values(), w.col, w.row));
+        }
     }
     (loss / predicted as f64, d_hidden)
 }

@@ -89,6 +89,13 @@ pub trait CausalLm: Send + Sync {
         self.logits(hidden.narrow(1, seq - 1, 1)).reshape([batch, self.vocab_size()])
     }
 
+    /// Σ next-token NLL of `tokens` (`batch` rows of equal length, each row's last position
+    /// predicting nothing) computed without storing the logits, where the model has a host path
+    /// for it ([`host_forward`]); `None` otherwise (compute the logits then).
+    fn summed_nll(&self, _tokens: &[u32], _batch: usize) -> Option<f64> {
+        None
+    }
+
     /// The mean next-token NLL of `tokens` (`batch` rows) under masked gates (per layer, S1..S5)
     /// and its gradient with respect to every gate, computed without autodiff where the model
     /// has a host path for it ([`host_search`]); `None` otherwise (use autodiff then).
