@@ -30,6 +30,18 @@ def run_json(cmd, env):
     return json.loads(line)
 
 
+def stream_copy_gb_per_s(python, env):
+    """Median of 7 one-thread copies of a 512 MiB float32 array (numpy), in GB/s of bytes copied."""
+    code = ("import numpy as np, time, statistics\n"
+            "a = np.ones(128 * 2**20, np.float32); b = np.empty_like(a); np.copyto(b, a)\n"
+            "t = []\n"
+            "for _ in range(7):\n"
+            "    s = time.perf_counter(); np.copyto(b, a); t.append(time.perf_counter() - s)\n"
+            "print(a.nbytes / statistics.median(t) / 1e9)\n")
+    out = subprocess.run([python, "-c", code], env=env, capture_output=True, text=True, check=True)
+    return float(out.stdout.strip())
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--disp", required=True, help="the disp release binary")
@@ -89,6 +101,14 @@ def main():
         ratio = dm / pm if higher else pm / dm
         per = [(a / b if higher else b / a) for a, b in zip(d, p)]
         print(f"| {name} | {dm:.3g} {unit} | {pm:.3g} {unit} | **{ratio:.2f}×** (rounds {min(per):.2f}–{max(per):.2f}) |")
+    if "speed" in only:
+        bandwidth = stream_copy_gb_per_s(args.python, env)
+        weight_bytes = sum(os.path.getsize(os.path.join(args.model, f)) for f in os.listdir(args.model) if f.endswith(".safetensors"))
+        floor = bandwidth * 1e9 / weight_bytes
+        decode = statistics.median(rows["decode 64 tokens after 512"][0])
+        print(f"\nmemory bandwidth (one-thread stream copy of 512 MiB, bytes copied / s): {bandwidth:.1f} GB/s; "
+              f"weights {weight_bytes / 1e6:.0f} MB read once per token → decode floor {floor:.1f} tokens/s; "
+              f"disp decode = {decode / floor:.0%} of it")
     if "_ppl" in rows:
         dp, pp = rows["_ppl"][0][0]
         print(f"\nperplexity: disp {dp:.4f}, PyTorch {pp:.4f}")

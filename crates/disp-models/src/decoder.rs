@@ -514,11 +514,12 @@ impl CausalLm for DecoderLm {
     }
 
     fn hidden_states(&self, tokens: Tensor<2, Int>, gates: Option<&[BlockGates]>, mut cache: Option<&mut KvCache>) -> Tensor<3> {
-        let seq = tokens.dims()[1];
+        let [tokens_batch, seq] = tokens.dims();
         let start = cache.as_ref().map_or(0, |c| c.len());
         let mut x = self.ends.embed(tokens, start);
-        if crate::host_forward::covers(self, gates.is_some(), seq, start) {
-            x = crate::host_forward::blocks(self, x, cache.as_deref_mut());
+        let host_cache = cache.as_ref().is_some_and(|c| c.is_host()) && tokens_batch == 1;
+        if crate::host_forward::covers(self, gates.is_some(), seq, start, host_cache) {
+            x = crate::host_forward::blocks(self, x, start, cache.as_deref_mut());
         } else {
             for (i, block) in self.blocks.iter().enumerate() {
                 let sel = crate::selector(block.kept.as_ref(), gates.map(|g| &g[i]));

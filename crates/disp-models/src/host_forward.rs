@@ -46,13 +46,13 @@ pub(crate) fn enabled() -> bool {
     HOST_PATH.with(Cell::get)
 }
 
-/// Whether [`blocks`] computes this forward pass: plain CPU device, no gates, a prompt of more
-/// than one token into no cache or an empty one, and only activations it implements.
-pub(crate) fn covers(model: &DecoderLm, gated: bool, seq: usize, start: usize) -> bool {
+/// Whether [`blocks`] computes this forward pass: plain CPU device, no gates, only activations it
+/// implements, and either a cache of host rows to continue (decoding) or a prompt of more than
+/// one token into no cache or an empty one.
+pub(crate) fn covers(model: &DecoderLm, gated: bool, seq: usize, start: usize, host_cache: bool) -> bool {
     enabled()
         && !gated
-        && seq > 1
-        && start == 0
+        && (host_cache || (seq > 1 && start == 0))
         && model.spec.activation != Activation::Gelu
         && !model.device.is_autodiff()
         && model.device == Device::flex()
@@ -177,7 +177,7 @@ struct Pass<'a> {
     model: &'a DecoderLm,
     batch: usize,
     seq: usize,
-    /// cos / sin of positions 0..seq (rotary models).
+    /// cos / sin of this pass's positions (start..start+seq; rotary models).
     rope_tables: Option<(Vec<f32>, Vec<f32>)>,
 }
 
@@ -267,6 +267,19 @@ fn attention(b: &Block, layer: usize, input: &[f32], pass: &Pass, cache: Option<
         rope.rotate_rows(&mut q, heads, tables, |row| row % seq);
         rope.rotate_rows(&mut k, kv_heads, tables, |row| row % seq);
     }
+    let mut cache = cache;
+    if pass.batch == 1 {
+        if let Some(host) = cache.as_deref_mut().and_then(|c| c.host_rows(kv_heads, hd, &pass.model.device)) {
+            // Batch 1 into host rows: append in place, then attend over every cached position.
+            let (keys, values) = &mut host.layers[layer];
+            keys.extend_from_slice(&k);
+            values.extend_from_slice(&v);
+            let positions = keys.len() / (kv_heads * hd);
+            let shape =
+                AttentionShape { heads, kv_heads, queries: pass.seq, keys: positions, head_dim: hd, window: b.window.filter(|&w| w < positions) };
+            return linear(&b.attn_output, &causal_attention_rows(&q, keys, values, shape), rows);
+        }
+    }
     if let Some(cache) = cache {
         let device = &pass.model.device;
         let head_major = |x: &[f32]| -> Tensor<4> {
@@ -309,12 +322,13 @@ fn mlp(b: &Block, input: &[f32], pass: &Pass) -> Vec<f32> {
     linear(&b.mlp_output, &inter, rows)
 }
 
-/// Every block of `model` on the embedded tokens `x` `[B, T, d]` (positions from 0), filling
-/// `cache` (empty) if given; returns the residual stream after the last block.
-pub(crate) fn blocks(model: &DecoderLm, x: Tensor<3>, mut cache: Option<&mut KvCache>) -> Tensor<3> {
+/// Every block of `model` on the embedded tokens `x` `[B, T, d]` at positions `start..`,
+/// appending to `cache` if given (host rows for batch 1, tensors otherwise); returns the
+/// residual stream after the last block.
+pub(crate) fn blocks(model: &DecoderLm, x: Tensor<3>, start: usize, mut cache: Option<&mut KvCache>) -> Tensor<3> {
     let [batch, seq, width] = x.dims();
     let mut values = x.into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 activations");
-    let pass = Pass { model, batch, seq, rope_tables: model.spec.rope.as_ref().map(|rope| rope.half_tables(0, seq)) };
+    let pass = Pass { model, batch, seq, rope_tables: model.spec.rope.as_ref().map(|rope| rope.half_tables(start, seq)) };
     for (layer, b) in model.blocks.iter().enumerate() {
         block(b, layer, &mut values, &pass, cache.as_deref_mut());
     }
@@ -358,12 +372,12 @@ mod tests {
 /// where [`covers`] says no.
 pub(crate) fn summed_nll(model: &DecoderLm, tokens: &[u32], batch: usize) -> Option<f64> {
     let seq = tokens.len() / batch.max(1);
-    if batch == 0 || seq < 2 || tokens.len() != batch * seq || !covers(model, false, seq, 0) {
+    if batch == 0 || seq < 2 || tokens.len() != batch * seq || !covers(model, false, seq, 0, false) {
         return None;
     }
     let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
     let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [batch, seq]), &model.device);
-    let hidden = model.ends.finish(blocks(model, model.ends.embed(ids, 0), None));
+    let hidden = model.ends.finish(blocks(model, model.ends.embed(ids, 0), 0, None));
     let hidden = hidden.into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 activations");
     let (mean, _) = crate::host_search::head_loss(&model.ends.head, &hidden, tokens, seq, false);
     Some(mean * (batch * (seq - 1)) as f64)
