@@ -335,6 +335,22 @@ pub(crate) fn blocks(model: &DecoderLm, x: Tensor<3>, start: usize, mut cache: O
     Tensor::from_data(TensorData::new(values, [batch, seq, width]), &model.device)
 }
 
+/// Σ next-token NLL of `tokens` (`batch` rows, positions from 0) without storing the logits:
+/// the host blocks, the final norm, then the head and the log-softmax in blocks of rows. `None`
+/// where [`covers`] says no.
+pub(crate) fn summed_nll(model: &DecoderLm, tokens: &[u32], batch: usize) -> Option<f64> {
+    let seq = tokens.len() / batch.max(1);
+    if batch == 0 || seq < 2 || tokens.len() != batch * seq || !covers(model, false, seq, 0, false) {
+        return None;
+    }
+    let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
+    let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [batch, seq]), &model.device);
+    let hidden = model.ends.finish(blocks(model, model.ends.embed(ids, 0), 0, None));
+    let hidden = hidden.into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 activations");
+    let (mean, _) = crate::host_search::head_loss(&model.ends.head, &hidden, tokens, seq, false);
+    Some(mean * (batch * (seq - 1)) as f64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -365,20 +381,4 @@ mod tests {
             assert!(worst < 1e-5, "max difference {worst}");
         }
     }
-}
-
-/// Σ next-token NLL of `tokens` (`batch` rows, positions from 0) without storing the logits:
-/// the host blocks, the final norm, then the head and the log-softmax in blocks of rows. `None`
-/// where [`covers`] says no.
-pub(crate) fn summed_nll(model: &DecoderLm, tokens: &[u32], batch: usize) -> Option<f64> {
-    let seq = tokens.len() / batch.max(1);
-    if batch == 0 || seq < 2 || tokens.len() != batch * seq || !covers(model, false, seq, 0, false) {
-        return None;
-    }
-    let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
-    let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [batch, seq]), &model.device);
-    let hidden = model.ends.finish(blocks(model, model.ends.embed(ids, 0), 0, None));
-    let hidden = hidden.into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 activations");
-    let (mean, _) = crate::host_search::head_loss(&model.ends.head, &hidden, tokens, seq, false);
-    Some(mean * (batch * (seq - 1)) as f64)
 }

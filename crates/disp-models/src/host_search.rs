@@ -291,11 +291,11 @@ pub(crate) fn covers(model: &DecoderLm) -> bool {
 
 /// Forward of block `b` with gates `g` (S1..S5) on `x` `[rows, d]`, in place; returns what the
 /// backward needs.
-fn block_forward(b: &Block, g: &[Vec<f32>; 5], x: &mut Vec<f32>, pass: &Pass) -> Saved {
+fn block_forward(b: &Block, g: &[Vec<f32>; 5], x: &mut [f32], pass: &Pass) -> Saved {
     let BlockNorms::Pre { attn: attn_norm, mlp: mlp_norm } = &b.norms else { unreachable!("checked by `covers`") };
     let spec = &pass.model.spec;
     let (d, rows) = (spec.shape.hidden, pass.rows());
-    let x0 = x.clone();
+    let x0 = x.to_vec();
     let h1 = HostNorm::of(attn_norm).forward(&x0, d);
     let input = gated(&h1, &g[0]);
     let [wq, wk, wv] = &b.attn_inputs;
@@ -314,7 +314,7 @@ fn block_forward(b: &Block, g: &[Vec<f32>; 5], x: &mut Vec<f32>, pass: &Pass) ->
     }
     let attn_out = linear(&b.attn_output, &context, rows);
     add_gated(x, &attn_out, &g[1]);
-    let x1 = x.clone();
+    let x1 = x.to_vec();
     let h2 = HostNorm::of(mlp_norm).forward(&x1, d);
     let input = gated(&h2, &g[2]);
     let (pre, up) = match b.mlp_inputs.as_slice() {
@@ -531,7 +531,7 @@ fn head_backward(
 /// layer, S1..S5) and its gradient with respect to every gate; `None` where the model is not
 /// covered (see the module documentation).
 pub(crate) fn gate_gradients(model: &DecoderLm, tokens: &[u32], batch: usize, gates: &[[Vec<f32>; 5]]) -> Option<GateGradients> {
-    if !covers(model) || batch == 0 || tokens.len() % batch != 0 {
+    if !covers(model) || batch == 0 || !tokens.len().is_multiple_of(batch) {
         return None;
     }
     let seq = tokens.len() / batch;
