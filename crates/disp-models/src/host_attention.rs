@@ -49,7 +49,12 @@ pub fn causal_attention(q: &[f32], k: &[f32], v: &[f32], shape: AttentionShape) 
             head(q, k, v, Span { start, queries, keys, window }, Strides { head_dim, q_row: head_dim, kv_row: head_dim }, scale)
         })
         .collect();
-    // Interleave heads into `[queries, heads·hd]`.
+    interleave(&per_head, queries, head_dim)
+}
+
+/// Per-head outputs `[queries, hd]` interleaved into `[queries, heads·hd]`.
+fn interleave(per_head: &[Vec<f32>], queries: usize, head_dim: usize) -> Vec<f32> {
+    let heads = per_head.len();
     let mut out = vec![0f32; queries * heads * head_dim];
     for (h, values) in per_head.iter().enumerate() {
         for (i, row) in values.chunks_exact(head_dim).enumerate() {
@@ -79,14 +84,7 @@ pub fn causal_attention_rows(q: &[f32], k: &[f32], v: &[f32], shape: AttentionSh
             head(&q[h * head_dim..], &k[kv * head_dim..], &v[kv * head_dim..], Span { start, queries, keys, window }, strides, scale)
         })
         .collect();
-    let mut out = vec![0f32; queries * heads * head_dim];
-    for (h, values) in per_head.iter().enumerate() {
-        for (i, row) in values.chunks_exact(head_dim).enumerate() {
-            let at = i * heads * head_dim + h * head_dim;
-            out[at..at + head_dim].copy_from_slice(row);
-        }
-    }
-    out
+    interleave(&per_head, queries, head_dim)
 }
 
 /// Where one head's rows sit: `head_dim` values per row, rows `q_row` (queries) and `kv_row`

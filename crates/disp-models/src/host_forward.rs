@@ -172,18 +172,25 @@ fn activate(activation: Activation, x: f32) -> f32 {
     }
 }
 
-/// What every block of one forward pass shares.
-struct Pass<'a> {
-    model: &'a DecoderLm,
-    batch: usize,
-    seq: usize,
+/// What every block of one host forward (or search) pass shares.
+pub(crate) struct Pass<'a> {
+    pub model: &'a DecoderLm,
+    pub batch: usize,
+    pub seq: usize,
     /// cos / sin of this pass's positions (start..start+seq; rotary models).
-    rope_tables: Option<(Vec<f32>, Vec<f32>)>,
+    pub rope_tables: Option<(Vec<f32>, Vec<f32>)>,
 }
 
 impl Pass<'_> {
-    fn rows(&self) -> usize {
+    pub fn rows(&self) -> usize {
         self.batch * self.seq
+    }
+
+    /// Attention over this pass's own positions (no cache) in block `block`.
+    pub fn self_attention(&self, block: &Block) -> AttentionShape {
+        let spec = &self.model.spec;
+        let window = block.window.filter(|&w| w < self.seq);
+        AttentionShape { heads: spec.heads, kv_heads: spec.kv_heads, queries: self.seq, keys: self.seq, head_dim: spec.head_dim, window }
     }
 }
 
@@ -293,7 +300,7 @@ fn attention(b: &Block, layer: usize, input: &[f32], pass: &Pass, cache: Option<
         };
         cache.append(layer, head_major(&k), head_major(&v));
     }
-    let shape = AttentionShape { heads, kv_heads, queries: pass.seq, keys: pass.seq, head_dim: hd, window: b.window.filter(|&w| w < pass.seq) };
+    let shape = pass.self_attention(b);
     let (q_len, kv_len) = (pass.seq * heads * hd, pass.seq * kv_heads * hd);
     let mut context = Vec::with_capacity(rows * heads * hd);
     for bt in 0..pass.batch {

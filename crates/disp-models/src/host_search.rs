@@ -25,6 +25,7 @@ use rayon::prelude::*;
 
 use crate::decoder::{Block, BlockNorms, DecoderLm, Norm};
 use crate::host_attention::{causal_attention_rows, AttentionShape};
+use crate::host_forward::Pass;
 use crate::layers::{Activation, Linear};
 
 /// The LM loss of one masked forward pass and its gradient with respect to every gate.
@@ -261,25 +262,6 @@ struct Saved {
     mlp_out: Vec<f32>,
 }
 
-struct Pass<'a> {
-    model: &'a DecoderLm,
-    batch: usize,
-    seq: usize,
-    rope_tables: Option<(Vec<f32>, Vec<f32>)>,
-}
-
-impl Pass<'_> {
-    fn rows(&self) -> usize {
-        self.batch * self.seq
-    }
-
-    fn shape(&self, block: &Block) -> AttentionShape {
-        let spec = &self.model.spec;
-        let window = block.window.filter(|&w| w < self.seq);
-        AttentionShape { heads: spec.heads, kv_heads: spec.kv_heads, queries: self.seq, keys: self.seq, head_dim: spec.head_dim, window }
-    }
-}
-
 /// Whether [`gate_gradients`] covers this model (see the module documentation).
 pub(crate) fn covers(model: &DecoderLm) -> bool {
     crate::host_forward::enabled()
@@ -305,7 +287,7 @@ fn block_forward(b: &Block, g: &[Vec<f32>; 5], x: &mut [f32], pass: &Pass) -> Sa
         rope.rotate_rows(&mut q, spec.heads, tables, |r| r % seq);
         rope.rotate_rows(&mut k, spec.kv_heads, tables, |r| r % seq);
     }
-    let shape = pass.shape(b);
+    let shape = pass.self_attention(b);
     let (q_len, kv_len) = (pass.seq * spec.heads * spec.head_dim, pass.seq * spec.kv_heads * spec.head_dim);
     let mut context = Vec::with_capacity(rows * spec.heads * spec.head_dim);
     for bt in 0..pass.batch {
@@ -414,7 +396,7 @@ fn block_backward(b: &Block, g: &[Vec<f32>; 5], s: &Saved, dx: &mut [f32], pass:
     let (heads, kv_heads, hd) = (spec.heads, spec.kv_heads, spec.head_dim);
     let mut d_context = vec![0f32; rows * heads * hd];
     linear_input_grad(&b.attn_output, &d_attn_out, rows, &mut d_context, false);
-    let (mut dq, mut dk, dv) = attention_backward(s, &d_context, pass.shape(b), pass);
+    let (mut dq, mut dk, dv) = attention_backward(s, &d_context, pass.self_attention(b), pass);
     if let (Some(rope), Some(tables)) = (&spec.rope, &pass.rope_tables) {
         let seq = pass.seq;
         rope.unrotate_rows(&mut dq, heads, tables, |r| r % seq);
