@@ -30,6 +30,19 @@ def run_json(cmd, env):
     return json.loads(line)
 
 
+def print_table(rows, out):
+    print("| work | disp | PyTorch | disp speed / PyTorch speed |", file=out)
+    print("| --- | --- | --- | --- |", file=out)
+    for name, (d, p, unit, higher) in rows.items():
+        if name.startswith("_"):
+            continue
+        dm, pm = statistics.median(d), statistics.median(p)
+        ratio = dm / pm if higher else pm / dm
+        per = [(a / b if higher else b / a) for a, b in zip(d, p)]
+        print(f"| {name} | {dm:.3g} {unit} | {pm:.3g} {unit} | **{ratio:.2f}×** (rounds {min(per):.2f}–{max(per):.2f}) |", file=out)
+    out.flush()
+
+
 def stream_copy_gb_per_s(python, env):
     """Median of 7 one-thread copies of a 512 MiB float32 array (numpy), in GB/s of bytes copied."""
     code = ("import numpy as np, time, statistics\n"
@@ -90,17 +103,12 @@ def main():
             p = run_json(py("hf_search_step.py", "--model", args.model, "--steps", n, "--seq-len", "512", "--threads", t, "--json"), env)
             add("search step, seq 512 (five sites)", "s/step", False, d["median"]["total"], p["median_s"])
 
+        # The table so far, so that an interrupted run still leaves its rounds.
+        print_table(rows, sys.stderr)
+
     print(f"\n{platform.node()}, {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
           f"{args.threads} threads, {args.rounds} rounds alternating, load average at start {load:.2f}\n")
-    print("| work | disp | PyTorch | disp speed / PyTorch speed |")
-    print("| --- | --- | --- | --- |")
-    for name, (d, p, unit, higher) in rows.items():
-        if name.startswith("_"):
-            continue
-        dm, pm = statistics.median(d), statistics.median(p)
-        ratio = dm / pm if higher else pm / dm
-        per = [(a / b if higher else b / a) for a, b in zip(d, p)]
-        print(f"| {name} | {dm:.3g} {unit} | {pm:.3g} {unit} | **{ratio:.2f}×** (rounds {min(per):.2f}–{max(per):.2f}) |")
+    print_table(rows, sys.stdout)
     if "speed" in only:
         bandwidth = stream_copy_gb_per_s(args.python, env)
         weight_bytes = sum(os.path.getsize(os.path.join(args.model, f)) for f in os.listdir(args.model) if f.endswith(".safetensors"))
