@@ -39,6 +39,7 @@ def main():
     ap.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--json", action="store_true", help="also print one JSON line (perplexity, tokens/s, peak RSS)")
     args = ap.parse_args()
 
     import torch
@@ -90,6 +91,10 @@ def main():
     print(f"tokens/s (forward): {n_windows * args.seq_len / t_fwd:.1f}  "
           f"(forward {t_fwd:.2f}s, tokenise {t_tok:.2f}s, load {t_load:.2f}s, threads {args.threads})")
     print(f"peak RSS: {peak_rss_mib():.0f} MiB")
+    if args.json:
+        import json
+
+        print(json.dumps({"perplexity": ppl, "tokens_per_second": n_windows * args.seq_len / t_fwd, "peak_rss_mib": peak_rss_mib()}))
 
 
 if __name__ == "__main__":

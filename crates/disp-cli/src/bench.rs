@@ -30,11 +30,21 @@ pub struct BenchArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
+    /// Time this many search steps instead (hypernetwork, five-site gates, backward, AdamW; batch
+    /// 1 of `--seq-len` random tokens, after one warm-up step) on the dense model.
+    #[arg(long)]
+    search_steps: Option<usize>,
+    /// Window length of `--search-steps`.
+    #[arg(long, default_value_t = 512)]
+    seq_len: usize,
 }
 
 pub fn bench(device: DeviceChoice, args: BenchArgs) -> Result<()> {
     let device = select_device(device)?;
     let model = disp_models::load_model(&args.model, &device)?;
+    if let Some(steps) = args.search_steps {
+        return search_steps(model.as_ref(), steps, args.seq_len, args.json);
+    }
     let mut models: Vec<(String, Box<dyn CausalLm>)> = Vec::new();
     if let Some(dense) = &args.dense {
         models.push(("dense".into(), disp_models::load_model(dense, &device)?));
@@ -74,5 +84,21 @@ pub fn bench(device: DeviceChoice, args: BenchArgs) -> Result<()> {
             params
         );
     }
+    Ok(())
+}
+
+/// `--search-steps`: medians of the step's parts.
+fn search_steps(model: &dyn CausalLm, steps: usize, seq_len: usize, json: bool) -> Result<()> {
+    crate::checks::seq_len(seq_len)?;
+    let report = disp_train::step_timing::time_search_steps(model, seq_len, steps, 0)?;
+    if json {
+        println!("{}", serde_json::to_value(&report)?);
+        return Ok(());
+    }
+    let m = &report.median;
+    println!(
+        "search step, batch 1 x {seq_len} tokens, median of {steps}: {:.3} s (forward {:.3}, backward {:.3}, optimizer {:.3}; min {:.3}, max {:.3})",
+        m.total, m.forward, m.backward, m.optimizer, report.min_total, report.max_total
+    );
     Ok(())
 }

@@ -54,15 +54,21 @@ pub fn token_windows(tokens: &[u32], seq_len: usize, max_windows: Option<usize>,
 pub fn window_nll(model: &dyn CausalLm, batch: &[Vec<u32>]) -> f64 {
     let device = model.device();
     let (rows, seq) = (batch.len(), batch[0].len());
+    if let Some(nll) = model.summed_nll(&batch.concat(), rows) {
+        return nll;
+    }
     let flat: Vec<i64> = batch.iter().flatten().map(|&t| t as i64).collect();
     let tokens = Tensor::<2, Int>::from_data(TensorData::new(flat, [rows, seq]), device);
     let logits = model.forward(tokens, None, None);
     let vocab = logits.dims()[2];
-    // Each row's last position predicts nothing inside the window.
-    let logits = logits.narrow(1, 0, seq - 1);
+    // The whole buffer, moved out without a copy (a narrowed view would be copied); each row's
+    // last position predicts nothing inside the window and is skipped here.
     let values = logits.into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 logits");
-    let targets: Vec<u32> = batch.iter().flat_map(|row| row[1..].iter().copied()).collect();
-    crate::host_nll::summed_nll(&values, vocab, &targets)
+    batch
+        .iter()
+        .enumerate()
+        .map(|(r, row)| crate::host_nll::summed_nll(&values[r * seq * vocab..(r * seq + seq - 1) * vocab], vocab, &row[1..]))
+        .sum()
 }
 
 /// Summed next-token NLL of `tokens` `[B, T]` under `logits` `[B, T, V]` (a `[1]` tensor, so it

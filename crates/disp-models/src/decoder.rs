@@ -188,7 +188,7 @@ impl BlockSpec {
 
 /// A block's norms, placed as its [`Wiring`] says.
 #[derive(Debug, Clone)]
-enum BlockNorms {
+pub(crate) enum BlockNorms {
     Pre { attn: Norm, mlp: Norm },
     Post { attn: Norm, mlp: Norm },
     Parallel(Norm),
@@ -197,17 +197,17 @@ enum BlockNorms {
 /// One decoder block, dense or cut to its index sets.
 #[derive(Debug, Clone)]
 pub struct Block {
-    norms: BlockNorms,
-    qk_norms: Option<[Norm; 2]>,
+    pub(crate) norms: BlockNorms,
+    pub(crate) qk_norms: Option<[Norm; 2]>,
     /// q, k, v.
-    attn_inputs: [Linear; 3],
-    attn_output: Linear,
-    mlp_inputs: Vec<Linear>,
-    mlp_output: Linear,
+    pub(crate) attn_inputs: [Linear; 3],
+    pub(crate) attn_output: Linear,
+    pub(crate) mlp_inputs: Vec<Linear>,
+    pub(crate) mlp_output: Linear,
     /// Sliding-window attention: a query sees only the keys of its last `window` positions.
-    window: Option<usize>,
+    pub(crate) window: Option<usize>,
     /// Set once the block is pruned: its weights are then cut to these positions.
-    kept: Option<IndexTensors>,
+    pub(crate) kept: Option<IndexTensors>,
 }
 
 impl Block {
@@ -423,7 +423,7 @@ impl Ends {
         Ok(Self { tokens, positions: None, project_in: None, project_out: None, final_norm, head, tied })
     }
 
-    fn embed(&self, tokens: Tensor<2, Int>, start: usize) -> Tensor<3> {
+    pub(crate) fn embed(&self, tokens: Tensor<2, Int>, start: usize) -> Tensor<3> {
         let [batch, seq] = tokens.dims();
         let width = self.tokens.dims()[1];
         let x = self.tokens.clone().select(0, tokens.reshape([batch * seq])).reshape([batch, seq, width]);
@@ -442,7 +442,7 @@ impl Ends {
         x + positions.table.clone().narrow(0, start + positions.offset, seq).unsqueeze::<3>()
     }
 
-    fn finish(&self, x: Tensor<3>) -> Tensor<3> {
+    pub(crate) fn finish(&self, x: Tensor<3>) -> Tensor<3> {
         let x = match &self.final_norm {
             Some(norm) => norm.forward(x),
             None => x,
@@ -516,12 +516,17 @@ impl CausalLm for DecoderLm {
     }
 
     fn hidden_states(&self, tokens: Tensor<2, Int>, gates: Option<&[BlockGates]>, mut cache: Option<&mut KvCache>) -> Tensor<3> {
-        let seq = tokens.dims()[1];
+        let [tokens_batch, seq] = tokens.dims();
         let start = cache.as_ref().map_or(0, |c| c.len());
         let mut x = self.ends.embed(tokens, start);
-        for (i, block) in self.blocks.iter().enumerate() {
-            let sel = crate::selector(block.kept.as_ref(), gates.map(|g| &g[i]));
-            x = block.forward(x, sel, &self.spec, start, cache.as_deref_mut().map(|c| (c, i)));
+        let host_cache = cache.as_ref().is_some_and(|c| c.is_host()) && tokens_batch == 1;
+        if crate::host_forward::covers(self, gates.is_some(), seq, start, host_cache) {
+            x = crate::host_forward::blocks(self, x, start, cache.as_deref_mut());
+        } else {
+            for (i, block) in self.blocks.iter().enumerate() {
+                let sel = crate::selector(block.kept.as_ref(), gates.map(|g| &g[i]));
+                x = block.forward(x, sel, &self.spec, start, cache.as_deref_mut().map(|c| (c, i)));
+            }
         }
         if let Some(c) = cache {
             c.advance(seq);
@@ -561,6 +566,14 @@ impl CausalLm for DecoderLm {
         let projections: u64 = ends.project_in.iter().chain(&ends.project_out).map(linear).sum();
         let positions = ends.positions.as_ref().map_or(0, |p| size(&p.table));
         blocks + norms + size(&ends.tokens) + head + projections + positions + 4 * ends.final_norm.as_ref().map_or(0, |n| n.stored_params() as u64)
+    }
+
+    fn summed_nll(&self, tokens: &[u32], batch: usize) -> Option<f64> {
+        crate::host_forward::summed_nll(self, tokens, batch)
+    }
+
+    fn gate_gradients(&self, tokens: &[u32], batch: usize, gates: &[[Vec<f32>; 5]]) -> Option<crate::host_search::GateGradients> {
+        crate::host_search::gate_gradients(self, tokens, batch, gates)
     }
 
     fn block_linears(&self, layer: usize) -> BlockLinears<'_> {

@@ -46,10 +46,15 @@ pub fn causal_attention(q: &[f32], k: &[f32], v: &[f32], shape: AttentionShape) 
             let q = &q[h * queries * head_dim..(h + 1) * queries * head_dim];
             let k = &k[kv * keys * head_dim..(kv + 1) * keys * head_dim];
             let v = &v[kv * keys * head_dim..(kv + 1) * keys * head_dim];
-            head(q, k, v, Span { start, queries, keys, window }, head_dim, scale)
+            head(q, k, v, Span { start, queries, keys, window }, Strides { head_dim, q_row: head_dim, kv_row: head_dim }, scale)
         })
         .collect();
-    // Interleave heads into `[queries, heads·hd]`.
+    interleave(&per_head, queries, head_dim)
+}
+
+/// Per-head outputs `[queries, hd]` interleaved into `[queries, heads·hd]`.
+fn interleave(per_head: &[Vec<f32>], queries: usize, head_dim: usize) -> Vec<f32> {
+    let heads = per_head.len();
     let mut out = vec![0f32; queries * heads * head_dim];
     for (h, values) in per_head.iter().enumerate() {
         for (i, row) in values.chunks_exact(head_dim).enumerate() {
@@ -58,6 +63,37 @@ pub fn causal_attention(q: &[f32], k: &[f32], v: &[f32], shape: AttentionShape) 
         }
     }
     out
+}
+
+/// [`causal_attention`] on row-major activations as the linears produce them: `q`
+/// `[queries, heads·hd]`, `k`/`v` `[keys, kv_heads·hd]`; returns `[queries, heads·hd]`. Each head
+/// reads its columns in place (gemm strides), so no head-major copies are made.
+pub fn causal_attention_rows(q: &[f32], k: &[f32], v: &[f32], shape: AttentionShape) -> Vec<f32> {
+    let AttentionShape { heads, kv_heads, queries, keys, head_dim, window } = shape;
+    assert_eq!(q.len(), heads * queries * head_dim);
+    assert_eq!(k.len(), kv_heads * keys * head_dim);
+    assert_eq!(v.len(), k.len());
+    assert!(keys >= queries && heads.is_multiple_of(kv_heads));
+    let (start, group) = (keys - queries, heads / kv_heads);
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    let strides = Strides { head_dim, q_row: heads * head_dim, kv_row: kv_heads * head_dim };
+    let per_head: Vec<Vec<f32>> = (0..heads)
+        .into_par_iter()
+        .map(|h| {
+            let kv = h / group;
+            head(&q[h * head_dim..], &k[kv * head_dim..], &v[kv * head_dim..], Span { start, queries, keys, window }, strides, scale)
+        })
+        .collect();
+    interleave(&per_head, queries, head_dim)
+}
+
+/// Where one head's rows sit: `head_dim` values per row, rows `q_row` (queries) and `kv_row`
+/// (keys, values) apart.
+#[derive(Debug, Clone, Copy)]
+struct Strides {
+    head_dim: usize,
+    q_row: usize,
+    kv_row: usize,
 }
 
 /// Which positions one call covers: queries `start..start + queries` over keys `0..keys`.
@@ -76,9 +112,11 @@ impl Span {
     }
 }
 
-/// One head: `[queries, hd]` of outputs.
-fn head(q: &[f32], k: &[f32], v: &[f32], span: Span, head_dim: usize, scale: f32) -> Vec<f32> {
+/// One head: `[queries, hd]` of outputs; row `i` of the head's q (k, v) starts at `i·q_row`
+/// (`i·kv_row`).
+fn head(q: &[f32], k: &[f32], v: &[f32], span: Span, strides: Strides, scale: f32) -> Vec<f32> {
     let Span { start, queries, keys, .. } = span;
+    let Strides { head_dim, q_row, kv_row } = strides;
     let mut out = vec![0f32; queries * head_dim];
     let mut scores = vec![0f32; ROWS_PER_BLOCK * keys];
     for first in (0..queries).step_by(ROWS_PER_BLOCK) {
@@ -89,7 +127,7 @@ fn head(q: &[f32], k: &[f32], v: &[f32], span: Span, head_dim: usize, scale: f32
         let end = start + first + rows;
         let visible = end - lowest;
         let block_scores = &mut scores[..rows * visible];
-        let (k, v) = (&k[lowest * head_dim..], &v[lowest * head_dim..]);
+        let (k, v) = (&k[lowest * kv_row..], &v[lowest * kv_row..]);
         // scores[rows, visible] = scale · Q[first..first+rows] · K[lowest..end]ᵀ
         // SAFETY: every pointer/stride pair describes a slice of the stated size above.
         unsafe {
@@ -101,11 +139,11 @@ fn head(q: &[f32], k: &[f32], v: &[f32], span: Span, head_dim: usize, scale: f32
                 1,
                 visible as isize,
                 false,
-                q[first * head_dim..].as_ptr(),
+                q[first * q_row..].as_ptr(),
                 1,
-                head_dim as isize,
+                q_row as isize,
                 k.as_ptr(),
-                head_dim as isize,
+                kv_row as isize,
                 1,
                 0.0,
                 scale,
@@ -146,7 +184,7 @@ fn head(q: &[f32], k: &[f32], v: &[f32], span: Span, head_dim: usize, scale: f32
                 visible as isize,
                 v.as_ptr(),
                 1,
-                head_dim as isize,
+                kv_row as isize,
                 0.0,
                 1.0,
                 false,
@@ -225,6 +263,12 @@ mod tests {
             let exact = reference(&q, &k, &v, shape);
             let worst = ours.iter().zip(&exact).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
             assert!(worst < 2e-5, "{shape:?}: max difference {worst}");
+            // The same call on row-major `[positions, heads·hd]` inputs.
+            let rows = |x: &[f32], count: usize, len: usize| -> Vec<f32> {
+                (0..len).flat_map(|i| (0..count).flat_map(move |h| x[(h * len + i) * head_dim..][..head_dim].to_vec())).collect()
+            };
+            let by_rows = causal_attention_rows(&rows(&q, heads, queries), &rows(&k, kv_heads, keys), &rows(&v, kv_heads, keys), shape);
+            assert_eq!(by_rows, ours, "{shape:?}: row-major layout");
         }
     }
 }

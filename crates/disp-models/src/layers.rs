@@ -219,6 +219,43 @@ impl Rope {
         (Tensor::from_data(TensorData::new(cos, shape), device), Tensor::from_data(TensorData::new(sin, shape), device))
     }
 
+    /// cos and sin `[len, rotary_dim / 2]` of positions `start..start+len`, as [`Self::apply`]
+    /// uses them (its tables repeat each half).
+    pub(crate) fn half_tables(&self, start: usize, len: usize) -> (Vec<f32>, Vec<f32>) {
+        let half = self.rotary_dim / 2;
+        let angles = (start..start + len).flat_map(|pos| self.inv_freq[..half].iter().map(move |f| (pos as f32) * (*f as f32)));
+        angles.map(|a| (a.cos(), a.sin())).unzip()
+    }
+
+    /// [`Self::apply`] in place on row-major `[positions, heads·head_dim]` values, position `p`
+    /// of the rows reading row `p` of `tables` (from [`Self::half_tables`]).
+    pub(crate) fn rotate_rows(&self, x: &mut [f32], heads: usize, tables: &(Vec<f32>, Vec<f32>), positions: impl Fn(usize) -> usize) {
+        self.rotate_rows_by(x, heads, tables, positions, 1.0);
+    }
+
+    /// The transpose of [`Self::rotate_rows`] (rotation by the opposite angles): turns the
+    /// gradient with respect to rotated values into the gradient with respect to the inputs.
+    pub(crate) fn unrotate_rows(&self, x: &mut [f32], heads: usize, tables: &(Vec<f32>, Vec<f32>), positions: impl Fn(usize) -> usize) {
+        self.rotate_rows_by(x, heads, tables, positions, -1.0);
+    }
+
+    /// Rotation by the angles of `tables`, with sin multiplied by `direction` (±1).
+    fn rotate_rows_by(&self, x: &mut [f32], heads: usize, tables: &(Vec<f32>, Vec<f32>), positions: impl Fn(usize) -> usize, direction: f32) {
+        let half = self.rotary_dim / 2;
+        for (row, values) in x.chunks_exact_mut(heads * self.head_dim).enumerate() {
+            let at = positions(row) * half;
+            let (cos, sin) = (&tables.0[at..at + half], &tables.1[at..at + half]);
+            for head in values.chunks_exact_mut(self.head_dim) {
+                let (first, second) = head[..self.rotary_dim].split_at_mut(half);
+                for i in 0..half {
+                    let (a, b, s) = (first[i], second[i], sin[i] * direction);
+                    first[i] = a * cos[i] - b * s;
+                    second[i] = b * cos[i] + a * s;
+                }
+            }
+        }
+    }
+
     /// Rotates `[B, H, T, head_dim]` for positions starting at `start`.
     pub fn apply(&self, x: Tensor<4>, start: usize) -> Tensor<4> {
         let [_, _, seq, _] = x.dims();
@@ -239,16 +276,60 @@ impl Rope {
     }
 }
 
-/// Keys and values of earlier positions, one entry per layer.
+/// Keys and values of earlier positions, one entry per layer: burn tensors (the generic path),
+/// or host rows (the host path, batch 1), converted to tensors the first time the generic path
+/// needs them.
 #[derive(Debug, Clone, Default)]
 pub struct KvCache {
     layers: Vec<Option<(Tensor<4>, Tensor<4>)>>,
     len: usize,
+    host: Option<HostKv>,
+}
+
+/// Keys and values of batch row 0 per layer, row-major `[positions, kv_heads·head_dim]`, grown
+/// in place (no copy of the earlier positions per step).
+#[derive(Debug, Clone)]
+pub(crate) struct HostKv {
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub device: Device,
+    pub layers: Vec<(Vec<f32>, Vec<f32>)>,
 }
 
 impl KvCache {
     pub fn new(num_layers: usize) -> Self {
-        Self { layers: vec![None; num_layers], len: 0 }
+        Self { layers: vec![None; num_layers], len: 0, host: None }
+    }
+
+    /// The host rows, if the cache holds them (an empty cache starts holding them here).
+    pub(crate) fn host_rows(&mut self, kv_heads: usize, head_dim: usize, device: &Device) -> Option<&mut HostKv> {
+        if self.len == 0 && self.host.is_none() && self.layers.iter().all(Option::is_none) {
+            let layers = vec![(Vec::new(), Vec::new()); self.layers.len()];
+            self.host = Some(HostKv { kv_heads, head_dim, device: device.clone(), layers });
+        }
+        self.host.as_mut()
+    }
+
+    /// Whether the cache holds host rows (so the host path can continue it).
+    pub(crate) fn is_host(&self) -> bool {
+        self.host.is_some()
+    }
+
+    /// Turns host rows into the tensors the generic path appends to.
+    fn materialize(&mut self) {
+        let Some(host) = self.host.take() else { return };
+        let (kv, hd) = (host.kv_heads, host.head_dim);
+        for (slot, (k, v)) in self.layers.iter_mut().zip(host.layers) {
+            let positions = k.len() / (kv * hd);
+            if positions == 0 {
+                continue;
+            }
+            let head_major = |x: &[f32]| -> Tensor<4> {
+                let values: Vec<f32> = (0..kv).flat_map(|h| (0..positions).flat_map(move |t| x[(t * kv + h) * hd..][..hd].iter().copied())).collect();
+                Tensor::from_data(TensorData::new(values, [1, kv, positions, hd]), &host.device)
+            };
+            *slot = Some((head_major(&k), head_major(&v)));
+        }
     }
 
     /// Number of positions already cached.
@@ -262,6 +343,7 @@ impl KvCache {
 
     /// Appends this step's keys and values `[B, KV, T, hd]` and returns all of them.
     pub fn append(&mut self, layer: usize, k: Tensor<4>, v: Tensor<4>) -> (Tensor<4>, Tensor<4>) {
+        self.materialize();
         let (k, v) = match self.layers[layer].take() {
             Some((pk, pv)) => (Tensor::cat(vec![pk, k], 2), Tensor::cat(vec![pv, v], 2)),
             None => (k, v),
@@ -278,6 +360,7 @@ impl KvCache {
     /// Turns a cache of batch 1 into one of batch `n`, every row a copy: several continuations
     /// of one prompt then attend to a prompt computed once.
     pub fn repeat_batch(&mut self, n: usize) {
+        self.materialize();
         for (k, v) in self.layers.iter_mut().flatten() {
             assert_eq!(k.dims()[0], 1, "only a cache of batch 1 can be repeated");
             *k = k.clone().repeat_dim(0, n);

@@ -12,6 +12,8 @@ pub mod chat;
 pub mod config;
 pub mod decoder;
 pub mod host_attention;
+pub mod host_forward;
+pub mod host_search;
 pub mod layers;
 pub mod llama;
 pub mod mistral;
@@ -102,6 +104,20 @@ pub trait CausalLm: Send + Sync {
         let hidden = self.hidden_states(tokens, None, cache);
         let [batch, seq, _] = hidden.dims();
         self.logits(hidden.narrow(1, seq - 1, 1)).reshape([batch, self.vocab_size()])
+    }
+
+    /// Σ next-token NLL of `tokens` (`batch` rows of equal length, each row's last position
+    /// predicting nothing) computed without storing the logits, where the model has a host path
+    /// for it ([`host_forward`]); `None` otherwise (compute the logits then).
+    fn summed_nll(&self, _tokens: &[u32], _batch: usize) -> Option<f64> {
+        None
+    }
+
+    /// The mean next-token NLL of `tokens` (`batch` rows) under masked gates (per layer, S1..S5)
+    /// and its gradient with respect to every gate, computed without autodiff where the model
+    /// has a host path for it ([`host_search`]); `None` otherwise (use autodiff then).
+    fn gate_gradients(&self, _tokens: &[u32], _batch: usize, _gates: &[[Vec<f32>; 5]]) -> Option<host_search::GateGradients> {
+        None
     }
 
     /// The linear layers of block `layer`, grouped by the index set they touch.

@@ -249,26 +249,63 @@ impl<'a> Searcher<'a> {
     pub fn step_loss(&mut self, step: usize) -> StepLoss {
         let batch = self.batch_windows(step);
         let sampled = self.sample_gates(step);
-        let tokens = self.tokens(&batch);
         let (lm, kd) = match self.backward {
             BackwardMode::PerBlock => {
                 // The model's backward runs here, block by block; what is left for `backward`
                 // is the gate generator's. `new` refuses distillation in this mode.
+                let tokens = self.tokens(&batch);
                 let grads = lm_gate_gradients_per_block(self.model, &tokens, &sampled.soft);
                 (LmLoss { value: grads.lm_loss, surrogate: grads.surrogate(&sampled.soft) }, None)
             }
-            BackwardMode::FullGraph | BackwardMode::Auto => {
+            // Distillation needs the masked logits themselves, which the host gate-gradient path
+            // does not return: burn's autodiff through the whole masked forward.
+            BackwardMode::FullGraph | BackwardMode::Auto if self.cfg.objective.uses_kd() => {
+                let tokens = self.tokens(&batch);
                 let logits = self.model.forward(tokens.clone(), Some(&gates::block_gates(&sampled.soft)), None);
-                let kd = self.cfg.objective.uses_kd().then(|| {
-                    let teacher = self.model.forward(tokens.clone(), None, None);
-                    kd_loss(logits.clone(), teacher, self.cfg.kd_temperature)
-                });
-                (lm_loss(logits, &tokens), kd)
+                let teacher = self.model.forward(tokens.clone(), None, None);
+                let kd = kd_loss(logits.clone(), teacher, self.cfg.kd_temperature);
+                (lm_loss(logits, &tokens), Some(kd))
             }
+            BackwardMode::FullGraph | BackwardMode::Auto => (self.masked_lm_loss(&batch, &sampled.soft), None),
         };
         let params = gates::parameter_count(&self.block, &sampled.straight_through);
         let regulariser = disp_core::params::parameter_regulariser(params, self.target_block_params, self.cfg.lambda);
         StepLoss { lm, kd, objective: self.cfg.objective, regulariser, hard: sampled.hard }
+    }
+
+    /// The LM loss of the windows `batch` under the soft gates (per site `[layers, width]`). Where
+    /// the model computes the gate gradients itself ([`CausalLm::gate_gradients`]: on the plain
+    /// CPU device, no autodiff through the frozen model), the surrogate Σ gates · ∂L/∂gates
+    /// carries them into the small autodiff graph of the gate generator; otherwise burn's
+    /// autodiff runs through the whole masked forward.
+    pub fn masked_lm_loss(&self, batch: &[usize], soft: &[Tensor<2>; 5]) -> LmLoss {
+        let [layers, _] = soft[0].dims();
+        let values: Vec<Vec<f32>> =
+            soft.iter().map(|s| s.clone().inner().into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 gates")).collect();
+        let per_layer: Vec<[Vec<f32>; 5]> = (0..layers)
+            .map(|l| {
+                std::array::from_fn(|s| {
+                    let width = soft[s].dims()[1];
+                    values[s][l * width..(l + 1) * width].to_vec()
+                })
+            })
+            .collect();
+        let flat: Vec<u32> = batch.iter().flat_map(|&i| self.windows[i].iter().copied()).collect();
+        if let Some(host) = self.model.gate_gradients(&flat, batch.len(), &per_layer) {
+            let device = soft[0].device();
+            let surrogate = (0..5)
+                .map(|s| {
+                    let width = soft[s].dims()[1];
+                    let grad: Vec<f32> = host.layers.iter().flat_map(|l| l[s].iter().copied()).collect();
+                    (soft[s].clone() * Tensor::<2>::from_data(TensorData::new(grad, [layers, width]), &device)).sum()
+                })
+                .reduce(|a, b| a + b)
+                .expect("five sites");
+            return LmLoss { value: host.loss, surrogate };
+        }
+        let tokens = self.tokens(batch);
+        let block_gates = gates::block_gates(soft);
+        lm_loss(self.model.forward(tokens.clone(), Some(&block_gates), None), &tokens)
     }
 
     /// One update of the gate generator. Fails, without updating, on a non-finite loss.

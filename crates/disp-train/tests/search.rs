@@ -91,6 +91,39 @@ fn gradients_reach_every_hypernet_parameter_and_the_model_stays_frozen() {
     assert_eq!(before, after, "the frozen model's logits changed");
 }
 
+/// The step's hypernetwork gradients through the host backward equal those through burn's
+/// autodiff over the whole masked forward (same gates, same windows).
+#[test]
+fn the_host_backward_gives_the_autodiff_gradients() {
+    let model = model();
+    let data = windows(4, 24, 3);
+    let gradients = |generic: bool| {
+        let run = || {
+            let mut searcher = Searcher::new(model.as_ref(), &data, &cfg(2)).unwrap();
+            let loss = searcher.step_loss(1);
+            let value = loss.lm.value;
+            let grads = GradientsParams::from_grads(loss.total().backward(), searcher.hypernet());
+            let mut collector = GradCollector { grads: &grads, path: Vec::new(), found: Vec::new() };
+            searcher.hypernet().visit(&mut collector);
+            (value, collector.found)
+        };
+        if generic {
+            disp_models::host_forward::with_generic_path(run)
+        } else {
+            run()
+        }
+    };
+    let (host_loss, host) = gradients(false);
+    let (generic_loss, generic) = gradients(true);
+    assert!((host_loss - generic_loss).abs() <= 1e-5 * generic_loss.abs(), "loss {host_loss} vs {generic_loss}");
+    assert_eq!(host.len(), generic.len());
+    for ((path, ours, _), (_, theirs, _)) in host.iter().zip(&generic) {
+        let scale = theirs.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let diff = ours.iter().zip(theirs).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(scale > 0.0 && diff <= 1e-4 * scale, "{path}: gradient differs by {diff} (largest {scale})");
+    }
+}
+
 trait CountTensors {
     fn num_params_tensors(&self) -> usize;
 }

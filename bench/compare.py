@@ -1,0 +1,126 @@
+#!/usr/bin/env python3
+"""disp next to HF transformers / PyTorch on one model, alternating, with medians and ratios.
+
+Run through bench/compare.sh (it builds the release binary and finds the python env). Each round
+runs, in this order, disp then PyTorch for: eval perplexity (16 windows of 512 tokens), prefill +
+decode (512-token prompt, 64 decoded tokens), and the search step (seq 512, five-site gates,
+hypernetwork, AdamW). Every figure is a median over rounds of each run's own median; the ratio
+column is disp / PyTorch in speed (>1: disp is faster). Prints a markdown table.
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def run_json(cmd, env):
+    t0 = time.perf_counter()
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if out.returncode != 0:
+        sys.exit(f"failed ({out.returncode}): {' '.join(cmd)}\n{out.stderr[-3000:]}")
+    line = [ln for ln in out.stdout.splitlines() if ln.startswith("{")][-1]
+    print(f"  {time.perf_counter() - t0:6.1f}s  {' '.join(os.path.basename(c) if i < 2 else c for i, c in enumerate(cmd))[:110]}",
+          file=sys.stderr, flush=True)
+    return json.loads(line)
+
+
+def print_table(rows, out):
+    print("| work | disp | PyTorch | disp speed / PyTorch speed |", file=out)
+    print("| --- | --- | --- | --- |", file=out)
+    for name, (d, p, unit, higher) in rows.items():
+        if name.startswith("_"):
+            continue
+        dm, pm = statistics.median(d), statistics.median(p)
+        ratio = dm / pm if higher else pm / dm
+        per = [(a / b if higher else b / a) for a, b in zip(d, p)]
+        print(f"| {name} | {dm:.3g} {unit} | {pm:.3g} {unit} | **{ratio:.2f}×** (rounds {min(per):.2f}–{max(per):.2f}) |", file=out)
+    out.flush()
+
+
+def stream_copy_gb_per_s(python, env):
+    """Median of 7 one-thread copies of a 512 MiB float32 array (numpy), in GB/s of bytes copied."""
+    code = ("import numpy as np, time, statistics\n"
+            "a = np.ones(128 * 2**20, np.float32); b = np.empty_like(a); np.copyto(b, a)\n"
+            "t = []\n"
+            "for _ in range(7):\n"
+            "    s = time.perf_counter(); np.copyto(b, a); t.append(time.perf_counter() - s)\n"
+            "print(a.nbytes / statistics.median(t) / 1e9)\n")
+    out = subprocess.run([python, "-c", code], env=env, capture_output=True, text=True, check=True)
+    return float(out.stdout.strip())
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--disp", required=True, help="the disp release binary")
+    ap.add_argument("--python", required=True, help="python with torch + transformers")
+    ap.add_argument("--model", default="models/smollm2-135m-instruct")
+    ap.add_argument("--text", default="data/heldout/persuasion.txt")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--windows", type=int, default=16)
+    ap.add_argument("--search-steps", type=int, default=3, help="timed steps per round (after one warm-up)")
+    ap.add_argument("--only", default="eval,speed,search", help="comma-separated subset of eval,speed,search")
+    args = ap.parse_args()
+    only = set(args.only.split(","))
+
+    env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads), OMP_NUM_THREADS=str(args.threads),
+               MKL_NUM_THREADS=str(args.threads), RUST_LOG="warn", TOKENIZERS_PARALLELISM="false")
+    py = lambda script, *rest: [args.python, os.path.join(HERE, script), *rest]  # noqa: E731
+    t = str(args.threads)
+    rows = {}  # name -> (disp values, torch values, unit, higher_is_better)
+
+    def add(name, unit, higher, d, p):
+        r = rows.setdefault(name, ([], [], unit, higher))
+        r[0].append(d)
+        r[1].append(p)
+
+    load = os.getloadavg()[0]
+    for rnd in range(args.rounds):
+        print(f"round {rnd + 1}/{args.rounds} (load {os.getloadavg()[0]:.2f})", file=sys.stderr, flush=True)
+        if "eval" in only:
+            d = run_json([args.disp, "eval", "ppl", "--model", args.model, "--text", args.text, "--seq-len", "512",
+                          "--max-windows", str(args.windows), "--json"], env)
+            p = run_json(py("hf_ppl.py", args.model, args.text, "--seq-len", "512", "--max-windows", str(args.windows),
+                            "--threads", t, "--json"), env)
+            add(f"eval ppl, {args.windows} × 512 tokens", "tokens/s", True, d["tokens_per_second"], p["tokens_per_second"])
+            rows.setdefault("_ppl", ([], [], "", True))[0].append((d["perplexity"], p["perplexity"]))
+        if "speed" in only:
+            d = run_json([args.disp, "bench", "--model", args.model, "--prompt-tokens", "512", "--decode-tokens", "64",
+                          "--repetitions", "3", "--json"], env)["models"][0]
+            p = run_json(py("hf_speed.py", "--model", args.model, "--prompt-tokens", "512", "--decode-tokens", "64",
+                            "--repetitions", "3", "--threads", t, "--json"), env)
+            add("prefill 512 tokens", "tokens/s", True, d["prefill_tokens_per_second"], p["prefill_tokens_per_second"])
+            add("decode 64 tokens after 512", "tokens/s", True, d["decode_tokens_per_second"], p["decode_tokens_per_second"])
+        if "search" in only:
+            n = str(args.search_steps)
+            d = run_json([args.disp, "bench", "--model", args.model, "--search-steps", n, "--seq-len", "512", "--json"], env)
+            p = run_json(py("hf_search_step.py", "--model", args.model, "--steps", n, "--seq-len", "512", "--threads", t, "--json"), env)
+            add("search step, seq 512 (five sites)", "s/step", False, d["median"]["total"], p["median_s"])
+
+        # The table so far, so that an interrupted run still leaves its rounds.
+        print_table(rows, sys.stderr)
+
+    print(f"\n{platform.node()}, {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+          f"{args.threads} threads, {args.rounds} rounds alternating, load average at start {load:.2f}\n")
+    print_table(rows, sys.stdout)
+    if "speed" in only:
+        bandwidth = stream_copy_gb_per_s(args.python, env)
+        weight_bytes = sum(os.path.getsize(os.path.join(args.model, f)) for f in os.listdir(args.model) if f.endswith(".safetensors"))
+        floor = bandwidth * 1e9 / weight_bytes
+        decode = statistics.median(rows["decode 64 tokens after 512"][0])
+        print(f"\nmemory bandwidth (one-thread stream copy of 512 MiB, bytes copied / s): {bandwidth:.1f} GB/s; "
+              f"weights {weight_bytes / 1e6:.0f} MB read once per token → decode floor {floor:.1f} tokens/s; "
+              f"disp decode = {decode / floor:.0%} of it")
+    if "_ppl" in rows:
+        dp, pp = rows["_ppl"][0][0]
+        print(f"\nperplexity: disp {dp:.4f}, PyTorch {pp:.4f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,606 @@
+//! The search's masked forward and its backward to the gates, computed on host memory.
+//!
+//! The model is frozen, so a search step needs only the input gradients of its linears (one gemm
+//! against the stored weight each, never a weight gradient) and, per site, the gate gradient
+//! Σ_rows(upstream · gated value). burn's autodiff records every element-wise op with a fresh
+//! buffer and computes the same products one op at a time; here each block's forward keeps the
+//! few activations its backward reads, the vocabulary projection and the loss run in blocks of
+//! rows (the `[T, vocab]` logits are never stored), and attention recomputes its softmax in
+//! blocks of query rows in the backward (flash-attention style) with the same gemm calls as the
+//! forward. The caller turns the gate gradients into the hypernetwork's gradient through the
+//! surrogate Σ gates · ∂L/∂gates (exact: the gates are the only path from the hypernetwork to the
+//! loss).
+//!
+//! Covered: pre-norm blocks (LLaMA, SmolLM2, Qwen2, Mistral, OPT pre-LN), RMSNorm and
+//! LayerNorm, biases, gated and two-matrix MLPs with SiLU / ReLU / tanh-GELU, full and partial
+//! rotary, sliding windows, tied or untied heads with or without a bias. Everything else (OPT
+//! post-norm, Phi's parallel block, Qwen3's q/k norms, a projection after the final norm, exact
+//! GELU, any device but the plain CPU one) returns `None` and the search uses burn's autodiff.
+
+use burn::backend::flex::FlexTensor;
+use burn::backend::Flex;
+use burn::tensor::{Device, Tensor};
+use disp_core::fastmath::exp_nonpositive;
+use rayon::prelude::*;
+
+use crate::decoder::{Block, BlockNorms, DecoderLm, Norm};
+use crate::host_attention::{causal_attention_rows, AttentionShape};
+use crate::host_forward::Pass;
+use crate::layers::{Activation, Linear};
+
+/// The LM loss of one masked forward pass and its gradient with respect to every gate.
+#[derive(Debug, Clone)]
+pub struct GateGradients {
+    /// Mean next-token NLL over the B·(T−1) predicted positions.
+    pub loss: f64,
+    /// ∂loss/∂gate per layer and site (S1..S5), each as wide as its gate.
+    pub layers: Vec<[Vec<f32>; 5]>,
+}
+
+/// A 2-D float tensor on the host: row `r`, column `c` at `offset + r·row + c·col` of `values()`.
+struct Matrix {
+    storage: Storage,
+    offset: usize,
+    row: usize,
+    col: usize,
+}
+
+enum Storage {
+    /// burn-flex's own f32 buffer (any strides: a tied head is the transposed embedding).
+    Borrowed(FlexTensor),
+    /// Converted from another dtype, one matrix at a time.
+    Owned(Vec<f32>),
+}
+
+impl Matrix {
+    fn of(tensor: &Tensor<2>) -> Self {
+        let [_, cols] = tensor.dims();
+        if let Ok(flex) = tensor.clone().try_into_primitive::<Flex>() {
+            let strides = flex.layout().strides().to_vec();
+            if flex.dtype() == burn::tensor::DType::F32 && strides.iter().all(|&s| s >= 0) {
+                let offset = flex.layout().start_offset();
+                return Self { offset, row: strides[0] as usize, col: strides[1] as usize, storage: Storage::Borrowed(flex) };
+            }
+        }
+        let values = tensor.clone().into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 values");
+        Self { storage: Storage::Owned(values), offset: 0, row: cols, col: 1 }
+    }
+
+    fn values(&self) -> &[f32] {
+        match &self.storage {
+            Storage::Borrowed(flex) => &flex.storage::<f32>()[self.offset..],
+            Storage::Owned(values) => values,
+        }
+    }
+}
+
+fn vector(tensor: &Tensor<1>) -> Vec<f32> {
+    tensor.clone().into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 values")
+}
+
+/// `dst[m, n] (+)= lhs[m, k] · rhs[k, n]`, each operand given as (values, row stride, column
+/// stride); `dst` is row-major with row stride `dst_row`.
+#[allow(clippy::too_many_arguments)]
+fn gemm(m: usize, n: usize, k: usize, dst: &mut [f32], dst_row: usize, accumulate: bool, lhs: (&[f32], usize, usize), rhs: (&[f32], usize, usize)) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(dst.len() >= (m - 1) * dst_row + n);
+    if k > 0 {
+        assert!(lhs.0.len() > (m - 1) * lhs.1 + (k - 1) * lhs.2 && rhs.0.len() > (k - 1) * rhs.1 + (n - 1) * rhs.2);
+    }
+    let parallelism = if m * n * k > 1 << 18 { gemm::Parallelism::Rayon(rayon::current_num_threads()) } else { gemm::Parallelism::None };
+    // SAFETY: the asserts above bound every element each operand's strides reach.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_row as isize,
+            accumulate,
+            lhs.0.as_ptr(),
+            lhs.2 as isize,
+            lhs.1 as isize,
+            rhs.0.as_ptr(),
+            rhs.2 as isize,
+            rhs.1 as isize,
+            if accumulate { 1.0 } else { 0.0 },
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}
+
+/// `x·W + b`, `x` `[rows, in]`.
+fn linear(layer: &Linear, x: &[f32], rows: usize) -> Vec<f32> {
+    let (inputs, outputs) = (layer.inputs(), layer.outputs());
+    let w = Matrix::of(&layer.weight);
+    let mut out = vec![0f32; rows * outputs];
+    gemm(rows, outputs, inputs, &mut out, outputs, false, (x, inputs, 1), (w.values(), w.row, w.col));
+    if let Some(bias) = &layer.bias {
+        let b = vector(bias);
+        out.par_chunks_mut(outputs).for_each(|row| row.iter_mut().zip(&b).for_each(|(y, b)| *y += b));
+    }
+    out
+}
+
+/// `dst (+)= dy·Wᵀ`: the input gradient of a linear, `dy` `[rows, out]`.
+fn linear_input_grad(layer: &Linear, dy: &[f32], rows: usize, dst: &mut [f32], accumulate: bool) {
+    let (inputs, outputs) = (layer.inputs(), layer.outputs());
+    let w = Matrix::of(&layer.weight);
+    gemm(rows, inputs, outputs, dst, inputs, accumulate, (dy, outputs, 1), (w.values(), w.col, w.row));
+}
+
+/// A norm's parameters on the host.
+enum HostNorm {
+    Rms { weight: Vec<f32>, eps: f32 },
+    Layer { weight: Vec<f32>, bias: Vec<f32>, eps: f32 },
+}
+
+impl HostNorm {
+    fn of(norm: &Norm) -> Self {
+        match norm {
+            Norm::Rms(n) => Self::Rms { weight: vector(&n.weight), eps: n.eps as f32 },
+            Norm::Layer { norm: n, .. } => Self::Layer { weight: vector(&n.weight), bias: vector(&n.bias), eps: n.eps as f32 },
+        }
+    }
+
+    /// Rows of `x` `[rows, width]` normalised into `out`.
+    fn forward(&self, x: &[f32], width: usize) -> Vec<f32> {
+        let mut out = x.to_vec();
+        out.par_chunks_mut(width).for_each(|row| match self {
+            Self::Rms { weight, eps } => {
+                let rms = (row.iter().map(|v| v * v).sum::<f32>() / width as f32 + eps).sqrt();
+                row.iter_mut().zip(weight).for_each(|(v, w)| *v = *v / rms * w);
+            }
+            Self::Layer { weight, bias, eps } => {
+                let mean = row.iter().sum::<f32>() / width as f32;
+                row.iter_mut().for_each(|v| *v -= mean);
+                let std = (row.iter().map(|v| v * v).sum::<f32>() / width as f32 + eps).sqrt();
+                row.iter_mut().zip(weight.iter().zip(bias)).for_each(|(v, (w, b))| *v = *v / std * w + b);
+            }
+        });
+        out
+    }
+
+    /// Adds ∂L/∂x to `dx` for the norm's input `x` and output gradient `dy`, row by row.
+    fn backward(&self, x: &[f32], dy: &[f32], dx: &mut [f32], width: usize) {
+        let n = width as f32;
+        dx.par_chunks_mut(width).zip(x.par_chunks(width).zip(dy.par_chunks(width))).for_each(|(dx, (x, dy))| match self {
+            Self::Rms { weight, eps } => {
+                let r = (x.iter().map(|v| v * v).sum::<f32>() / n + eps).sqrt();
+                let dot: f32 = x.iter().zip(dy.iter().zip(weight)).map(|(x, (dy, w))| x * dy * w).sum();
+                let k = dot / (n * r * r * r);
+                for i in 0..width {
+                    dx[i] += dy[i] * weight[i] / r - x[i] * k;
+                }
+            }
+            Self::Layer { weight, eps, .. } => {
+                let mean = x.iter().sum::<f32>() / n;
+                let std = (x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n + eps).sqrt();
+                let (mut mean_g, mut mean_gx) = (0f32, 0f32);
+                for i in 0..width {
+                    let g = dy[i] * weight[i];
+                    mean_g += g;
+                    mean_gx += g * (x[i] - mean) / std;
+                }
+                let (mean_g, mean_gx) = (mean_g / n, mean_gx / n);
+                for i in 0..width {
+                    let xhat = (x[i] - mean) / std;
+                    dx[i] += (dy[i] * weight[i] - mean_g - xhat * mean_gx) / std;
+                }
+            }
+        });
+    }
+}
+
+/// The activation and its derivative at `x`.
+#[inline(always)]
+fn activation(kind: Activation, x: f32) -> (f32, f32) {
+    match kind {
+        Activation::Silu => {
+            let e = exp_nonpositive(-x.abs());
+            let s = if x >= 0.0 { 1.0 / (1.0 + e) } else { e / (1.0 + e) };
+            (x * s, s * (1.0 + x * (1.0 - s)))
+        }
+        Activation::Relu => (x.max(0.0), if x > 0.0 { 1.0 } else { 0.0 }),
+        Activation::GeluTanh => {
+            let c = (2.0 / std::f32::consts::PI).sqrt();
+            let t = ((x + 0.044715 * x * x * x) * c).tanh();
+            (0.5 * x * (1.0 + t), 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * c * (1.0 + 3.0 * 0.044715 * x * x))
+        }
+        Activation::Gelu => unreachable!("the exact GELU is not covered (see `covers`)"),
+    }
+}
+
+/// `x ⊙ gate` per column, `x` `[rows, width]`.
+fn gated(x: &[f32], gate: &[f32]) -> Vec<f32> {
+    let mut out = x.to_vec();
+    out.par_chunks_mut(gate.len()).for_each(|row| row.iter_mut().zip(gate).for_each(|(v, g)| *v *= g));
+    out
+}
+
+/// Σ over rows of `a ⊙ b`, `[width]`.
+fn column_dot(a: &[f32], b: &[f32], width: usize) -> Vec<f32> {
+    a.par_chunks(width * 64)
+        .zip(b.par_chunks(width * 64))
+        .map(|(a, b)| {
+            let mut sum = vec![0f32; width];
+            for (a, b) in a.chunks_exact(width).zip(b.chunks_exact(width)) {
+                sum.iter_mut().zip(a.iter().zip(b)).for_each(|(s, (a, b))| *s += a * b);
+            }
+            sum
+        })
+        // Collected in order and summed on one thread: the same bits on every run.
+        .collect::<Vec<_>>()
+        .into_iter()
+        .fold(vec![0f32; width], |mut x, y| {
+            x.iter_mut().zip(y).for_each(|(x, y)| *x += y);
+            x
+        })
+}
+
+/// What a block's backward reads from its forward.
+struct Saved {
+    x0: Vec<f32>,
+    h1: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    context: Vec<f32>,
+    attn_out: Vec<f32>,
+    x1: Vec<f32>,
+    h2: Vec<f32>,
+    /// Pre-activation of the gate (gated MLP) or of fc1.
+    pre: Vec<f32>,
+    up: Option<Vec<f32>>,
+    mlp_out: Vec<f32>,
+}
+
+/// Whether [`gate_gradients`] covers this model (see the module documentation).
+pub(crate) fn covers(model: &DecoderLm) -> bool {
+    crate::host_forward::enabled()
+        && model.device == Device::flex()
+        && model.spec.activation != Activation::Gelu
+        && model.ends.project_out.is_none()
+        && model.blocks.iter().all(|b| matches!(b.norms, BlockNorms::Pre { .. }) && b.qk_norms.is_none() && b.kept.is_none())
+}
+
+/// Forward of block `b` with gates `g` (S1..S5) on `x` `[rows, d]`, in place; returns what the
+/// backward needs.
+fn block_forward(b: &Block, g: &[Vec<f32>; 5], x: &mut [f32], pass: &Pass) -> Saved {
+    let BlockNorms::Pre { attn: attn_norm, mlp: mlp_norm } = &b.norms else { unreachable!("checked by `covers`") };
+    let spec = &pass.model.spec;
+    let (d, rows) = (spec.shape.hidden, pass.rows());
+    let x0 = x.to_vec();
+    let h1 = HostNorm::of(attn_norm).forward(&x0, d);
+    let input = gated(&h1, &g[0]);
+    let [wq, wk, wv] = &b.attn_inputs;
+    let (mut q, mut k, v) = (linear(wq, &input, rows), linear(wk, &input, rows), linear(wv, &input, rows));
+    if let (Some(rope), Some(tables)) = (&spec.rope, &pass.rope_tables) {
+        let seq = pass.seq;
+        rope.rotate_rows(&mut q, spec.heads, tables, |r| r % seq);
+        rope.rotate_rows(&mut k, spec.kv_heads, tables, |r| r % seq);
+    }
+    let shape = pass.self_attention(b);
+    let (q_len, kv_len) = (pass.seq * spec.heads * spec.head_dim, pass.seq * spec.kv_heads * spec.head_dim);
+    let mut context = Vec::with_capacity(rows * spec.heads * spec.head_dim);
+    for bt in 0..pass.batch {
+        let ks = bt * kv_len..(bt + 1) * kv_len;
+        context.extend(causal_attention_rows(&q[bt * q_len..(bt + 1) * q_len], &k[ks.clone()], &v[ks], shape));
+    }
+    let attn_out = linear(&b.attn_output, &context, rows);
+    add_gated(x, &attn_out, &g[1]);
+    let x1 = x.to_vec();
+    let h2 = HostNorm::of(mlp_norm).forward(&x1, d);
+    let input = gated(&h2, &g[2]);
+    let (pre, up) = match b.mlp_inputs.as_slice() {
+        [gate, up] => (linear(gate, &input, rows), Some(linear(up, &input, rows))),
+        [fc1] => (linear(fc1, &input, rows), None),
+        _ => unreachable!("blocks are loaded with one or two MLP inputs"),
+    };
+    let inter = intermediate(spec.activation, &pre, up.as_deref(), &g[3]);
+    let mlp_out = linear(&b.mlp_output, &inter, rows);
+    add_gated(x, &mlp_out, &g[4]);
+    Saved { x0, h1, q, k, v, context, attn_out, x1, h2, pre, up, mlp_out }
+}
+
+/// `x += out ⊙ gate` per column.
+fn add_gated(x: &mut [f32], out: &[f32], gate: &[f32]) {
+    x.par_chunks_mut(gate.len()).zip(out.par_chunks(gate.len())).for_each(|(x, o)| {
+        x.iter_mut().zip(o.iter().zip(gate)).for_each(|(x, (o, g))| *x += o * g);
+    });
+}
+
+/// act(pre) (⊙ up) ⊙ gate S4.
+fn intermediate(kind: Activation, pre: &[f32], up: Option<&[f32]>, gate: &[f32]) -> Vec<f32> {
+    let mut out = pre.to_vec();
+    let width = gate.len();
+    out.par_chunks_mut(width).enumerate().for_each(|(r, row)| {
+        for (i, v) in row.iter_mut().enumerate() {
+            let a = activation(kind, *v).0;
+            *v = up.map_or(a, |u| a * u[r * width + i]) * gate[i];
+        }
+    });
+    out
+}
+
+/// Backward of block `b`: `dx` holds ∂L/∂(block output) and becomes ∂L/∂(block input);
+/// returns the five gate gradients.
+fn block_backward(b: &Block, g: &[Vec<f32>; 5], s: &Saved, dx: &mut [f32], pass: &Pass) -> [Vec<f32>; 5] {
+    let BlockNorms::Pre { attn: attn_norm, mlp: mlp_norm } = &b.norms else { unreachable!("checked by `covers`") };
+    let spec = &pass.model.spec;
+    let (d, rows, ff) = (spec.shape.hidden, pass.rows(), g[3].len());
+    // x2 = x1 + mlp_out ⊙ g5
+    let grad_g5 = column_dot(dx, &s.mlp_out, d);
+    let d_mlp_out = gated(dx, &g[4]);
+    let mut d_inter = vec![0f32; rows * ff];
+    linear_input_grad(&b.mlp_output, &d_mlp_out, rows, &mut d_inter, false);
+    // inter = act(pre) (⊙ up) ⊙ g4: one pass gives the S4 gradient and those of pre and up.
+    let kind = spec.activation;
+    let mut d_pre = vec![0f32; rows * ff];
+    let mut d_up = s.up.as_ref().map(|_| vec![0f32; rows * ff]);
+    let grad_g4 = {
+        let up = s.up.as_deref();
+        let partial: Vec<Vec<f32>> = d_pre
+            .par_chunks_mut(ff * 16)
+            .zip(d_inter.par_chunks(ff * 16))
+            .enumerate()
+            .map(|(chunk, (d_pre, d_inter))| {
+                let mut sum = vec![0f32; ff];
+                for (r, (d_pre, d_inter)) in d_pre.chunks_exact_mut(ff).zip(d_inter.chunks_exact(ff)).enumerate() {
+                    let at = (chunk * 16 + r) * ff;
+                    for i in 0..ff {
+                        let (a, da) = activation(kind, s.pre[at + i]);
+                        let u = up.map_or(1.0, |u| u[at + i]);
+                        sum[i] += d_inter[i] * a * u;
+                        d_pre[i] = d_inter[i] * g[3][i] * u * da;
+                    }
+                }
+                sum
+            })
+            .collect();
+        if let Some(d_up) = d_up.as_mut() {
+            d_up.par_chunks_mut(ff).zip(d_inter.par_chunks(ff)).zip(s.pre.par_chunks(ff)).for_each(|((d_up, d_inter), pre)| {
+                for i in 0..ff {
+                    d_up[i] = d_inter[i] * g[3][i] * activation(kind, pre[i]).0;
+                }
+            });
+        }
+        partial.into_iter().fold(vec![0f32; ff], |mut x, y| {
+            x.iter_mut().zip(y).for_each(|(x, y)| *x += y);
+            x
+        })
+    };
+    let mut d_input = vec![0f32; rows * d];
+    match (b.mlp_inputs.as_slice(), d_up) {
+        ([gate, up], Some(d_up)) => {
+            linear_input_grad(gate, &d_pre, rows, &mut d_input, false);
+            linear_input_grad(up, &d_up, rows, &mut d_input, true);
+        }
+        ([fc1], None) => linear_input_grad(fc1, &d_pre, rows, &mut d_input, false),
+        _ => unreachable!("blocks are loaded with one or two MLP inputs"),
+    }
+    // input = h2 ⊙ g3, h2 = norm(x1)
+    let grad_g3 = column_dot(&d_input, &s.h2, d);
+    let d_h2 = gated(&d_input, &g[2]);
+    HostNorm::of(mlp_norm).backward(&s.x1, &d_h2, dx, d);
+    // x1 = x0 + attn_out ⊙ g2
+    let grad_g2 = column_dot(dx, &s.attn_out, d);
+    let d_attn_out = gated(dx, &g[1]);
+    let (heads, kv_heads, hd) = (spec.heads, spec.kv_heads, spec.head_dim);
+    let mut d_context = vec![0f32; rows * heads * hd];
+    linear_input_grad(&b.attn_output, &d_attn_out, rows, &mut d_context, false);
+    let (mut dq, mut dk, dv) = attention_backward(s, &d_context, pass.self_attention(b), pass);
+    if let (Some(rope), Some(tables)) = (&spec.rope, &pass.rope_tables) {
+        let seq = pass.seq;
+        rope.unrotate_rows(&mut dq, heads, tables, |r| r % seq);
+        rope.unrotate_rows(&mut dk, kv_heads, tables, |r| r % seq);
+    }
+    let [wq, wk, wv] = &b.attn_inputs;
+    linear_input_grad(wq, &dq, rows, &mut d_input, false);
+    linear_input_grad(wk, &dk, rows, &mut d_input, true);
+    linear_input_grad(wv, &dv, rows, &mut d_input, true);
+    // input = h1 ⊙ g1, h1 = norm(x0)
+    let grad_g1 = column_dot(&d_input, &s.h1, d);
+    let d_h1 = gated(&d_input, &g[0]);
+    HostNorm::of(attn_norm).backward(&s.x0, &d_h1, dx, d);
+    [grad_g1, grad_g2, grad_g3, grad_g4, grad_g5]
+}
+
+/// ∂L/∂q, ∂L/∂k, ∂L/∂v (row-major like q, k, v) from ∂L/∂context, recomputing each block of
+/// query rows' softmax.
+fn attention_backward(s: &Saved, d_context: &[f32], shape: AttentionShape, pass: &Pass) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let AttentionShape { heads, kv_heads, queries: seq, head_dim: hd, window, .. } = shape;
+    let (q_row, kv_row, group) = (heads * hd, kv_heads * hd, heads / kv_heads);
+    let scale = 1.0 / (hd as f32).sqrt();
+    let rows = pass.rows();
+    let mut dq = vec![0f32; rows * q_row];
+    let mut dk = vec![0f32; rows * kv_row];
+    let mut dv = vec![0f32; rows * kv_row];
+    for bt in 0..pass.batch {
+        let (qo, ko) = (bt * seq * q_row, bt * seq * kv_row);
+        // Per query head: its dQ `[seq, hd]` and its share of its KV head's dK, dV.
+        let per_head: Vec<[Vec<f32>; 3]> = (0..heads)
+            .into_par_iter()
+            .map(|h| {
+                let kv = h / group;
+                let q = &s.q[qo + h * hd..];
+                let o = &s.context[qo + h * hd..];
+                let d_o = &d_context[qo + h * hd..];
+                let k = &s.k[ko + kv * hd..];
+                let v = &s.v[ko + kv * hd..];
+                head_backward(q, k, v, o, d_o, (q_row, kv_row), seq, hd, window, scale)
+            })
+            .collect();
+        for (h, [dqh, dkh, dvh]) in per_head.into_iter().enumerate() {
+            let kv = h / group;
+            for t in 0..seq {
+                dq[qo + t * q_row + h * hd..][..hd].copy_from_slice(&dqh[t * hd..(t + 1) * hd]);
+                let at = ko + t * kv_row + kv * hd;
+                dk[at..at + hd].iter_mut().zip(&dkh[t * hd..(t + 1) * hd]).for_each(|(a, b)| *a += b);
+                dv[at..at + hd].iter_mut().zip(&dvh[t * hd..(t + 1) * hd]).for_each(|(a, b)| *a += b);
+            }
+        }
+    }
+    (dq, dk, dv)
+}
+
+const ROWS_PER_BLOCK: usize = 64;
+
+/// One query head's backward; returns dQ, dK, dV as `[seq, hd]`.
+#[allow(clippy::too_many_arguments)]
+fn head_backward(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    o: &[f32],
+    d_o: &[f32],
+    (q_row, kv_row): (usize, usize),
+    seq: usize,
+    hd: usize,
+    window: Option<usize>,
+    scale: f32,
+) -> [Vec<f32>; 3] {
+    let first_key = |p: usize| window.map_or(0, |w| (p + 1).saturating_sub(w));
+    let (mut dq, mut dk, mut dv) = (vec![0f32; seq * hd], vec![0f32; seq * hd], vec![0f32; seq * hd]);
+    let mut p = vec![0f32; ROWS_PER_BLOCK * seq];
+    let mut dp = vec![0f32; ROWS_PER_BLOCK * seq];
+    for first in (0..seq).step_by(ROWS_PER_BLOCK) {
+        let rows = ROWS_PER_BLOCK.min(seq - first);
+        let lowest = first_key(first);
+        let end = first + rows;
+        let visible = end - lowest;
+        let (p, dp) = (&mut p[..rows * visible], &mut dp[..rows * visible]);
+        let (kb, vb) = (&k[lowest * kv_row..], &v[lowest * kv_row..]);
+        // P = softmax(scale · Q Kᵀ) over each row's visible keys, as the forward.
+        gemm(rows, visible, hd, p, visible, false, (&q[first * q_row..], q_row, 1), (kb, 1, kv_row));
+        for (r, row) in p.chunks_exact_mut(visible).enumerate() {
+            let position = first + r;
+            let (from, to) = (first_key(position) - lowest, position + 1 - lowest);
+            let max = row[from..to].iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s * scale));
+            let mut sum = 0f32;
+            for s in &mut row[from..to] {
+                *s = exp_nonpositive(*s * scale - max);
+                sum += *s;
+            }
+            let inverse = 1.0 / sum;
+            row[from..to].iter_mut().for_each(|s| *s *= inverse);
+            row[..from].fill(0.0);
+            row[to..].fill(0.0);
+        }
+        // dP = dO Vᵀ; dS = P ⊙ (dP − rowsum(dO ⊙ O)) · scale
+        gemm(rows, visible, hd, dp, visible, false, (&d_o[first * q_row..], q_row, 1), (vb, 1, kv_row));
+        for (r, (dp, p)) in dp.chunks_exact_mut(visible).zip(p.chunks_exact(visible)).enumerate() {
+            let t = first + r;
+            let delta: f32 = o[t * q_row..][..hd].iter().zip(&d_o[t * q_row..][..hd]).map(|(a, b)| a * b).sum();
+            dp.iter_mut().zip(p).for_each(|(ds, p)| *ds = p * (*ds - delta) * scale);
+        }
+        // dQ = dS K; dK += dSᵀ Q; dV += Pᵀ dO
+        gemm(rows, hd, visible, &mut dq[first * hd..], hd, false, (dp, visible, 1), (kb, kv_row, 1));
+        gemm(visible, hd, rows, &mut dk[lowest * hd..], hd, true, (dp, 1, visible), (&q[first * q_row..], q_row, 1));
+        gemm(visible, hd, rows, &mut dv[lowest * hd..], hd, true, (p, 1, visible), (&d_o[first * q_row..], q_row, 1));
+    }
+    [dq, dk, dv]
+}
+
+/// Mean next-token NLL of `tokens` (`batch` rows of `seq`) under the model with `gates` (per
+/// layer, S1..S5) and its gradient with respect to every gate; `None` where the model is not
+/// covered (see the module documentation).
+pub(crate) fn gate_gradients(model: &DecoderLm, tokens: &[u32], batch: usize, gates: &[[Vec<f32>; 5]]) -> Option<GateGradients> {
+    if !covers(model) || batch == 0 || !tokens.len().is_multiple_of(batch) {
+        return None;
+    }
+    let seq = tokens.len() / batch;
+    if seq < 2 {
+        return None;
+    }
+    let d = model.spec.shape.hidden;
+    let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
+    let ids = Tensor::<2, burn::tensor::Int>::from_data(burn::tensor::TensorData::new(ids, [batch, seq]), &model.device);
+    let embedded = model.ends.embed(ids, 0);
+    let mut x = embedded.into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 activations");
+    let pass = Pass { model, batch, seq, rope_tables: model.spec.rope.as_ref().map(|r| r.half_tables(0, seq)) };
+    let saved: Vec<Saved> = model.blocks.iter().zip(gates).map(|(b, g)| block_forward(b, g, &mut x, &pass)).collect();
+    let final_norm = model.ends.final_norm.as_ref().map(HostNorm::of);
+    let hidden = final_norm.as_ref().map_or_else(|| x.clone(), |n| n.forward(&x, d));
+    let (loss, d_hidden) = head_loss(&model.ends.head, &hidden, tokens, seq, true);
+    let mut dx = match &final_norm {
+        Some(n) => {
+            let mut dx = vec![0f32; x.len()];
+            n.backward(&x, &d_hidden, &mut dx, d);
+            dx
+        }
+        None => d_hidden,
+    };
+    drop(hidden);
+    let mut layers = Vec::with_capacity(model.blocks.len());
+    for ((b, g), s) in model.blocks.iter().zip(gates).zip(saved).rev() {
+        layers.push(block_backward(b, g, &s, &mut dx, &pass));
+    }
+    layers.reverse();
+    Some(GateGradients { loss, layers })
+}
+
+/// The mean NLL of the head's logits over `hidden` `[rows, width]` and (with `gradient`) its
+/// gradient with respect to `hidden`, in blocks of rows: logits, softmax and
+/// (softmax − one-hot)/N·Wᵀ per block, so the `[rows, vocab]` logits are never stored.
+pub(crate) fn head_loss(head: &Linear, hidden: &[f32], tokens: &[u32], seq: usize, gradient: bool) -> (f64, Vec<f32>) {
+    const BLOCK: usize = 128;
+    let (width, vocab) = (head.inputs(), head.outputs());
+    let rows = tokens.len();
+    let predicted = (rows / seq * (seq - 1)) as f32;
+    let w = Matrix::of(&head.weight);
+    let bias = head.bias.as_ref().map(vector);
+    let mut d_hidden = vec![0f32; if gradient { rows * width } else { 0 }];
+    let mut logits = vec![0f32; BLOCK * vocab];
+    let mut loss = 0f64;
+    for first in (0..rows).step_by(BLOCK) {
+        let n = BLOCK.min(rows - first);
+        let block = &mut logits[..n * vocab];
+        gemm(n, vocab, width, block, vocab, false, (&hidden[first * width..], width, 1), (w.values(), w.row, w.col));
+        loss += block
+            .par_chunks_mut(vocab)
+            .enumerate()
+            .map(|(r, row)| {
+                let position = first + r;
+                if let Some(b) = &bias {
+                    row.iter_mut().zip(b).for_each(|(z, b)| *z += b);
+                }
+                if position % seq == seq - 1 {
+                    row.fill(0.0);
+                    return 0.0;
+                }
+                let target = tokens[position + 1] as usize;
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let picked = row[target];
+                let mut sum = 0f64;
+                for chunk in row.chunks_mut(64) {
+                    let mut partial = 0f32;
+                    for z in chunk.iter_mut() {
+                        *z = exp_nonpositive(*z - max);
+                        partial += *z;
+                    }
+                    sum += partial as f64;
+                }
+                if gradient {
+                    let scale = (1.0 / sum) as f32 / predicted;
+                    row.iter_mut().for_each(|z| *z *= scale);
+                    row[target] -= 1.0 / predicted;
+                }
+                max as f64 + sum.ln() - picked as f64
+            })
+            .collect::<Vec<f64>>()
+            .into_iter()
+            .sum::<f64>();
+        if gradient {
+            gemm(n, width, vocab, &mut d_hidden[first * width..], width, false, (block, vocab, 1), (w.values(), w.col, w.row));
+        }
+    }
+    (loss / predicted as f64, d_hidden)
+}
