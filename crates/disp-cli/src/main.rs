@@ -523,14 +523,21 @@ fn prune(device: DeviceChoice, args: PruneArgs) -> Result<()> {
             println!("search: {}", memory.describe(mode));
         }
     };
+    // Wall time between consecutive step reports: what one search step costs, loading excluded.
+    let mut step_seconds = Vec::new();
+    let mut last_report = None::<std::time::Instant>;
     let outcome = disp_train::prune(&request, &device, on_estimate, |report| {
+        let now = std::time::Instant::now();
+        if let Some(previous) = last_report.replace(now) {
+            step_seconds.push((now - previous).as_secs_f64());
+        }
         bar.set_position(report.step as u64);
         let kd = report.kd_loss.map(|v| format!("  KD {v:.3}")).unwrap_or_default();
         bar.set_message(format!("CE {:.3}{kd}  reg {:.3}  removed {:.1}%", report.lm_loss, report.regulariser, 100.0 * report.achieved_ratio));
     })?;
     bar.finish_and_clear();
     if args.json {
-        println!("{}", prune_json(&request, &outcome, start.elapsed().as_secs_f64()));
+        println!("{}", prune_json(&request, &outcome, start.elapsed().as_secs_f64(), &step_seconds));
         return Ok(());
     }
     if let Some(report) = &outcome.sparsity {
@@ -557,8 +564,11 @@ fn prune(device: DeviceChoice, args: PruneArgs) -> Result<()> {
 }
 
 /// `disp prune --json`: what the run produced, in the fields the table driver reads.
-fn prune_json(request: &PruneRequest, outcome: &PruneOutcome, seconds: f64) -> serde_json::Value {
+fn prune_json(request: &PruneRequest, outcome: &PruneOutcome, seconds: f64, step_seconds: &[f64]) -> serde_json::Value {
     let plan = outcome.plan.as_ref();
+    let mut sorted = step_seconds.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let median_step_seconds = (!sorted.is_empty()).then(|| sorted[sorted.len() / 2]);
     serde_json::json!({
         "method": request.method.name(),
         "model": request.model_dir.display().to_string(),
@@ -572,6 +582,8 @@ fn prune_json(request: &PruneRequest, outcome: &PruneOutcome, seconds: f64) -> s
         "plan": request.plan_out.as_ref().map(|p| p.display().to_string()),
         "export": request.export.as_ref().map(|(folder, _)| folder.display().to_string()),
         "seconds": seconds,
+        // From step 2 on (step 1 also pays for the first kernels' compilation on a GPU).
+        "median_step_seconds": median_step_seconds,
     })
 }
 

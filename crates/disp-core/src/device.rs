@@ -58,6 +58,22 @@ pub fn select_device(choice: DeviceChoice) -> anyhow::Result<Device> {
     }
 }
 
+/// The environment variable that moves the device-generic integration tests (HF reference
+/// logits, masked = pruned, cached decoding, a search step) to another backend, e.g.
+/// `DISP_TEST_DEVICE=wgpu cargo test --features disp-cli/wgpu --test hf_reference`.
+pub const TEST_DEVICE_VAR: &str = "DISP_TEST_DEVICE";
+
+/// The device named by [`TEST_DEVICE_VAR`] (the CPU when unset) and whether it is a GPU backend,
+/// whose kernels round differently and so get looser tolerances. A name this build cannot run is
+/// an error, so that a CI job asking for wgpu never silently tests the CPU.
+pub fn test_device() -> anyhow::Result<(Device, DeviceChoice)> {
+    let choice = match std::env::var(TEST_DEVICE_VAR) {
+        Ok(name) if !name.is_empty() => name.parse::<DeviceChoice>().map_err(|e| anyhow::anyhow!("{TEST_DEVICE_VAR}: {e}"))?,
+        _ => DeviceChoice::Cpu,
+    };
+    Ok((select_device(choice)?, choice))
+}
+
 #[cfg(feature = "wgpu")]
 fn wgpu_device() -> anyhow::Result<Device> {
     Ok(Device::wgpu(burn::tensor::DeviceKind::DefaultDevice))

@@ -1,5 +1,5 @@
 //! Logits of tiny random checkpoints made by HF transformers (tests/fixtures/make_fixtures.py)
-//! must be reproduced to 1e-4.
+//! must be reproduced to 1e-4 (1e-3 on a GPU backend: `DISP_TEST_DEVICE=wgpu`).
 
 mod common;
 
@@ -7,7 +7,7 @@ use burn::tensor::Device;
 use common::*;
 
 fn check_fixture(name: &str) -> f32 {
-    check_fixture_on(name, &Device::flex())
+    check_fixture_on(name, &device())
 }
 
 fn check_fixture_on(name: &str, device: &Device) -> f32 {
@@ -22,10 +22,12 @@ fn check_fixture_on(name: &str, device: &Device) -> f32 {
     let [rows, seq, vocab] = logits.dims();
     let last = to_vec(model.forward_last(token_tensor(&id_shape, &ids, &device), None));
     let expected_last = to_vec(logits.clone().narrow(1, seq - 1, 1).reshape([rows, vocab]));
-    assert!(max_abs_diff(&last, &expected_last) <= 1e-5, "{name}: forward_last differs from forward's last position");
+    let last_diff = max_abs_diff(&last, &expected_last);
+    assert!(last_diff <= tolerance(1e-5, 1e-4), "{name}: forward_last differs from forward's last position by {last_diff}");
     let diff = max_abs_diff(&to_vec(logits), &expected);
-    println!("{name}: max |logit difference| = {diff:.3e}");
-    assert!(diff <= 1e-4, "{name}: max logit difference {diff} > 1e-4");
+    println!("{name} on {device:?}: max |logit difference| = {diff:.3e}");
+    let limit = tolerance(1e-4, 1e-3);
+    assert!(diff <= limit, "{name}: max logit difference {diff} > {limit}");
     diff
 }
 
@@ -83,5 +85,5 @@ fn mistral_with_a_sliding_window_shorter_than_the_sequence_matches_transformers(
 /// host kernel: both must apply the window as transformers does.
 #[test]
 fn mistral_sliding_window_on_the_autodiff_path_matches_transformers() {
-    check_fixture_on("mistral", &Device::flex().autodiff());
+    check_fixture_on("mistral", &device().autodiff());
 }

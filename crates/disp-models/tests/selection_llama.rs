@@ -4,7 +4,6 @@
 
 mod common;
 
-use burn::tensor::Device;
 use common::*;
 use disp_core::selection::BlockGates;
 
@@ -14,7 +13,7 @@ const LLAMA_FIXTURES: [&str; 6] = ["llama_mha_untied", "llama_gqa_tied", "llama_
 fn all_ones_gates_give_the_dense_logits() {
     for name in LLAMA_FIXTURES {
         let dir = fixture(name);
-        let device = Device::flex();
+        let device = device();
         let model = disp_models::load_model(&dir, &device).unwrap();
         let (d, ff) = hidden_and_intermediate(model.as_ref());
         let gates: Vec<_> = (0..model.num_layers()).map(|_| BlockGates::ones(d, ff, &device)).collect();
@@ -22,7 +21,9 @@ fn all_ones_gates_give_the_dense_logits() {
         // host path of the dense model is compared with it in tests/host_forward.rs).
         let dense = disp_models::host_forward::with_generic_path(|| logits(model.as_ref(), &dir, None));
         let masked = logits(model.as_ref(), &dir, Some(&gates));
-        assert_eq!(dense, masked, "{name}: all-ones gates changed the logits");
+        // Exact on the CPU; a GPU backend may fuse the gate multiplication into other kernels.
+        let diff = max_abs_diff(&dense, &masked);
+        assert!(diff <= tolerance(0.0, 1e-5), "{name}: all-ones gates changed the logits by {diff}");
     }
 }
 
@@ -30,7 +31,7 @@ fn all_ones_gates_give_the_dense_logits() {
 fn hard_gates_equal_the_pruned_model() {
     for name in LLAMA_FIXTURES {
         let dir = fixture(name);
-        let device = Device::flex();
+        let device = device();
         let model = disp_models::load_model(&dir, &device).unwrap();
         let (d, ff) = hidden_and_intermediate(model.as_ref());
         let plan = random_plan(model.as_ref(), 7);
@@ -40,7 +41,7 @@ fn hard_gates_equal_the_pruned_model() {
         let pruned = logits(pruned_model.as_ref(), &dir, None);
         let dense = logits(model.as_ref(), &dir, None);
         let diff = max_abs_diff(&masked, &pruned);
-        assert!(diff <= 1e-5, "{name}: masked vs pruned differ by {diff}");
+        assert!(diff <= tolerance(1e-5, 1e-4), "{name}: masked vs pruned differ by {diff}");
         // The plan must actually change the function, or the comparison proves nothing.
         assert!(max_abs_diff(&dense, &pruned) > 1e-2, "{name}: the random plan left the logits unchanged");
     }
@@ -50,7 +51,7 @@ fn hard_gates_equal_the_pruned_model() {
 fn parameter_accounting_equals_the_cut_tensors() {
     for name in LLAMA_FIXTURES {
         let dir = fixture(name);
-        let device = Device::flex();
+        let device = device();
         let model = disp_models::load_model(&dir, &device).unwrap();
         let shape = model.model_shape();
         // Dense: every tensor in the file (the tied head is not stored) is counted exactly once.
@@ -75,7 +76,7 @@ fn cached_decoding_matches_the_full_forward() {
 
 #[test]
 fn a_plan_for_another_model_is_rejected() {
-    let device = Device::flex();
+    let device = device();
     let small = disp_models::load_model(&fixture("llama_gqa_tied"), &device).unwrap();
     let mut plan = random_plan(small.as_ref(), 3);
     plan.model.hidden_size += 1;

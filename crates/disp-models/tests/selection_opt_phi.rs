@@ -22,7 +22,9 @@ fn all_ones_gates_give_exactly_the_dense_logits() {
         // host path of the dense model is compared with it in tests/host_forward.rs).
         let dense = disp_models::host_forward::with_generic_path(|| logits(model.as_ref(), &fixture(name), None));
         let masked = logits(model.as_ref(), &fixture(name), Some(&gates));
-        assert_eq!(dense, masked, "{name}: all-ones gates changed the logits");
+        // Exact on the CPU; a GPU backend may fuse the gate multiplication into other kernels.
+        let diff = max_abs_diff(&dense, &masked);
+        assert!(diff <= tolerance(0.0, 1e-5), "{name}: all-ones gates changed the logits by {diff}");
     }
 }
 
@@ -41,7 +43,7 @@ fn hard_gates_equal_the_pruned_model() {
             let pruned = logits(pruned_model.as_ref(), &dir, None);
             let diff = max_abs_diff(&masked, &pruned);
             println!("{name} seed {seed}: max |masked - pruned| = {diff:.3e}");
-            assert!(diff <= 1e-5, "{name} seed {seed}: masked vs pruned differ by {diff}");
+            assert!(diff <= tolerance(1e-5, 1e-4), "{name} seed {seed}: masked vs pruned differ by {diff}");
             // A plan that left the function unchanged would make the comparison vacuous.
             let dense = logits(model.as_ref(), &dir, None);
             assert!(max_abs_diff(&dense, &pruned) > 1e-2, "{name}: the random plan left the logits unchanged");

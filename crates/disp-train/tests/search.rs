@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Int, Tensor, TensorData};
 use disp_core::params::RatioOf;
 use disp_models::CausalLm;
 use disp_train::rng::SplitMix64;
@@ -12,7 +12,9 @@ use disp_train::{search, DirectLogits, GateGenerator, GateSource, Objective, Sea
 
 fn model() -> Box<dyn CausalLm> {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/llama_gqa_tied");
-    disp_models::load_model(&dir, &Device::flex()).expect("fixture loads")
+    // DISP_TEST_DEVICE=wgpu runs the search on a GPU backend (CI: Mesa's software Vulkan).
+    let (device, _) = disp_core::device::test_device().unwrap_or_else(|e| panic!("{e:#}"));
+    disp_models::load_model(&dir, &device).expect("fixture loads")
 }
 
 fn windows(count: usize, seq: usize, seed: u64) -> Vec<Vec<u32>> {
