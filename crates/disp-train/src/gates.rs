@@ -16,6 +16,10 @@ pub struct SampledGates {
     pub straight_through: [Tensor<2>; 5],
     /// The hard 0/1 gates without a graph (for counting).
     pub hard: [Tensor<2>; 5],
+    /// Whether every gate logit was finite. Checked on the host: GPU kernels may clamp a NaN
+    /// away (WGSL's min/max return the other operand), so a poisoned generator need not show in
+    /// the loss there.
+    pub logits_finite: bool,
 }
 
 /// Logistic noise log(u) − log(1 − u) with the shape of every site, drawn from `rng`.
@@ -28,7 +32,10 @@ pub fn sample(logits: [Tensor<2>; 5], noise: [Vec<f32>; 5], offset: f64, tempera
     let mut soft = Vec::with_capacity(5);
     let mut st = Vec::with_capacity(5);
     let mut hard = Vec::with_capacity(5);
+    let mut logits_finite = true;
     for (logit, noise) in logits.into_iter().zip(noise) {
+        let values = logit.clone().inner().into_data().convert::<f32>();
+        logits_finite &= values.iter::<f32>().all(f32::is_finite);
         let shape = logit.shape();
         let noise = Tensor::<2>::from_data(TensorData::new(noise, shape), &logit.device());
         let s = sigmoid((logit + noise).add_scalar(offset).div_scalar(temperature));
@@ -38,7 +45,7 @@ pub fn sample(logits: [Tensor<2>; 5], noise: [Vec<f32>; 5], offset: f64, tempera
         soft.push(s);
     }
     let arr = |v: Vec<Tensor<2>>| -> [Tensor<2>; 5] { v.try_into().unwrap_or_else(|_| unreachable!()) };
-    SampledGates { soft: arr(soft), straight_through: arr(st), hard: arr(hard) }
+    SampledGates { soft: arr(soft), straight_through: arr(st), hard: arr(hard), logits_finite }
 }
 
 /// The model's per-block gates from per-site `[layers, width]` tensors.

@@ -35,6 +35,8 @@ pub struct StepLoss {
     pub regulariser: Tensor<1>,
     /// Hard gates (no graph), per site `[layers, width]`.
     pub hard: [Tensor<2>; 5],
+    /// Whether the gate generator's logits were all finite ([`SampledGates::logits_finite`]).
+    pub logits_finite: bool,
 }
 
 impl StepLoss {
@@ -270,7 +272,7 @@ impl<'a> Searcher<'a> {
         };
         let params = gates::parameter_count(&self.block, &sampled.straight_through);
         let regulariser = disp_core::params::parameter_regulariser(params, self.target_block_params, self.cfg.lambda);
-        StepLoss { lm, kd, objective: self.cfg.objective, regulariser, hard: sampled.hard }
+        StepLoss { lm, kd, objective: self.cfg.objective, regulariser, hard: sampled.hard, logits_finite: sampled.logits_finite }
     }
 
     /// The LM loss of the windows `batch` under the soft gates (per site `[layers, width]`). Where
@@ -322,14 +324,15 @@ impl<'a> Searcher<'a> {
         let kd_loss = loss.kd.as_ref().map(|kd| kd.value);
         let regulariser = loss.regulariser.clone().into_scalar::<f32>() as f64;
         let forward = start.elapsed().as_secs_f64();
-        if !(lm_loss.is_finite() && regulariser.is_finite() && kd_loss.is_none_or(f64::is_finite)) {
+        if !(loss.logits_finite && lm_loss.is_finite() && regulariser.is_finite() && kd_loss.is_none_or(f64::is_finite)) {
             let kept = match &self.cfg.checkpoint {
                 Some(path) if path.exists() => format!("last good checkpoint kept at {}", path.display()),
                 Some(path) => format!("no checkpoint written yet ({})", path.display()),
                 None => "no checkpoint configured".to_string(),
             };
             let kd = kd_loss.map(|v| format!(", KD {v}")).unwrap_or_default();
-            bail!("non-finite loss at step {step} (LM {lm_loss}{kd}, regulariser {regulariser}); {kept}");
+            let logits = if loss.logits_finite { "" } else { ", non-finite gate logits" };
+            bail!("non-finite loss at step {step} (LM {lm_loss}{kd}, regulariser {regulariser}{logits}); {kept}");
         }
         let achieved_ratio = self.hard_ratio(&loss.hard);
         let t = Instant::now();

@@ -30,6 +30,17 @@ fn bits<const D: usize>(t: Tensor<D>) -> Vec<u32> {
     t.into_data().convert::<f32>().try_into_vec::<f32>().unwrap().iter().map(|x| x.to_bits()).collect()
 }
 
+/// The model's logits (as bits) did not move: bit for bit on the CPU; on a GPU backend within
+/// 1e-5, since its autotuner may pick another matmul kernel once it has timed the candidates.
+fn assert_frozen(before: &[u32], after: &[u32]) {
+    if disp_core::device::test_device().unwrap().1 == disp_core::DeviceChoice::Cpu {
+        assert_eq!(before, after, "the frozen model's logits changed");
+    } else {
+        let diff = before.iter().zip(after).map(|(a, b)| (f32::from_bits(*a) - f32::from_bits(*b)).abs()).fold(0f32, f32::max);
+        assert!(diff <= 1e-5, "the frozen model's logits changed by {diff}");
+    }
+}
+
 fn flat_scores(s: &Searcher) -> Vec<u32> {
     s.scores().iter().flat_map(|l| l.iter().flatten().map(|x| x.to_bits()).collect::<Vec<_>>()).collect()
 }
@@ -89,8 +100,7 @@ fn gradients_reach_every_hypernet_parameter_and_the_model_stays_frozen() {
     for _ in 0..3 {
         searcher.step().unwrap();
     }
-    let after = bits(model.forward(tokens, None, None));
-    assert_eq!(before, after, "the frozen model's logits changed");
+    assert_frozen(&before, &bits(model.forward(tokens, None, None)));
 }
 
 /// The step's hypernetwork gradients through the host backward equal those through burn's
@@ -481,7 +491,7 @@ fn distillation_gradients_reach_the_hypernetwork_only() {
         let report = searcher.step().unwrap();
         assert!(report.kd_loss.is_some_and(f64::is_finite));
     }
-    assert_eq!(before, bits(model.forward(tokens, None, None)), "the frozen model's logits changed");
+    assert_frozen(&before, &bits(model.forward(tokens, None, None)));
 }
 
 #[test]
