@@ -143,8 +143,7 @@ fn configs_in_the_transformers_5_layout_load_the_same_model() {
         obj.remove("rope_scaling");
         obj.insert("rope_parameters".into(), serde_json::json!({"rope_type": "default", "rope_theta": theta, "partial_rotary_factor": factor}));
     });
-    let device = Device::flex();
-    let nested = disp_models::load_model(dir.path(), &device).unwrap();
+    let nested = disp_models::load_model(dir.path(), &device()).unwrap();
     let (legacy, _) = load("phi");
     let original = fixture("phi");
     assert_eq!(logits(nested.as_ref(), &original, None), logits(legacy.as_ref(), &original, None));
@@ -160,8 +159,7 @@ fn hub_style_opt_tensor_names_without_the_model_prefix_load() {
     let renamed: Vec<(String, safetensors::tensor::TensorView)> =
         st.tensors().into_iter().map(|(name, view)| (name.strip_prefix("model.").unwrap_or(&name).to_string(), view)).collect();
     safetensors::serialize_to_file(renamed, None, &dir.path().join("model.safetensors")).unwrap();
-    let device = Device::flex();
-    let hub = disp_models::load_model(dir.path(), &device).unwrap();
+    let hub = disp_models::load_model(dir.path(), &device()).unwrap();
     let (saved, _) = load("opt_pre_ln");
     assert_eq!(logits(hub.as_ref(), &src, None), logits(saved.as_ref(), &src, None));
 }
