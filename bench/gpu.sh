@@ -12,7 +12,7 @@
 #       (seeded, so both sides see the same weights), then for each shape prints, disp
 #       (--device wgpu) next to HF transformers on CUDA: eval tokens/s over 512-token windows,
 #       the median search step (seq 512, batch 1; PyTorch: the five-site step of
-#       bench/hf_hyper_step.py) and the peak GPU memory (nvidia-smi, polled every 100 ms,
+#       bench/hf_search_step.py) and the peak GPU memory (nvidia-smi, polled every 100 ms,
 #       minus what was in use before the run).
 #
 # Environment: SHAPES (default "llama-1b llama2-7b"), WINDOWS (eval windows, default 8),
@@ -32,7 +32,7 @@ pack() {
     (cd "$repo" && cargo build --release -p disp-cli --features wgpu)
     cp "$repo/target/release/disp" "$bundle/disp"
     strip "$bundle/disp"
-    cp "$here"/hf_ppl.py "$here"/hf_hyper_step.py "$here"/_hf_common.py "$here"/gpu.sh "$bundle/"
+    cp "$here"/hf_ppl.py "$here"/hf_search_step.py "$here"/_hf_common.py "$here"/gpu.sh "$bundle/"
     mkdir -p "$bundle/tokenizer"
     cp "$repo"/models/smollm2-135m-instruct/tokenizer.json "$repo"/models/smollm2-135m-instruct/tokenizer_config.json "$bundle/tokenizer/"
     cp "$repo"/data/heldout/persuasion.txt "$bundle/eval.txt"
@@ -102,12 +102,12 @@ run() {
         disp_eval_mem=$(measured "$r/disp-eval" ./disp --device wgpu eval ppl --model "$model" --text eval.txt --seq-len 512 --max-windows "$WINDOWS" --json)
         torch_eval_mem=$(measured "$r/torch-eval" "$PYTHON" hf_ppl.py "$model" eval.txt --seq-len 512 --max-windows "$WINDOWS" --device cuda --dtype bfloat16 --json)
         disp_step_mem=$(measured "$r/disp-step" ./disp --device wgpu prune --model "$model" --data eval.txt --ratio 0.3 --steps "$STEPS" --seq-len 512 --out "$r/plan.json" --json)
-        torch_step_mem=$(measured "$r/torch-step" "$PYTHON" hf_hyper_step.py --model "$model" --text eval.txt --seq-len 512 --steps "$((STEPS - 1))" --device cuda --dtype bfloat16 --json)
+        torch_step_mem=$(measured "$r/torch-step" "$PYTHON" hf_search_step.py --model "$model" --seq-len 512 --steps "$((STEPS - 1))" --device cuda --dtype bfloat16 --json)
         local de te ds ts
         de=$(json_field tokens_per_second <"$r/disp-eval")
         te=$(json_field tokens_per_second <"$r/torch-eval")
         ds=$(json_field median_step_seconds <"$r/disp-step")
-        ts=$(json_field median_step_seconds <"$r/torch-step")
+        ts=$(json_field median_s <"$r/torch-step")
         ratio() { "$PYTHON" -c "print(f'{$1 / $2:.2f}x')"; }
         echo "| $shape | eval tokens/s (seq 512, $WINDOWS windows) | $(printf %.0f "$de") | $(printf %.0f "$te") | $(ratio "$de" "$te") |"
         echo "| $shape | search step, s (median, seq 512) | $(printf %.3f "$ds") | $(printf %.3f "$ts") | $(ratio "$ts" "$ds") |"

@@ -39,6 +39,7 @@ def main():
     ap.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--device", default="cpu", help="torch device (cpu, cuda: bench/gpu.sh)")
     ap.add_argument("--json", action="store_true", help="also print one JSON line (perplexity, tokens/s, peak RSS)")
     args = ap.parse_args()
 
@@ -50,6 +51,8 @@ def main():
 
     t0 = time.perf_counter()
     model, tok = load_model_and_tokenizer(path, args.dtype)
+    model.to(args.device)
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     t_load = time.perf_counter() - t0
 
     with open(args.text, encoding="utf-8") as f:
@@ -70,12 +73,13 @@ def main():
     t_fwd = 0.0
     with torch.inference_mode():
         for w in range(n_windows):
-            x = ids[w : w + 1]
+            x = ids[w : w + 1].to(args.device)
+            sync()
             t0 = time.perf_counter()
             logits = model(input_ids=x, use_cache=False).logits
             nll = F.cross_entropy(
                 logits[0, :-1].float(), x[0, 1:], reduction="sum"
-            ).item()
+            ).item()  # waits for the device
             t_fwd += time.perf_counter() - t0
             total_nll += nll
             n_pred += args.seq_len - 1

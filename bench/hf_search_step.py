@@ -39,6 +39,8 @@ def main():
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--steps", type=int, default=5, help="timed steps after 1 warm-up step")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="torch device (cpu, cuda: bench/gpu.sh)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the frozen model's dtype")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args()
 
@@ -48,7 +50,9 @@ def main():
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model, _ = load_model_and_tokenizer(args.model, "float32")
+    model, _ = load_model_and_tokenizer(args.model, args.dtype)
+    dev = torch.device(args.device)
+    model.to(dev)
     for p in model.parameters():
         p.requires_grad_(False)
     cfg = model.config
@@ -70,8 +74,8 @@ def main():
             h = F.gelu(self.norm(h)).reshape(n_layers, 5, 128)
             return [torch.bmm(h[:, s : s + 1], self.heads[s]).reshape(n_layers, widths[s]) for s in range(5)]
 
-    net = HyperNet()
-    inputs = torch.randn(1, 5 * n_layers, 32)
+    net = HyperNet().to(dev)
+    inputs = torch.randn(1, 5 * n_layers, 32).to(dev)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05)
     dense_block = n_layers * (d * (q_dim + 2 * kv_dim) + q_dim * d + 3 * d * d_ff)
     target = 0.7 * dense_block
@@ -92,23 +96,24 @@ def main():
         layer.mlp.down_proj.register_forward_hook(out_hook(4, i))
 
     gen = torch.Generator().manual_seed(0)
-    x = torch.randint(0, cfg.vocab_size, (1, args.seq_len), generator=gen)
+    x = torch.randint(0, cfg.vocab_size, (1, args.seq_len), generator=gen).to(dev)
+    act_dtype = getattr(torch, args.dtype)
 
     def step():
         opt.zero_grad(set_to_none=True)
         logits = net(inputs)
         straight = []
         for s in range(5):
-            u = torch.rand(logits[s].shape, generator=gen).clamp(1e-6, 1 - 1e-6)
+            u = torch.rand(logits[s].shape, generator=gen).clamp(1e-6, 1 - 1e-6).to(dev)
             g = torch.sigmoid((logits[s] + torch.log(u) - torch.log1p(-u) + 3.0) / 0.4)
-            soft[s] = g
+            soft[s] = g.to(act_dtype)
             hard = (g.detach() > 0.5).float()
             straight.append(hard - g.detach() + g)
         s1, s2, s3, s4, s5 = (t.sum(1) for t in straight)
         params = (s1 * (q_dim + 2 * kv_dim) + s2 * q_dim + 2 * s3 * s4 + s4 * s5).sum()
         reg = 6.0 * torch.log(params / target).abs()
         out = model(input_ids=x, use_cache=False).logits
-        loss = F.cross_entropy(out[0, :-1], x[0, 1:])
+        loss = F.cross_entropy(out[0, :-1].float(), x[0, 1:])
         (loss + reg).backward()
         opt.step()
         return loss.item()
@@ -122,7 +127,10 @@ def main():
         if s > 0:
             times.append(dt)
     report = {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "steps": len(times),
-              "seq_len": args.seq_len, "threads": args.threads, "torch": torch.__version__, "peak_rss_mib": peak_rss_mib()}
+              "seq_len": args.seq_len, "threads": args.threads, "torch": torch.__version__, "peak_rss_mib": peak_rss_mib(),
+              "device": args.device, "dtype": args.dtype}
+    if dev.type == "cuda":
+        report["peak_gpu_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
     if args.json:
         print(json.dumps(report))
     else:
