@@ -138,7 +138,10 @@ impl<'a> Finetuner<'a> {
             bail!("--loss {} needs --teacher DENSE_DIR", cfg.objective);
         }
         crate::search::check_windows(windows, &*model)?;
-        crate::search::check_search_memory(&*model, cfg.batch_size, windows[0].len())?;
+        // Each step puts W + (α/r)·A·B, in f32, in place of every adapted weight.
+        let adapted = 4 * model.stored_linear_params() as u64;
+        let what = format!("a fine-tuning step of batch size {} x {} tokens", cfg.batch_size, windows[0].len());
+        crate::search::check_full_graph_fits(&*model, cfg.batch_size, windows[0].len(), adapted, &what)?;
         let weights_digest = crate::search::weights_digest(&*model);
         let device = model.device().clone().autodiff();
         let adapters = LoraAdapters::new(model, &cfg.targets, cfg.rank, cfg.alpha, cfg.seed, &device)?;

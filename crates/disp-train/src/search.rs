@@ -686,6 +686,14 @@ impl SearchMemory {
     }
 }
 
+/// Fails before the first step when one step through burn's full autodiff graph cannot fit:
+/// its activations for `batch_size` windows of `seq_len` tokens plus `extra` bytes the caller
+/// holds during the step (fine-tuning: the adapted weights it substitutes).
+pub(crate) fn check_full_graph_fits(model: &dyn CausalLm, batch_size: usize, seq_len: usize, extra: u64, what: &str) -> Result<()> {
+    let [full_graph, _] = SearchMemory::activations(model, batch_size as u64, seq_len as u64);
+    disp_core::memory::check_fits(what, u128::from(full_graph) + u128::from(extra))
+}
+
 pub(crate) fn check_windows(windows: &[Vec<u32>], model: &dyn CausalLm) -> Result<()> {
     let Some(first) = windows.first() else { bail!("no calibration windows (the calibration text is empty or shorter than one window)") };
     let seq = first.len();

@@ -402,7 +402,7 @@ fn per_block_recompute_gives_the_full_graphs_gate_gradients() {
     use disp_train::recompute::{lm_gate_gradients_full_graph, lm_gate_gradients_per_block};
     for name in ["llama_gqa_tied", "llama_bf16", "phi", "opt_post_ln_proj"] {
         let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(name);
-        let device = Device::flex();
+        let (device, _) = disp_core::device::test_device().unwrap();
         let model = disp_models::load_model(&dir, &device).expect("fixture loads");
         let shape = model.model_shape();
         let widths = shape.blocks[0].site_widths();
