@@ -56,6 +56,17 @@ pub(crate) fn covers(model: &DecoderLm, gated: bool, seq: usize, start: usize, h
         && model.spec.activation != Activation::Gelu
         && !model.device.is_autodiff()
         && model.device == Device::flex()
+        && !has_tracked_weights(model)
+}
+
+/// Whether a block linear holds a weight on the autodiff device (fine-tuning puts W + A·B there):
+/// the host path would read its values and drop the adapters' gradient.
+fn has_tracked_weights(model: &DecoderLm) -> bool {
+    (0..model.blocks.len()).any(|i| {
+        let l = crate::CausalLm::block_linears(model, i);
+        let tracked = |linear: &crate::layers::Linear| linear.weight.device().is_autodiff();
+        l.attn_inputs.iter().chain(&l.mlp_inputs).any(|linear| tracked(linear)) || tracked(l.attn_output) || tracked(l.mlp_output)
+    })
 }
 
 /// A float tensor's values as row-major f32: borrowed from burn-flex's buffer when they already
