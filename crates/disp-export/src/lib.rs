@@ -170,13 +170,7 @@ pub fn export_modified_weights(model_dir: &Path, model: &dyn CausalLm, provenanc
         let source = ck.raw(name)?;
         let tensor = match block_tensor(family, name) {
             Some(block) => {
-                if element_size(source.dtype).is_none() {
-                    bail!("{}: tensor '{name}' has dtype {:?}; block weights must be F32, F16 or BF16", ck.describe(), source.dtype);
-                }
-                let values = hf_values(model, block, name, &ck)?;
-                if values.len() != source.shape.iter().product::<usize>() {
-                    bail!("{}: tensor '{name}' has shape {:?}, the model's has {} values", ck.describe(), source.shape, values.len());
-                }
+                let values = checked_block_values(model, block, name, &ck, &source)?;
                 OutputTensor { dtype: source.dtype, shape: source.shape.clone(), content: Content::Owned(encode(&values, source.dtype)) }
             }
             None => OutputTensor::weight(source, None, ExportFormat::DenseEquivalent),
@@ -231,13 +225,7 @@ pub fn export_changed_pruned(
         }
         let tensor = match block_tensor(family, name).filter(|_| !is_index) {
             Some(block) => {
-                if element_size(source.dtype).is_none() {
-                    bail!("{}: tensor '{name}' has dtype {:?}; block weights must be F32, F16 or BF16", ck.describe(), source.dtype);
-                }
-                let values = hf_values(model, block, name, &ck)?;
-                if values.len() != source.shape.iter().product::<usize>() {
-                    bail!("{}: tensor '{name}' has shape {:?}, the model's has {} values", ck.describe(), source.shape, values.len());
-                }
+                let values = checked_block_values(model, block, name, &ck, &source)?;
                 match format {
                     ExportFormat::Pruned => {
                         OutputTensor { dtype: source.dtype, shape: source.shape.clone(), content: Content::Owned(encode(&values, source.dtype)) }
@@ -298,6 +286,25 @@ pub fn export_changed_pruned(
     let weight_bytes = write_folder(&staged, pruned_dir, outputs, &config)?;
     staged.publish()?;
     Ok(ExportSummary { tensors, stored_params, source_params, weight_bytes, source_fingerprint: fingerprint })
+}
+
+/// The model's current values of block tensor `name` in the HF layout, after checking that the
+/// stored tensor they replace has a float dtype and the same number of values.
+fn checked_block_values(
+    model: &dyn CausalLm,
+    block: disp_models::pruned_folder::BlockTensor,
+    name: &str,
+    ck: &Checkpoint,
+    source: &disp_models::weights::RawTensor<'_>,
+) -> Result<Vec<f32>> {
+    if element_size(source.dtype).is_none() {
+        bail!("{}: tensor '{name}' has dtype {:?}; block weights must be F32, F16 or BF16", ck.describe(), source.dtype);
+    }
+    let values = hf_values(model, block, name, ck)?;
+    if values.len() != source.shape.iter().product::<usize>() {
+        bail!("{}: tensor '{name}' has shape {:?}, the model's has {} values", ck.describe(), source.shape, values.len());
+    }
+    Ok(values)
 }
 
 /// The values of block tensor `name` in the model, in HF layout (`[out, in]` for weights).
