@@ -62,7 +62,7 @@ enum Cmd {
     /// Reproduce the paper's comparison: every method's held-out perplexity (and multiple-choice
     /// accuracy) at every ratio of total parameters, on every available model; writes
     /// docs/results.md. Finished cells are cached (runs/table/), so a rerun resumes.
-    ReproduceTable(TableArgs),
+    ReproduceTable(Box<TableArgs>),
     /// Train a small model of one family from scratch and write it as an HF folder.
     ///
     /// Corpus: data/calib/austen-*.txt, plus data/extra/kjv.txt and shakespeare.txt when
@@ -89,8 +89,26 @@ struct TableArgs {
     models: Vec<String>,
     #[arg(long, value_delimiter = ',')]
     ratios: Option<Vec<f64>>,
+    /// Rows, each a `disp` method, optionally `+kd` (searched with distillation from the dense
+    /// model) and/or `+recovery` (the pruned model fine-tuned with LoRA), e.g.
+    /// `disp,disp+kd,disp+recovery,uniform-wanda+recovery`. Default: every method, as is.
     #[arg(long, value_delimiter = ',')]
     methods: Option<Vec<String>>,
+    /// Softmax temperature of the distillation of `+kd` rows (and of KD recovery).
+    #[arg(long, default_value_t = 1.0)]
+    kd_temperature: f64,
+    /// Fine-tuning steps of `+recovery` rows (one window of --seq-len tokens each).
+    #[arg(long, default_value_t = table::RecoverySettings::default().steps)]
+    recovery_steps: usize,
+    /// AdamW learning rate of the LoRA adapters of `+recovery` rows.
+    #[arg(long, default_value_t = table::RecoverySettings::default().learning_rate)]
+    recovery_learning_rate: f64,
+    /// LoRA rank of `+recovery` rows.
+    #[arg(long, default_value_t = table::RecoverySettings::default().rank)]
+    recovery_rank: usize,
+    /// Loss of `+recovery` rows: lm, kd (from the dense model) or lm+kd.
+    #[arg(long, default_value_t = table::RecoverySettings::default().loss)]
+    recovery_loss: String,
     /// Search steps of disp and disp-direct.
     #[arg(long)]
     steps: Option<usize>,
@@ -127,6 +145,10 @@ struct TableArgs {
     /// Report (default docs/results.md, or runs/table-quick/results.md with --quick).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Keep the model folders the cells evaluate (`+recovery` rows, wanda-2:4) in the cache, for
+    /// `disp eval chat` or `disp generate` afterwards (SmolLM2: ~0.3–0.5 GB each).
+    #[arg(long)]
+    keep_models: bool,
 }
 
 #[derive(Args)]
@@ -354,7 +376,7 @@ fn main() -> ExitCode {
         Cmd::FetchAssets(args) => fetch_assets(args),
         Cmd::MakeTasks => tasks::run(),
         Cmd::TrainTiny(args) => tiny::run(args),
-        Cmd::ReproduceTable(args) => match reproduce_table(args) {
+        Cmd::ReproduceTable(args) => match reproduce_table(*args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("reproduce-table: error: {}", one_line(&e));
@@ -447,6 +469,12 @@ fn reproduce_table(args: TableArgs) -> Result<()> {
             target.join("release").join("disp")
         }
     };
+    if !["lm", "kd", "lm+kd"].contains(&args.recovery_loss.as_str()) {
+        bail!("--recovery-loss {}: expected lm, kd or lm+kd", args.recovery_loss);
+    }
+    if args.recovery_steps == 0 || args.recovery_rank == 0 {
+        bail!("--recovery-steps and --recovery-rank must be at least 1");
+    }
     let registry = table::methods_of(&disp)?;
     let default_cache = if quick { "runs/table-quick" } else { "runs/table" };
     let cache = args.cache.clone().unwrap_or_else(|| in_root(default_cache));
@@ -456,10 +484,7 @@ fn reproduce_table(args: TableArgs) -> Result<()> {
         methods: match &args.methods {
             Some(methods) => {
                 for m in methods {
-                    if !registry.iter().any(|r| r.name == *m) {
-                        let names: Vec<&str> = registry.iter().map(|r| r.name.as_str()).collect();
-                        bail!("--methods {m}: unknown (expected one of {})", names.join(", "));
-                    }
+                    table::Row::parse(m, &registry)?;
                 }
                 methods.clone()
             }
@@ -477,12 +502,20 @@ fn reproduce_table(args: TableArgs) -> Result<()> {
             heldout,
             tasks,
             mc_limit: args.mc_limit.or(if quick { Some(20) } else { None }),
+            kd_temperature: args.kd_temperature,
+            recovery: table::RecoverySettings {
+                steps: args.recovery_steps,
+                learning_rate: args.recovery_learning_rate,
+                rank: args.recovery_rank,
+                loss: args.recovery_loss.clone(),
+            },
         },
         out_markdown: args.out.clone().unwrap_or_else(|| if quick { cache.join("results.md") } else { in_root("docs/results.md") }),
         cache,
         disp,
         command: std::env::args().skip(1).collect::<Vec<_>>().join(" "),
         quick,
+        keep_models: args.keep_models,
     };
     let results = table::reproduce(&settings)?;
     println!("wrote {} ({} cells)", settings.out_markdown.display(), results.len());

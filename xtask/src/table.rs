@@ -36,6 +36,49 @@ impl MethodInfo {
     }
 }
 
+/// A row of the table: a `disp` method, optionally searched with distillation from the dense
+/// model (`METHOD+kd`: `prune --loss kd`) and optionally followed by recovery fine-tuning
+/// (`METHOD+recovery`: `disp finetune` on the pruned folder, evaluated as that folder).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Row {
+    pub method: String,
+    pub kd: bool,
+    pub recovery: bool,
+}
+
+impl Row {
+    /// Parses `METHOD[+kd][+recovery]` against the methods `disp` offers.
+    pub fn parse(name: &str, registry: &[MethodInfo]) -> Result<Row> {
+        let mut parts = name.split('+');
+        let method = parts.next().unwrap_or_default().to_string();
+        let info = registry.iter().find(|m| m.name == method).ok_or_else(|| {
+            let names: Vec<&str> = registry.iter().map(|r| r.name.as_str()).collect();
+            anyhow!("--methods {name}: unknown method '{method}' (expected one of {}, each optionally +kd and/or +recovery)", names.join(", "))
+        })?;
+        let (mut kd, mut recovery) = (false, false);
+        for suffix in parts {
+            match suffix {
+                "kd" if !kd && !recovery => kd = true,
+                "recovery" if !recovery => recovery = true,
+                _ => bail!("--methods {name}: '+{suffix}' is not a row suffix here (METHOD[+kd][+recovery])"),
+            }
+        }
+        if kd && !info.searches {
+            bail!("--methods {name}: {method} does not search, so it has no loss to distil with");
+        }
+        if recovery && !info.makes_plan {
+            bail!("--methods {name}: {method} writes no index sets, and recovery fine-tunes a pruned folder");
+        }
+        Ok(Row { method, kd, recovery })
+    }
+
+    /// The row this one fine-tunes (`disp+kd` for `disp+kd+recovery`): its plan is reused when
+    /// its cell is cached.
+    fn before_recovery(&self) -> Option<String> {
+        self.recovery.then(|| if self.kd { format!("{}+kd", self.method) } else { self.method.clone() })
+    }
+}
+
 /// The methods `disp` offers, in its order.
 pub fn methods_of(binary: &Path) -> Result<Vec<MethodInfo>> {
     let out = disp(binary, &["methods".into(), "--json".into()])?;
@@ -72,13 +115,40 @@ pub struct CellSettings {
     pub heldout: Vec<(String, PathBuf)>,
     pub tasks: Vec<PathBuf>,
     pub mc_limit: Option<usize>,
+    /// Softmax temperature of the distillation loss of `+kd` rows.
+    #[serde(default = "default_kd_temperature")]
+    pub kd_temperature: f64,
+    /// Recovery fine-tuning of `+recovery` rows.
+    #[serde(default)]
+    pub recovery: RecoverySettings,
+}
+
+fn default_kd_temperature() -> f64 {
+    1.0
+}
+
+/// `disp finetune` settings of the `+recovery` rows: LoRA on every block linear, trained on the
+/// calibration text (never the held-out one) with the dense model as the teacher.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RecoverySettings {
+    pub steps: usize,
+    pub learning_rate: f64,
+    pub rank: usize,
+    /// lm, kd or lm+kd (`disp finetune --loss`).
+    pub loss: String,
+}
+
+impl Default for RecoverySettings {
+    fn default() -> Self {
+        RecoverySettings { steps: 200, learning_rate: 5e-4, rank: 8, loss: "kd".into() }
+    }
 }
 
 #[derive(Debug, Clone)]
 pub struct TableSettings {
     pub models: Vec<ModelSpec>,
     pub ratios: Vec<f64>,
-    /// The methods of the table, a subset of `registry` in its order.
+    /// The rows of the table (see [`Row`]), in the order given.
     pub methods: Vec<String>,
     /// What the `disp` binary says about every method it offers.
     pub registry: Vec<MethodInfo>,
@@ -89,6 +159,9 @@ pub struct TableSettings {
     /// The command line, for the report.
     pub command: String,
     pub quick: bool,
+    /// Keep the folders a cell evaluates (recovered or sparse models) beside its cell file,
+    /// for `disp eval chat` or `disp generate` later; by default they are removed.
+    pub keep_models: bool,
 }
 
 /// The outcome of one cell.
@@ -104,6 +177,9 @@ pub struct CellResult {
     /// (acc, acc_norm) per task.
     pub accuracy: BTreeMap<String, (f64, f64)>,
     pub seconds: f64,
+    /// Of `seconds`, those spent exporting and fine-tuning (`+recovery` rows).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovery_seconds: Option<f64>,
     pub settings: CellSettings,
     /// When the cell finished (UTC) and on what machine (absent in caches written before these
     /// were recorded).
@@ -124,13 +200,32 @@ impl TableSettings {
         cell
     }
 
-    /// The registry entry of `method`; none for "dense".
-    fn info(&self, method: &str) -> Option<&MethodInfo> {
+    /// The registry entry of a row's method; none for "dense".
+    fn info(&self, row: &str) -> Option<&MethodInfo> {
+        let method = row.split('+').next().unwrap_or_default();
         self.registry.iter().find(|m| m.name == method)
+    }
+
+    /// The parsed row; none for "dense".
+    fn row(&self, name: &str) -> Result<Option<Row>> {
+        if name == "dense" {
+            return Ok(None);
+        }
+        Row::parse(name, &self.registry).map(Some)
     }
 
     fn searches(&self, method: &str) -> bool {
         self.info(method).is_some_and(|m| m.searches)
+    }
+
+    /// Which settings a cached cell of `row` must share with the run to be reused.
+    fn relevant(&self, row: &str) -> Relevant {
+        let parsed = self.row(row).ok().flatten();
+        Relevant {
+            search: self.searches(row),
+            kd: parsed.as_ref().is_some_and(|r| r.kd || (r.recovery && recovery_uses_kd(&self.cell.recovery))),
+            recovery: parsed.is_some_and(|r| r.recovery),
+        }
     }
 
     fn cell_path(&self, model: &ModelSpec, method: &str, ratio: f64) -> PathBuf {
@@ -138,9 +233,21 @@ impl TableSettings {
     }
 }
 
+fn recovery_uses_kd(recovery: &RecoverySettings) -> bool {
+    recovery.loss.contains("kd")
+}
+
+/// The parts of [`CellSettings`] a row depends on besides the evaluation.
+#[derive(Debug, Clone, Copy)]
+struct Relevant {
+    search: bool,
+    kd: bool,
+    recovery: bool,
+}
+
 /// The file name stem of a cell's cached files: `wanda-2-4-50`, `disp-30`.
 fn cell_stem(method: &str, ratio: f64) -> String {
-    format!("{}-{:02}", method.replace(':', "-"), (ratio * 100.0).round() as u32)
+    format!("{}-{:02}", method.replace([':', '+'], "-"), (ratio * 100.0).round() as u32)
 }
 
 /// Runs `disp` with `args`; returns stdout, or an error with the command and its last stderr line.
@@ -206,7 +313,7 @@ fn evaluate(settings: &TableSettings, model: &ModelSpec, target: &Evaluated) -> 
     Ok((perplexity, accuracy))
 }
 
-/// Computes one cell (`method` "dense" for the unpruned model).
+/// Computes one cell (`method` "dense" for the unpruned model, else a [`Row`]).
 fn run_cell(settings: &TableSettings, model: &ModelSpec, method: &str, ratio: f64) -> Result<CellResult> {
     let start = Instant::now();
     let cell = &settings.cell_for(model);
@@ -218,46 +325,74 @@ fn run_cell(settings: &TableSettings, model: &ModelSpec, method: &str, ratio: f6
         args.extend(cell.calibration.iter().map(|p| s(p)));
         args
     };
-    let (target, achieved) = match settings.info(method) {
-        None => (Evaluated::Dense, 0.0),
-        Some(info) => {
-            let mut args: Vec<String> = vec!["prune".into(), "--model".into(), s(&model.dir), "--method".into(), method.into()];
-            args.extend(["--seq-len".into(), cell.seq_len.to_string(), "--json".into()]);
-            if info.uses_calibration {
-                args.extend(calibration());
-            }
-            if info.searches {
-                args.extend(["--steps".into(), cell.steps.to_string(), "--seed".into(), cell.seed.to_string()]);
-                args.extend(["--learning-rate".into(), cell.learning_rate.to_string()]);
-            }
-            if info.uses_activation_statistics {
-                args.extend(["--calibration-windows".into(), cell.calibration_windows.to_string()]);
-            }
-            let target = if info.makes_plan {
-                let plan = dir.join(format!("{stem}.plan.json"));
-                args.extend(["--ratio".into(), ratio.to_string(), "--out".into(), s(&plan)]);
-                Evaluated::Plan(plan)
-            } else {
-                let folder = dir.join(format!("{stem}.model"));
-                if folder.exists() {
-                    std::fs::remove_dir_all(&folder)?;
+    let mut recovery_seconds = None;
+    let (target, achieved) = match (settings.info(method), settings.row(method)?) {
+        (Some(info), Some(row)) => {
+            let reused = row.before_recovery().and_then(|before| {
+                let path = settings.cell_path(model, &before, ratio);
+                let plan = path.with_extension("plan.json");
+                let cell = cached(&path, cell, settings.relevant(&before))?;
+                plan.is_file().then(|| {
+                    println!("    the plan of {before} (cached)");
+                    (Evaluated::Plan(plan), cell.achieved_ratio)
+                })
+            });
+            let (target, achieved) = match reused {
+                Some(found) => found,
+                None => {
+                    let mut args: Vec<String> = vec!["prune".into(), "--model".into(), s(&model.dir), "--method".into(), row.method.clone()];
+                    args.extend(["--seq-len".into(), cell.seq_len.to_string(), "--json".into()]);
+                    if info.uses_calibration {
+                        args.extend(calibration());
+                    }
+                    if info.searches {
+                        args.extend(["--steps".into(), cell.steps.to_string(), "--seed".into(), cell.seed.to_string()]);
+                        args.extend(["--learning-rate".into(), cell.learning_rate.to_string()]);
+                    }
+                    if row.kd {
+                        args.extend(["--loss".into(), "kd".into(), "--kd-temperature".into(), cell.kd_temperature.to_string()]);
+                    }
+                    if info.uses_activation_statistics {
+                        args.extend(["--calibration-windows".into(), cell.calibration_windows.to_string()]);
+                    }
+                    let target = if info.makes_plan {
+                        let plan = dir.join(format!("{stem}.plan.json"));
+                        args.extend(["--ratio".into(), ratio.to_string(), "--out".into(), s(&plan)]);
+                        Evaluated::Plan(plan)
+                    } else {
+                        let folder = fresh_folder(&dir.join(format!("{stem}.model")))?;
+                        args.extend(["--export".into(), s(&folder)]);
+                        Evaluated::Folder(folder)
+                    };
+                    let stdout = disp(&settings.disp, &args)?;
+                    let report: serde_json::Value =
+                        serde_json::from_str(stdout.trim()).map_err(|e| anyhow!("`disp prune --json` printed no report: {e}"))?;
+                    // Plans are judged by their fraction of total parameters removed (the table's
+                    // ratios are of total); wanda-2:4 by its zeroed weights over all parameters.
+                    let achieved = report["removed_fraction_of_total"]
+                        .as_f64()
+                        .ok_or_else(|| anyhow!("`disp prune --json` reported no removed_fraction_of_total"))?;
+                    (target, achieved)
                 }
-                args.extend(["--export".into(), s(&folder)]);
-                Evaluated::Folder(folder)
             };
-            let stdout = disp(&settings.disp, &args)?;
-            let report: serde_json::Value = serde_json::from_str(stdout.trim()).map_err(|e| anyhow!("`disp prune --json` printed no report: {e}"))?;
-            // Plans are judged by their fraction of total parameters removed (the table's
-            // ratios are of total); wanda-2:4 by its zeroed weights over all parameters.
-            let achieved =
-                report["removed_fraction_of_total"].as_f64().ok_or_else(|| anyhow!("`disp prune --json` reported no removed_fraction_of_total"))?;
-            (target, achieved)
+            match (&target, row.recovery) {
+                (Evaluated::Plan(plan), true) => {
+                    let recovery_start = Instant::now();
+                    let recovered = recover(settings, model, cell, plan, &dir, &stem)?;
+                    recovery_seconds = Some(recovery_start.elapsed().as_secs_f64());
+                    (Evaluated::Folder(recovered), achieved)
+                }
+                _ => (target, achieved),
+            }
         }
+        _ => (Evaluated::Dense, 0.0),
     };
     let (perplexity, accuracy) = evaluate(settings, model, &target)?;
     if let Evaluated::Folder(folder) = &target {
-        // A dense copy of the model; the cell's numbers are what we keep.
-        std::fs::remove_dir_all(folder)?;
+        // A copy of the model; the cell's numbers are what we keep, unless asked otherwise.
+        if !settings.keep_models {
+            std::fs::remove_dir_all(folder)?;
+        }
     }
     Ok(CellResult {
         model: model.name.clone(),
@@ -267,38 +402,79 @@ fn run_cell(settings: &TableSettings, model: &ModelSpec, method: &str, ratio: f6
         perplexity,
         accuracy,
         seconds: start.elapsed().as_secs_f64(),
+        recovery_seconds,
         settings: cell.clone(),
         finished_utc: Some(crate::util::utc_now()),
         machine: Some(crate::util::machine_description()),
     })
 }
 
-/// The cached result of a cell, if it was computed with the same settings: all of them for the
-/// searches, all but the search's own (steps, learning rate) for the other methods, so that a
-/// new search setting recomputes only the search cells.
-fn cached(path: &Path, settings: &CellSettings, searches: bool) -> Option<CellResult> {
+/// `path`, removed first if an interrupted cell left it behind.
+fn fresh_folder(path: &Path) -> Result<PathBuf> {
+    if path.exists() {
+        std::fs::remove_dir_all(path).with_context(|| format!("cannot remove {}", path.display()))?;
+    }
+    Ok(path.to_path_buf())
+}
+
+/// Recovery fine-tuning of a plan: the pruned folder, then `disp finetune` on the calibration
+/// text with the dense model as the teacher; returns the fine-tuned folder.
+fn recover(settings: &TableSettings, model: &ModelSpec, cell: &CellSettings, plan: &Path, dir: &Path, stem: &str) -> Result<PathBuf> {
+    let pruned = fresh_folder(&dir.join(format!("{stem}.pruned")))?;
+    let recovered = fresh_folder(&dir.join(format!("{stem}.recovered")))?;
+    disp(&settings.disp, &["export".into(), "--model".into(), s(&model.dir), "--plan".into(), s(plan), "--out".into(), s(&pruned)])?;
+    let recovery = &cell.recovery;
+    let mut args: Vec<String> = vec!["finetune".into(), "--model".into(), s(&pruned), "--teacher".into(), s(&model.dir)];
+    args.push("--data".into());
+    args.extend(cell.calibration.iter().map(|p| s(p)));
+    args.extend(["--steps".into(), recovery.steps.to_string(), "--rank".into(), recovery.rank.to_string()]);
+    args.extend(["--learning-rate".into(), recovery.learning_rate.to_string(), "--loss".into(), recovery.loss.clone()]);
+    args.extend(["--kd-temperature".into(), cell.kd_temperature.to_string(), "--seq-len".into(), cell.seq_len.to_string()]);
+    args.extend(["--seed".into(), cell.seed.to_string(), "--out".into(), s(&recovered), "--json".into()]);
+    let outcome = disp(&settings.disp, &args);
+    std::fs::remove_dir_all(&pruned)?;
+    outcome?;
+    Ok(recovered)
+}
+
+/// The cached result of a cell, if it was computed with the same settings: all those the row
+/// depends on (the search's steps and learning rate only for searches, the distillation
+/// temperature only for `+kd` rows and KD recovery, the recovery settings only for `+recovery`
+/// rows), so that a new setting recomputes only the cells it changes.
+fn cached(path: &Path, settings: &CellSettings, relevant: Relevant) -> Option<CellResult> {
     let text = std::fs::read_to_string(path).ok()?;
     let result: CellResult = serde_json::from_str(&text).ok()?;
     let mut wanted = settings.clone();
-    if !searches {
+    if !relevant.search {
         wanted.steps = result.settings.steps;
         wanted.learning_rate = result.settings.learning_rate;
+    }
+    if !relevant.kd {
+        wanted.kd_temperature = result.settings.kd_temperature;
+    }
+    if !relevant.recovery {
+        wanted.recovery = result.settings.recovery.clone();
     }
     (result.settings == wanted).then_some(result)
 }
 
 /// Rough seconds per cell, from the model size (measured here on SmolLM2-135M: a search step of
-/// 512 tokens ~4.5 s, an evaluation window of 512 tokens ~2 s, a four-choice question ~0.5 s).
-fn estimate_seconds(cell: &CellSettings, params: u64, method: Option<&MethodInfo>) -> f64 {
+/// 512 tokens ~2 s, ~2.6 s with the dense model's distribution for KD, a recovery step ~2.5 s,
+/// an evaluation window of 512 tokens ~1 s, a four-choice question ~0.5 s).
+fn estimate_seconds(cell: &CellSettings, params: u64, method: Option<(&MethodInfo, &Row)>) -> f64 {
     let scale = params as f64 / 135e6 * cell.seq_len as f64 / 512.0;
-    let evals = cell.heldout.len() as f64 * cell.eval_windows as f64 * 2.0 * scale
-        + cell.tasks.len() as f64 * cell.mc_limit.unwrap_or(200) as f64 * 0.5 * scale;
+    let evals =
+        cell.heldout.len() as f64 * cell.eval_windows as f64 * scale + cell.tasks.len() as f64 * cell.mc_limit.unwrap_or(200) as f64 * 0.5 * scale;
     let prune = match method {
-        Some(m) if m.searches => cell.steps as f64 * 4.5 * scale,
-        Some(m) if m.uses_activation_statistics => cell.calibration_windows as f64 * 2.0 * scale,
+        Some((m, row)) if m.searches => cell.steps as f64 * if row.kd { 2.6 } else { 2.0 } * scale,
+        Some((m, _)) if m.uses_activation_statistics => cell.calibration_windows as f64 * scale,
         _ => 2.0,
     };
-    prune + evals + 5.0
+    let recovery = match method {
+        Some((_, row)) if row.recovery => cell.recovery.steps as f64 * 2.5 * scale,
+        _ => 0.0,
+    };
+    prune + recovery + evals + 5.0
 }
 
 fn model_params(dir: &Path) -> Result<u64> {
@@ -315,16 +491,17 @@ pub fn reproduce(settings: &TableSettings) -> Result<Vec<CellResult>> {
         plan.push((model.clone(), "dense".into(), 0.0, estimate_seconds(&cell, params, None)));
         for &ratio in &settings.ratios {
             for method in &settings.methods {
+                let row = Row::parse(method, &settings.registry)?;
                 let info = settings.info(method).ok_or_else(|| anyhow!("{}: offers no method '{method}'", settings.disp.display()))?;
                 if info.applies_at(ratio) {
-                    plan.push((model.clone(), method.clone(), ratio, estimate_seconds(&cell, params, Some(info))));
+                    plan.push((model.clone(), method.clone(), ratio, estimate_seconds(&cell, params, Some((info, &row)))));
                 }
             }
         }
     }
     // Each cell file is read once: for the estimate, and kept for the loop below to reuse.
     let reusable: Vec<Option<CellResult>> =
-        plan.iter().map(|(m, method, r, _)| cached(&settings.cell_path(m, method, *r), &settings.cell_for(m), settings.searches(method))).collect();
+        plan.iter().map(|(m, method, r, _)| cached(&settings.cell_path(m, method, *r), &settings.cell_for(m), settings.relevant(method))).collect();
     let cached_count = reusable.iter().filter(|c| c.is_some()).count();
     // `+ 0.0`: an empty f64 sum is -0.0, which would print as "-0.0 h".
     let remaining: f64 = plan.iter().zip(&reusable).filter(|(_, c)| c.is_none()).map(|(cell, _)| cell.3).sum::<f64>() + 0.0;
@@ -406,6 +583,9 @@ pub fn markdown(settings: &TableSettings, results: &[CellResult]) -> String {
         shown(&cell.tasks)
     )
     .unwrap();
+    if let Some(line) = row_settings(settings) {
+        writeln!(md, "{line}  ").unwrap();
+    }
     writeln!(md, "{}\n", provenance(results)).unwrap();
     let chart = crate::table_plot::chart_path(settings);
     if let Some(name) = chart.file_name() {
@@ -460,6 +640,33 @@ pub fn markdown(settings: &TableSettings, results: &[CellResult]) -> String {
     md
 }
 
+/// What the `+kd` and `+recovery` rows of the table add to their method, when it has any.
+fn row_settings(settings: &TableSettings) -> Option<String> {
+    let rows: Vec<Row> = settings.methods.iter().filter_map(|m| Row::parse(m, &settings.registry).ok()).collect();
+    let cell = &settings.cell;
+    let mut parts = Vec::new();
+    if rows.iter().any(|r| r.kd) {
+        parts.push(format!(
+            "`+kd`: the search's loss is the KL divergence from the dense model's next-token distribution (temperature {})",
+            cell.kd_temperature
+        ));
+    }
+    if rows.iter().any(|r| r.recovery) {
+        let r = &cell.recovery;
+        parts.push(format!(
+            "`+recovery`: the pruned folder fine-tuned with LoRA (rank {}, every block linear), {} steps of one {}-token window ({} tokens) of the calibration text, loss {}{}, learning rate {}, merged; evaluated as that folder",
+            r.rank,
+            r.steps,
+            cell.seq_len,
+            crate::util::thousands((r.steps * cell.seq_len) as u64),
+            r.loss,
+            if recovery_uses_kd(r) { " from the dense model" } else { "" },
+            r.learning_rate
+        ));
+    }
+    (!parts.is_empty()).then(|| format!("Rows {}.", parts.join("; ")))
+}
+
 /// The paper's published numbers, for context (Gao et al., NeurIPS 2024, LLaMA-2 7B).
 const PAPER_CONTEXT: &str = "## For context: the paper's LLaMA-2 7B (WikiText-2, 4096-token windows)
 
@@ -476,6 +683,19 @@ orderings carry over, not values. A 2:4 cell removes half of the block weights, 
 is less than half of all parameters (see its achieved ratio below); the paper compares it at 50 %.
 ";
 
+/// The pairs of rows the orderings compare: DISP against each baseline (the paper's claims),
+/// then what distillation and recovery change.
+const COMPARED: [(&str, &str); 8] = [
+    ("disp", "uniform-magnitude"),
+    ("disp", "uniform-wanda"),
+    ("disp", "disp-direct"),
+    ("disp", "wanda-sp-mlp"),
+    ("disp+kd", "disp"),
+    ("disp+recovery", "disp"),
+    ("disp+recovery", "uniform-wanda+recovery"),
+    ("disp+kd+recovery", "disp+recovery"),
+];
+
 /// Which of the paper's orderings hold in these results, per model and held-out text.
 fn orderings(settings: &TableSettings, results: &[CellResult]) -> String {
     let mut text = String::from("## Which orderings reproduce\n\n");
@@ -487,11 +707,11 @@ fn orderings(settings: &TableSettings, results: &[CellResult]) -> String {
     };
     for model in models_in_order(results) {
         for (heldout, _) in &settings.cell.heldout {
-            for rival in ["uniform-magnitude", "wanda-sp", "disp-direct"] {
+            for (ours, rival) in COMPARED {
                 let mut wins = Vec::new();
                 let mut losses = Vec::new();
                 for &ratio in &settings.ratios {
-                    if let (Some(disp), Some(other)) = (ppl(model, "disp", ratio, heldout), ppl(model, rival, ratio, heldout)) {
+                    if let (Some(disp), Some(other)) = (ppl(model, ours, ratio, heldout), ppl(model, rival, ratio, heldout)) {
                         let label = format!("{:.0} %", ratio * 100.0);
                         if disp < other {
                             wins.push(label)
@@ -504,11 +724,11 @@ fn orderings(settings: &TableSettings, results: &[CellResult]) -> String {
                     continue;
                 }
                 let verdict = if losses.is_empty() {
-                    format!("disp is better than {rival} at every ratio ({})", wins.join(", "))
+                    format!("{ours} is better than {rival} at every ratio ({})", wins.join(", "))
                 } else if wins.is_empty() {
-                    format!("disp is worse than {rival} at every ratio ({})", losses.join(", "))
+                    format!("{ours} is worse than {rival} at every ratio ({})", losses.join(", "))
                 } else {
-                    format!("disp is better than {rival} at {} and not at {}", wins.join(", "), losses.join(", "))
+                    format!("{ours} is better than {rival} at {} and not at {}", wins.join(", "), losses.join(", "))
                 };
                 writeln!(text, "- {model}, {heldout}: {verdict}.").unwrap();
             }
@@ -584,6 +804,7 @@ mod tests {
             perplexity: BTreeMap::from([("text".to_string(), ppl)]),
             accuracy: BTreeMap::new(),
             seconds: 0.0,
+            recovery_seconds: None,
             settings: settings().cell,
             finished_utc: None,
             machine: None,
@@ -611,12 +832,15 @@ mod tests {
                 heldout: vec![("text".into(), PathBuf::from("t"))],
                 tasks: vec![],
                 mc_limit: None,
+                kd_temperature: 1.0,
+                recovery: RecoverySettings::default(),
             },
             cache: PathBuf::new(),
             out_markdown: PathBuf::new(),
             disp: PathBuf::new(),
             command: String::new(),
             quick: false,
+            keep_models: false,
         }
     }
 
@@ -632,7 +856,7 @@ mod tests {
         let text = orderings(&settings(), &results);
         assert!(text.contains("- m, text: disp is better than uniform-magnitude at 30 % and not at 50 %."), "{text}");
         assert!(text.contains("disp at 50 % of total parameters is better than wanda-2:4 (30.00 vs 40.00)"), "{text}");
-        assert!(!text.contains("wanda-sp"), "no line for a method without cells: {text}");
+        assert!(!text.contains("uniform-wanda"), "no line for a method without cells: {text}");
         let all_lost = orderings(&settings(), &[cell("disp", 0.3, 30.0), cell("uniform-magnitude", 0.3, 20.0)]);
         assert!(all_lost.contains("- m, text: disp is worse than uniform-magnitude at every ratio (30 %)."), "{all_lost}");
     }
@@ -651,17 +875,82 @@ mod tests {
     #[test]
     fn a_new_search_setting_recomputes_only_the_search_cells() {
         let dir = tempfile::tempdir().unwrap();
-        let base = settings().cell;
+        let settings = settings();
+        let base = settings.cell.clone();
         for method in ["disp", "uniform-magnitude"] {
             let path = dir.path().join(format!("{method}.json"));
             std::fs::write(&path, serde_json::to_string(&CellResult { method: method.into(), ..cell(method, 0.3, 1.0) }).unwrap()).unwrap();
-            let searches = settings().searches(method);
-            assert!(cached(&path, &base, searches).is_some(), "{method}: same settings");
+            let relevant = settings.relevant(method);
+            assert!(cached(&path, &base, relevant).is_some(), "{method}: same settings");
             let longer = CellSettings { steps: base.steps + 1, learning_rate: 1e-2, ..base.clone() };
-            assert_eq!(cached(&path, &longer, searches).is_some(), method == "uniform-magnitude", "{method}: other search settings");
+            assert_eq!(cached(&path, &longer, relevant).is_some(), method == "uniform-magnitude", "{method}: other search settings");
             let other_text = CellSettings { eval_windows: base.eval_windows + 1, ..base.clone() };
-            assert!(cached(&path, &other_text, searches).is_none(), "{method}: other evaluation settings");
+            assert!(cached(&path, &other_text, relevant).is_none(), "{method}: other evaluation settings");
         }
+    }
+
+    #[test]
+    fn distillation_and_recovery_settings_recompute_only_their_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = settings();
+        let base = settings.cell.clone();
+        let warmer = CellSettings { kd_temperature: 2.0, ..base.clone() };
+        let longer = CellSettings { recovery: RecoverySettings { steps: 7, ..base.recovery.clone() }, ..base.clone() };
+        for (row, kd_matters, recovery_matters) in
+            [("disp", false, false), ("disp+kd", true, false), ("disp+recovery", true, true), ("uniform-magnitude+recovery", true, true)]
+        {
+            let path = dir.path().join(format!("{}.json", cell_stem(row, 0.3)));
+            std::fs::write(&path, serde_json::to_string(&cell(row, 0.3, 1.0)).unwrap()).unwrap();
+            let relevant = settings.relevant(row);
+            assert!(cached(&path, &base, relevant).is_some(), "{row}: same settings");
+            // The default recovery distils from the dense model, so its temperature matters too.
+            assert_eq!(cached(&path, &warmer, relevant).is_none(), kd_matters, "{row}: other temperature");
+            assert_eq!(cached(&path, &longer, relevant).is_none(), recovery_matters, "{row}: other recovery steps");
+        }
+        let lm_recovery = CellSettings { recovery: RecoverySettings { loss: "lm".into(), ..base.recovery.clone() }, ..base.clone() };
+        let lm_settings = TableSettings { cell: lm_recovery.clone(), ..settings.clone() };
+        let path = dir.path().join("lm.json");
+        std::fs::write(&path, serde_json::to_string(&CellResult { settings: lm_recovery.clone(), ..cell("disp+recovery", 0.3, 1.0) }).unwrap())
+            .unwrap();
+        let warmer_lm = CellSettings { kd_temperature: 2.0, ..lm_recovery };
+        assert!(cached(&path, &warmer_lm, lm_settings.relevant("disp+recovery")).is_some(), "LM recovery has no temperature");
+    }
+
+    #[test]
+    fn rows_are_a_method_with_optional_distillation_and_recovery() {
+        let registry = settings().registry;
+        let row = |name: &str| Row::parse(name, &registry);
+        assert_eq!(row("disp").unwrap(), Row { method: "disp".into(), kd: false, recovery: false });
+        assert_eq!(row("disp+kd+recovery").unwrap(), Row { method: "disp".into(), kd: true, recovery: true });
+        assert_eq!(row("uniform-magnitude+recovery").unwrap().before_recovery().as_deref(), Some("uniform-magnitude"));
+        assert_eq!(row("disp+kd+recovery").unwrap().before_recovery().as_deref(), Some("disp+kd"));
+        let error = |name: &str| format!("{:#}", row(name).unwrap_err());
+        assert!(error("uniform-wanda").contains("unknown method 'uniform-wanda'"), "{}", error("uniform-wanda"));
+        assert!(error("uniform-magnitude+kd").contains("does not search"), "{}", error("uniform-magnitude+kd"));
+        assert!(error("wanda-2:4+recovery").contains("writes no index sets"), "{}", error("wanda-2:4+recovery"));
+        assert!(error("disp+recovery+kd").contains("'+kd' is not a row suffix"), "{}", error("disp+recovery+kd"));
+        assert!(error("disp+lora").contains("'+lora'"), "{}", error("disp+lora"));
+        assert_eq!(cell_stem("disp+kd+recovery", 0.3), "disp-kd-recovery-30");
+    }
+
+    #[test]
+    fn the_report_states_what_kd_and_recovery_rows_add() {
+        let plain = settings();
+        assert!(row_settings(&plain).is_none());
+        let with_rows = TableSettings { methods: vec!["disp".into(), "disp+kd".into(), "disp+recovery".into()], ..settings() };
+        let line = row_settings(&with_rows).unwrap();
+        assert!(line.contains("`+kd`: the search's loss is the KL divergence") && line.contains("temperature 1"), "{line}");
+        assert!(
+            line.contains("rank 8")
+                && line.contains("200 steps of one 8-token window (1,600 tokens)")
+                && line.contains("loss kd from the dense model"),
+            "{line}"
+        );
+        let md = markdown(&with_rows, &[cell("disp", 0.3, 10.0), cell("disp+recovery", 0.3, 5.0), cell("disp+kd", 0.3, 8.0)]);
+        assert!(md.contains(&line), "{md}");
+        assert!(md.contains("- m, text: disp+recovery is better than disp at every ratio (30 %)."), "{md}");
+        assert!(md.contains("- m, text: disp+kd is better than disp at every ratio (30 %)."), "{md}");
+        assert!(md.contains("\n| disp+recovery | – | 5.00 | – |"), "{md}");
     }
 
     /// The cells a committed report was made from (docs/data/*.cells.json), and the settings
@@ -711,7 +1000,7 @@ mod tests {
         let method_of = |label: &str| match label {
             "DISP-LLM (hypernetwork)" => "disp",
             "DISP, direct gate logits (ablation)" => "disp-direct",
-            "wanda-sp (structured Wanda)" => "wanda-sp",
+            "uniform-wanda (Wanda scores, one width)" => "uniform-wanda",
             "uniform-magnitude" => "uniform-magnitude",
             l if l.starts_with("wanda-2:4") => "wanda-2:4",
             other => panic!("README row {other:?}"),

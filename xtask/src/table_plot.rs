@@ -33,7 +33,12 @@ pub fn write_chart(settings: &TableSettings, results: &[CellResult], out: &Path)
     let width = PANEL_WIDTH * texts.len() as u32;
     let height = TITLE_HEIGHT + PANEL_HEIGHT * models.len() as u32;
     disp_plot::write_png(out, width, height, |root| {
-        let title = format!("Held-out perplexity after pruning, without retraining (search steps {})", settings.cell.steps);
+        let retrained = settings.methods.iter().any(|m| m.ends_with("+recovery"));
+        let title = if retrained {
+            format!("Held-out perplexity after pruning (search steps {}; dashed: after recovery fine-tuning)", settings.cell.steps)
+        } else {
+            format!("Held-out perplexity after pruning, without retraining (search steps {})", settings.cell.steps)
+        };
         let body = root.titled(&title, (FONT, 28))?;
         let panels = body.split_evenly((models.len(), texts.len()));
         for (index, panel) in panels.iter().enumerate() {
@@ -44,13 +49,15 @@ pub fn write_chart(settings: &TableSettings, results: &[CellResult], out: &Path)
     })
 }
 
-/// A method's colour (colour-blind safe), the same in every panel.
-fn method_colour(method: &str) -> RGBColor {
-    match method {
+/// A row's colour (colour-blind safe), the same in every panel: its method's, the `+kd` search
+/// its own; a `+recovery` row has the colour of the row it fine-tunes and is drawn dashed.
+fn method_colour(row: &str) -> RGBColor {
+    match row.strip_suffix("+recovery").unwrap_or(row) {
         "disp" => OKABE_ITO[3],
+        "disp+kd" => OKABE_ITO[6],
         "disp-direct" => OKABE_ITO[4],
         "uniform-magnitude" => OKABE_ITO[0],
-        "wanda-sp" => OKABE_ITO[2],
+        "uniform-wanda" => OKABE_ITO[2],
         "wanda-sp-mlp" => OKABE_ITO[1],
         "wanda-2:4" => OKABE_ITO[5],
         _ => OKABE_ITO[7],
@@ -106,6 +113,14 @@ fn draw_panel(settings: &TableSettings, results: &[CellResult], model: &str, tex
             continue;
         }
         let line: Vec<(f64, f64)> = dense.map(|d| (0.0, d)).into_iter().chain(points.iter().copied()).collect();
+        if method.ends_with("+recovery") {
+            chart.draw_series(points.iter().map(|&p| Circle::new(p, 4, colour.filled())))?;
+            chart
+                .draw_series(DashedLineSeries::new(line, 10, 5, colour.stroke_width(3)))?
+                .label(method.as_str())
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 10, y)], colour.stroke_width(3)));
+            continue;
+        }
         chart
             .draw_series(LineSeries::new(line, colour.stroke_width(3)).point_size(4))?
             .label(method.as_str())

@@ -97,7 +97,7 @@ fn quick_table_on_tiny_models_has_the_layout_and_hits_every_ratio() {
     assert!(md.contains("| method | 0 % | 30 % | 50 % |"), "{md}");
     assert!(md.contains("## Which orderings reproduce") && md.contains("- llama, heldout: disp is better than"), "{md}");
     assert!(md.contains("DISP-LLM | | 6.10 | 6.85 | 8.11 | 9.84"), "the paper's numbers for context");
-    for method in ["disp", "disp-direct", "uniform-magnitude", "wanda-sp", "wanda-sp-mlp", "wanda-2:4"] {
+    for method in ["disp", "disp-direct", "uniform-magnitude", "uniform-wanda", "wanda-sp-mlp", "wanda-2:4"] {
         assert!(md.contains(&format!("\n| {method} | ")), "row {method} missing: {md}");
     }
     assert!(md.contains(" on ") && md.contains("logical cores"), "when and where the cells ran: {md}");
@@ -164,4 +164,97 @@ fn quick_table_on_tiny_models_has_the_layout_and_hits_every_ratio() {
     let stdout = String::from_utf8_lossy(&second.stdout);
     assert!(stdout.contains("(23 cached)"), "{stdout}");
     assert!(!stdout.contains("done in"), "nothing recomputed: {stdout}");
+}
+
+/// `+kd` and `+recovery` rows: the KD search records its loss in its plan, a recovery row
+/// fine-tunes the plan of the row it names (reused from the cache, not searched again), and its
+/// perplexity is what export + `disp finetune` + `disp eval` give by hand with the same settings.
+#[test]
+fn distillation_and_recovery_rows_are_the_commands_they_stand_for() {
+    let tmp = tempfile::tempdir().unwrap();
+    let llama = model_with_tokenizer(tmp.path(), "llama_gqa_tied");
+    let calib = text(tmp.path(), "calib.txt", 1);
+    let heldout = text(tmp.path(), "heldout.txt", 2);
+    let task = tmp.path().join("task.jsonl");
+    std::fs::write(&task, serde_json::json!({"context": "the river", "choices": [" ran past", " a house"], "gold": 0}).to_string()).unwrap();
+    let cache = tmp.path().join("cache");
+    let report = tmp.path().join("results.md");
+    let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .args(["reproduce-table", "--seq-len", "32", "--steps", "3", "--eval-windows", "2", "--ratios", "0.3"])
+        .args(["--tasks", task.to_str().unwrap()])
+        .args(["--methods", "disp,disp+kd,disp+recovery,uniform-magnitude+recovery", "--recovery-steps", "2", "--recovery-learning-rate", "0.01"])
+        .args(["--models", &format!("llama={}", llama.display())])
+        .args(["--calibration", calib.to_str().unwrap()])
+        .args(["--heldout", &format!("heldout={}", heldout.display())])
+        .args(["--disp", disp_binary().to_str().unwrap()])
+        .args(["--cache", cache.to_str().unwrap(), "--out", report.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("the plan of disp (cached)"), "disp+recovery reuses the disp plan: {stdout}");
+    let cell = |stem: &str| -> serde_json::Value { serde_json::from_str(&std::fs::read_to_string(cache.join("llama").join(stem)).unwrap()).unwrap() };
+    let (disp, kd, recovered) = (cell("disp-30.json"), cell("disp-kd-30.json"), cell("disp-recovery-30.json"));
+    assert_eq!(recovered["achieved_ratio"], disp["achieved_ratio"]);
+    assert!(recovered["recovery_seconds"].as_f64().unwrap() > 0.0);
+    assert_ne!(recovered["perplexity"]["heldout"], disp["perplexity"]["heldout"], "the recovered folder is what was evaluated");
+    let kd_plan: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(cache.join("llama/disp-kd-30.plan.json")).unwrap()).unwrap();
+    assert_eq!(kd_plan["search"]["loss"], "kd", "{}", kd_plan["search"]);
+    assert!(kd["perplexity"]["heldout"].as_f64().unwrap().is_finite());
+    // uniform-magnitude+recovery has no cached plan to reuse: it prunes, then fine-tunes.
+    assert!(cache.join("llama/uniform-magnitude-recovery-30.plan.json").is_file());
+    assert!(!cache.join("llama/disp-recovery-30.recovered").exists(), "the fine-tuned copy is removed after evaluation");
+    let md = std::fs::read_to_string(&report).unwrap();
+    assert!(md.contains("`+recovery`: the pruned folder fine-tuned with LoRA (rank 8"), "{md}");
+    assert!(md.contains("\n| disp+recovery | "), "{md}");
+
+    // By hand: export the disp plan, fine-tune it with the settings the cell records, evaluate.
+    let run = |args: &[&str]| {
+        let out = Command::new(disp_binary()).args(args).output().unwrap();
+        assert!(out.status.success(), "disp {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let (pruned, tuned) = (tmp.path().join("pruned"), tmp.path().join("tuned"));
+    let plan = cache.join("llama/disp-30.plan.json");
+    run(&["export", "--model", llama.to_str().unwrap(), "--plan", plan.to_str().unwrap(), "--out", pruned.to_str().unwrap()]);
+    let settings = &recovered["settings"];
+    let s = |v: &serde_json::Value| v.to_string().trim_matches('"').to_string();
+    let steps = s(&settings["recovery"]["steps"]);
+    let (rank, lr, loss) = (s(&settings["recovery"]["rank"]), s(&settings["recovery"]["learning_rate"]), s(&settings["recovery"]["loss"]));
+    run(&[
+        "finetune",
+        "--model",
+        pruned.to_str().unwrap(),
+        "--teacher",
+        llama.to_str().unwrap(),
+        "--data",
+        calib.to_str().unwrap(),
+        "--steps",
+        &steps,
+        "--rank",
+        &rank,
+        "--learning-rate",
+        &lr,
+        "--loss",
+        &loss,
+        "--seq-len",
+        "32",
+        "--out",
+        tuned.to_str().unwrap(),
+    ]);
+    let eval = run(&[
+        "eval",
+        "ppl",
+        "--model",
+        tuned.to_str().unwrap(),
+        "--text",
+        heldout.to_str().unwrap(),
+        "--seq-len",
+        "32",
+        "--max-windows",
+        "2",
+        "--json",
+    ]);
+    let eval: serde_json::Value = serde_json::from_str(eval.trim()).unwrap();
+    assert_eq!(recovered["perplexity"]["heldout"], eval["perplexity"]);
 }

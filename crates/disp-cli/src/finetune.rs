@@ -42,9 +42,9 @@ pub struct FinetuneArgs {
     /// Which block linears get adapters.
     #[arg(long, value_delimiter = ',', default_value = "q,k,v,o,gate,up,down")]
     targets: Vec<LoraTarget>,
-    /// AdamW learning rate of the adapters.
-    #[arg(long, default_value_t = 5e-4, allow_negative_numbers = true)]
-    lr: f64,
+    /// AdamW learning rate of the adapters (`--lr` also works).
+    #[arg(long, alias = "lr", default_value_t = 5e-4, allow_negative_numbers = true)]
+    learning_rate: f64,
     #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     weight_decay: f64,
     /// lm (next-token cross-entropy on --data), kd (KL from --teacher's distribution) or lm+kd.
@@ -91,7 +91,7 @@ pub fn finetune(device: DeviceChoice, args: FinetuneArgs) -> Result<()> {
             rank: args.rank,
             alpha: args.alpha,
             targets: args.targets.clone(),
-            learning_rate: args.lr,
+            learning_rate: args.learning_rate,
             weight_decay: args.weight_decay,
             batch_size: args.batch_size,
             seed: args.seed,

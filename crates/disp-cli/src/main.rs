@@ -151,7 +151,7 @@ struct PruneArgs {
     ratio_of: RatioOf,
     #[arg(long, value_parser = method_parser(), default_value = "disp")]
     method: Method,
-    /// Calibration text files (disp, disp-direct, wanda-sp, wanda-sp-mlp and wanda-2:4 need them).
+    /// Calibration text files (disp, disp-direct, uniform-wanda, wanda-sp-mlp and wanda-2:4 need them).
     #[arg(long, num_args = 1..)]
     data: Vec<PathBuf>,
     /// Calibration windows the activation statistics of the wanda methods are computed on,

@@ -261,7 +261,21 @@ fn a_non_finite_weight_is_named_by_every_command() {
         vec!["inspect", s(&model)],
         vec!["export", "--model", s(&model), "--plan", s(&plan), "--out", s(&exported)],
         vec!["prune", "--model", s(&model), "--ratio", "0.2", "--method", "uniform-magnitude", "--out", s(&new_plan)],
-        vec!["prune", "--model", s(&model), "--ratio", "0.2", "--method", "wanda-sp", "--data", s(&text), "--seq-len", "16", "--out", s(&new_plan)],
+        vec![
+            "prune",
+            "--model",
+            s(&model),
+            "--ratio",
+            "0.2",
+            "--method",
+            "uniform-wanda",
+            "--data",
+            s(&text),
+            "--seq-len",
+            "16",
+            "--out",
+            s(&new_plan),
+        ],
     ];
     for args in commands {
         let out = disp(&args);

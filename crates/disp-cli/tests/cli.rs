@@ -384,14 +384,14 @@ fn prune_disp_direct_lands_on_the_ratio() {
 
 #[test]
 fn prune_wanda_sp_lands_on_the_ratio_with_a_window_sample() {
-    let json = prune_plan("wanda-sp", &["--ratio", "0.2", "--ratio-of", "blocks", "--calibration-windows", "3"]);
-    assert_eq!(json["method"], "wanda-sp");
+    let json = prune_plan("uniform-wanda", &["--ratio", "0.2", "--ratio-of", "blocks", "--calibration-windows", "3"]);
+    assert_eq!(json["method"], "uniform-wanda");
     // 4000 bytes are 125 windows of 32 tokens: 3 are sampled.
     assert_eq!(json["search"]["windows"], 3);
     assert_eq!(json["search"]["windows_available"], 125);
     assert_eq!(json["search"]["tokens"], 3 * 32);
     let achieved = json["achieved_ratio"].as_f64().unwrap();
-    assert!((achieved - 0.2).abs() <= 0.005, "wanda-sp removed {achieved} of the blocks, target 0.2");
+    assert!((achieved - 0.2).abs() <= 0.005, "uniform-wanda removed {achieved} of the blocks, target 0.2");
     let first = &json["layers"][0]["attn_in"];
     assert!(json["layers"].as_array().unwrap().iter().all(|l| &l["attn_in"] == first), "one embedding subset");
 }
@@ -423,7 +423,7 @@ fn wanda_2_4_without_export_is_a_one_line_error() {
     assert!(!plan.exists() && !exported.exists());
     let out = disp(&["prune", "--model", s(&model), "--method", "uniform-magnitude", "--out", s(&plan)]);
     assert_one_line_error(&out, &["--ratio is required"]);
-    let out = disp(&["prune", "--model", s(&model), "--method", "wanda-sp", "--ratio", "0.2", "--out", s(&plan)]);
+    let out = disp(&["prune", "--model", s(&model), "--method", "uniform-wanda", "--ratio", "0.2", "--out", s(&plan)]);
     assert_one_line_error(&out, &["--data", "needs at least one calibration text file"]);
 }
 

@@ -1,5 +1,5 @@
 //! Per-channel activation norms over calibration windows, for the calibration-aware baselines
-//! (`wanda-sp`, `wanda-2:4`). The model runs in masked mode with recording all-ones gates
+//! (`uniform-wanda`, `wanda-2:4`). The model runs in masked mode with recording all-ones gates
 //! (`BlockGates::recording`), which computes exactly the dense function; see
 //! `disp_core::activations` for what is recorded where.
 

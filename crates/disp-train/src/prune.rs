@@ -28,7 +28,7 @@ pub enum Method {
     UniformMagnitude,
     /// Structured Wanda: |W|·‖X‖ scores on calibration data, uniform widths (the paper's
     /// "regular structural pruning" with Wanda scores).
-    WandaSp,
+    UniformWanda,
     /// FLAP's Wanda-sp restricted to MLP channels: per-block channel scores, uniform count.
     WandaSpMlp,
     /// Semi-structured Wanda: 2 of every 4 input weights zeroed in every block linear.
@@ -52,14 +52,15 @@ pub struct MethodInfo {
 }
 
 impl Method {
-    pub const ALL: [Method; 6] = [Method::Disp, Method::DispDirect, Method::UniformMagnitude, Method::WandaSp, Method::WandaSpMlp, Method::Wanda24];
+    pub const ALL: [Method; 6] =
+        [Method::Disp, Method::DispDirect, Method::UniformMagnitude, Method::UniformWanda, Method::WandaSpMlp, Method::Wanda24];
 
     pub fn name(self) -> &'static str {
         match self {
             Method::Disp => "disp",
             Method::DispDirect => "disp-direct",
             Method::UniformMagnitude => "uniform-magnitude",
-            Method::WandaSp => "wanda-sp",
+            Method::UniformWanda => "uniform-wanda",
             Method::WandaSpMlp => "wanda-sp-mlp",
             Method::Wanda24 => "wanda-2:4",
         }
@@ -74,7 +75,7 @@ impl Method {
             Method::Disp => "the hypernetwork search of DISP-LLM",
             Method::DispDirect => "DISP-LLM's ablation: the same search, learning the gate logits directly (no hypernetwork)",
             Method::UniformMagnitude => "regular structural pruning: one embedding subset for all blocks, by weight magnitude",
-            Method::WandaSp => {
+            Method::UniformWanda => {
                 "regular structural pruning with Wanda scores: |W|·‖X‖ on calibration data, one embedding subset and one MLP width for all blocks"
             }
             Method::WandaSpMlp => {
@@ -93,7 +94,7 @@ impl Method {
     }
 
     pub fn uses_activation_statistics(self) -> bool {
-        matches!(self, Method::WandaSp | Method::WandaSpMlp | Method::Wanda24)
+        matches!(self, Method::UniformWanda | Method::WandaSpMlp | Method::Wanda24)
     }
 
     pub fn makes_plan(self) -> bool {
@@ -224,11 +225,11 @@ pub fn prune(
     shape.kept_block_fraction(ratio, request.ratio_of)?;
     let mut plan = match request.method {
         Method::UniformMagnitude => crate::uniform::uniform_magnitude_plan(model.as_ref(), ratio, request.ratio_of)?,
-        Method::WandaSp | Method::WandaSpMlp => {
+        Method::UniformWanda | Method::WandaSpMlp => {
             let all = calibration()?;
             let available = all.len();
             let windows = evenly_spaced(all, request.calibration_windows);
-            let mut plan = if request.method == Method::WandaSp {
+            let mut plan = if request.method == Method::UniformWanda {
                 crate::wanda::wanda_sp_plan(model.as_ref(), &windows, ratio, request.ratio_of)?
             } else {
                 crate::wanda::wanda_sp_mlp_plan(model.as_ref(), &windows, ratio, request.ratio_of)?
@@ -318,7 +319,7 @@ mod tests {
             assert_eq!(m.makes_plan(), m != Method::Wanda24, "{}", m.name());
         }
         assert_eq!(Method::from_name("wanda"), None);
-        assert!(Method::Disp.searches() && Method::DispDirect.searches() && !Method::WandaSp.searches());
+        assert!(Method::Disp.searches() && Method::DispDirect.searches() && !Method::UniformWanda.searches());
         assert!(!Method::UniformMagnitude.uses_calibration());
     }
 
@@ -344,14 +345,14 @@ mod tests {
         assert!(err(PruneRequest { ratio: Some(1.0), ..request(Method::Disp) }).contains("strictly between 0 and 1"));
         assert!(err(PruneRequest { ratio: Some(-0.1), ..request(Method::Disp) }).contains("got -0.1"));
         assert!(err(PruneRequest { ratio: Some(f64::NAN), ..request(Method::Disp) }).contains("strictly between 0 and 1"));
-        assert!(err(PruneRequest { ratio: None, ..request(Method::WandaSp) }).contains("--ratio is required for wanda-sp"));
+        assert!(err(PruneRequest { ratio: None, ..request(Method::UniformWanda) }).contains("--ratio is required for uniform-wanda"));
         assert!(err(PruneRequest { plan_out: None, ..request(Method::Disp) }).contains("--out PLAN.json"));
         assert!(err(PruneRequest { search: SearchConfig { steps: 0, ..Default::default() }, ..request(Method::Disp) }).contains("--steps"));
-        assert!(err(PruneRequest { calibration_windows: 0, ..request(Method::WandaSp) }).contains("--calibration-windows"));
+        assert!(err(PruneRequest { calibration_windows: 0, ..request(Method::UniformWanda) }).contains("--calibration-windows"));
         assert!(err(PruneRequest { data: vec![], ..request(Method::Disp) }).contains("--data"));
         let kd = SearchConfig { objective: crate::Objective::Kd, ..request(Method::Disp).search };
         PruneRequest { search: kd.clone(), ..request(Method::DispDirect) }.check().unwrap();
-        assert!(err(PruneRequest { search: kd, ..request(Method::WandaSp) }).contains("--loss kd: only the searches"));
+        assert!(err(PruneRequest { search: kd, ..request(Method::UniformWanda) }).contains("--loss kd: only the searches"));
         PruneRequest { data: vec![], ..request(Method::UniformMagnitude) }.check().unwrap();
         assert!(err(request(Method::Wanda24)).contains("use --export DIR"));
         let sparse = PruneRequest { export: Some(("out".into(), ExportFormat::Pruned)), ..request(Method::Wanda24) };

@@ -2,7 +2,7 @@
 //! the comparison the paper makes. Every block reads and writes the SAME subset of embedding
 //! dimensions (S1 = S2 = S3 = S5 = E for all layers, as SliceGPT-style slicing does) and keeps
 //! the same MLP width, ranked by weight magnitude. No calibration data and no training. The
-//! uniform-width rule is shared with `wanda-sp`, which ranks by activation-weighted scores.
+//! uniform-width rule is shared with `uniform-wanda`, which ranks by activation-weighted scores.
 
 use anyhow::Result;
 use burn::tensor::{DType, Tensor};

@@ -1,7 +1,7 @@
 //! Wanda-style baselines: weight magnitude times input activation norm (Sun et al., "A Simple
 //! and Effective Pruning Approach for Large Language Models"), scored on calibration windows.
 //!
-//! * `wanda-sp` (structured): per-position scores of every block's five sets, then the same
+//! * `uniform-wanda` (structured): per-position scores of every block's five sets, then the same
 //!   uniform-width rule as `uniform-magnitude` (one embedding subset shared by all blocks, one
 //!   MLP width), so it is directly comparable at the same parameter count. This is the
 //!   DISP-LLM paper's "regular structural pruning" with Wanda scores, not the Wanda-sp of FLAP
@@ -61,7 +61,7 @@ fn activation_weighted_rows(weights: &[HostWeight], input_norms: &[f32]) -> Vec<
     total.iter().zip(input_norms).map(|(&t, &n)| (t * n as f64) as f32).collect()
 }
 
-/// The `wanda-sp` scores of one block, per site S1..S5 (see the module documentation).
+/// The `uniform-wanda` scores of one block, per site S1..S5 (see the module documentation).
 /// `attn_inputs` are q, k, v; `mlp_inputs` gate and up (or fc1); `mlp_output` down (or fc2).
 pub fn wanda_sp_scores(
     attn_inputs: &[HostWeight],
@@ -78,7 +78,7 @@ pub fn wanda_sp_scores(
     ]
 }
 
-/// The `wanda-sp` plan: activation-aware scores on `windows`, then the uniform-width selection
+/// The `uniform-wanda` plan: activation-aware scores on `windows`, then the uniform-width selection
 /// of `uniform-magnitude` at the exact parameter count of `target_ratio`.
 pub fn wanda_sp_plan(model: &dyn CausalLm, windows: &[Vec<u32>], target_ratio: f64, ratio_of: RatioOf) -> Result<PruningPlan> {
     let shape = model.model_shape();
@@ -98,7 +98,7 @@ pub fn wanda_sp_plan(model: &dyn CausalLm, windows: &[Vec<u32>], target_ratio: f
     Ok(PruningPlan::from_layers(
         model.identity(),
         &shape,
-        "wanda-sp",
+        "uniform-wanda",
         ratio_of,
         target_ratio,
         layers,

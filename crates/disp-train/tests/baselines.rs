@@ -150,13 +150,13 @@ fn wanda_sp_plan_is_uniform_width_at_the_target_and_ranks_by_activations() {
     let model = load("llama_gqa_tied");
     let data = windows(4, 32, 4);
     let plan = disp_train::wanda::wanda_sp_plan(model.as_ref(), &data, 0.2, RatioOf::Blocks).unwrap();
-    assert_eq!(plan.method, "wanda-sp");
+    assert_eq!(plan.method, "uniform-wanda");
     plan.validate(&model.identity(), &model.model_shape()).unwrap();
     let uniform = disp_train::uniform::uniform_magnitude_plan(model.as_ref(), 0.2, RatioOf::Blocks).unwrap();
     // Same selection rule, so the same widths and the same exact parameter count...
     assert_eq!(plan.widths(), uniform.widths());
     assert_eq!(plan.pruned_params, uniform.pruned_params);
-    eprintln!("wanda-sp removed {} of the blocks (target 0.2)", plan.achieved_ratio);
+    eprintln!("uniform-wanda removed {} of the blocks (target 0.2)", plan.achieved_ratio);
     assert!((plan.achieved_ratio - 0.2).abs() <= 0.005, "removed {}", plan.achieved_ratio);
     for l in &plan.layers {
         assert_eq!(l.attn_in, plan.layers[0].attn_in, "one embedding subset for all blocks");
