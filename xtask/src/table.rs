@@ -983,7 +983,11 @@ mod tests {
     #[test]
     fn docs_tables_are_what_the_generator_writes_from_the_committed_cells() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-        for (doc, cells) in [("docs/results.md", "results.cells.json"), ("docs/results-tiny.md", "results-tiny.cells.json")] {
+        for (doc, cells) in [
+            ("docs/results.md", "results.cells.json"),
+            ("docs/results-tiny.md", "results-tiny.cells.json"),
+            ("docs/results-recovery.md", "results-recovery.cells.json"),
+        ] {
             let (settings, results) = committed_cells(cells);
             let written = std::fs::read_to_string(root.join(doc)).unwrap();
             let generated = markdown(&settings, &results);
