@@ -48,9 +48,14 @@ pub struct Row {
 
 impl Row {
     /// Parses `METHOD[+kd][+recovery]` against the methods `disp` offers.
+    /// The method part of a row name (`disp` of `disp+kd+recovery`).
+    fn method_of(name: &str) -> &str {
+        name.split('+').next().unwrap_or_default()
+    }
+
     pub fn parse(name: &str, registry: &[MethodInfo]) -> Result<Row> {
-        let mut parts = name.split('+');
-        let method = parts.next().unwrap_or_default().to_string();
+        let method = Self::method_of(name).to_string();
+        let parts = name.split('+').skip(1);
         let info = registry.iter().find(|m| m.name == method).ok_or_else(|| {
             let names: Vec<&str> = registry.iter().map(|r| r.name.as_str()).collect();
             anyhow!("--methods {name}: unknown method '{method}' (expected one of {}, each optionally +kd and/or +recovery)", names.join(", "))
@@ -138,6 +143,13 @@ pub struct RecoverySettings {
     pub loss: String,
 }
 
+impl RecoverySettings {
+    /// Whether the recovery distils from the dense model (loss kd or lm+kd).
+    fn distils(&self) -> bool {
+        self.loss.contains("kd")
+    }
+}
+
 impl Default for RecoverySettings {
     fn default() -> Self {
         RecoverySettings { steps: 200, learning_rate: 5e-4, rank: 8, loss: "kd".into() }
@@ -202,7 +214,7 @@ impl TableSettings {
 
     /// The registry entry of a row's method; none for "dense".
     fn info(&self, row: &str) -> Option<&MethodInfo> {
-        let method = row.split('+').next().unwrap_or_default();
+        let method = Row::method_of(row);
         self.registry.iter().find(|m| m.name == method)
     }
 
@@ -223,7 +235,7 @@ impl TableSettings {
         let parsed = self.row(row).ok().flatten();
         Relevant {
             search: self.searches(row),
-            kd: parsed.as_ref().is_some_and(|r| r.kd || (r.recovery && recovery_uses_kd(&self.cell.recovery))),
+            kd: parsed.as_ref().is_some_and(|r| r.kd || (r.recovery && self.cell.recovery.distils())),
             recovery: parsed.is_some_and(|r| r.recovery),
         }
     }
@@ -231,10 +243,6 @@ impl TableSettings {
     fn cell_path(&self, model: &ModelSpec, method: &str, ratio: f64) -> PathBuf {
         self.cache.join(&model.name).join(format!("{}.json", cell_stem(method, ratio)))
     }
-}
-
-fn recovery_uses_kd(recovery: &RecoverySettings) -> bool {
-    recovery.loss.contains("kd")
 }
 
 /// The parts of [`CellSettings`] a row depends on besides the evaluation.
@@ -660,7 +668,7 @@ fn row_settings(settings: &TableSettings) -> Option<String> {
             cell.seq_len,
             crate::util::thousands((r.steps * cell.seq_len) as u64),
             r.loss,
-            if recovery_uses_kd(r) { " from the dense model" } else { "" },
+            if r.distils() { " from the dense model" } else { "" },
             r.learning_rate
         ));
     }
