@@ -9,7 +9,7 @@
 //! [`Ends`] around the blocks.
 
 use anyhow::{bail, Result};
-use burn::tensor::{DType, Device, Int, Tensor};
+use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 use disp_core::params::{BlockShape, MlpKind, ModelShape};
 use disp_core::plan::PruningPlan;
 use disp_core::selection::{BlockGates, IndexTensors, Selector, Site};
@@ -535,7 +535,14 @@ impl CausalLm for DecoderLm {
     }
 
     fn logits(&self, hidden: Tensor<3>) -> Tensor<3> {
-        self.ends.head.forward(hidden)
+        let head = &self.ends.head;
+        if crate::host_forward::covers_head(self, &hidden) {
+            let [batch, seq, _] = hidden.dims();
+            let values = hidden.into_data().try_into_vec::<f32>().expect("f32 activations");
+            let logits = crate::host_search::head_logits(head, &values, batch * seq);
+            return Tensor::from_data(TensorData::new(logits, [batch, seq, head.outputs()]), &self.device);
+        }
+        head.forward(hidden)
     }
 
     fn embed(&self, tokens: Tensor<2, Int>) -> Tensor<3> {

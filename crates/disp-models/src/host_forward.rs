@@ -6,14 +6,17 @@
 //! matrix products. Here the residual stream stays one `Vec<f32>` `[B·T, d]` through all
 //! blocks: norms, the rotary embedding, the activation and the residual adds are single loops,
 //! the linears are one `gemm` call each straight on the stored weights (borrowed from burn's
-//! buffer when it is f32, converted per matrix otherwise), and attention reads q/k/v in place
-//! ([`crate::host_attention::causal_attention_rows`]).
+//! buffer when it is f32, converted per matrix otherwise; a single row, as in decoding, is split
+//! by columns across the threads, see [`crate::host_search::gemm`]), and attention reads q/k/v in
+//! place ([`crate::host_attention::causal_attention_rows`]). The head's logits (the last
+//! position of a prompt, each decoding step) are one such product too ([`covers_head`]).
 //!
 //! Covered: dense and pruned blocks of every wiring (pre-norm, OPT post-norm, Phi parallel),
 //! RMSNorm and LayerNorm, biases, SiLU / ReLU / tanh-GELU, full and partial rotary, q/k norms,
 //! sliding windows, batches, and a prompt that fills an empty KV cache. Not covered (the generic
-//! burn path runs instead): gates (the search, which needs autodiff), a KV cache that already
-//! holds positions (decoding), the exact erf GELU, and every device but the plain CPU one.
+//! burn path runs instead): gates (the search, which needs autodiff), a KV cache of burn tensors
+//! that already holds positions (batch > 1 decoding; batch 1 continues its host rows), the exact
+//! erf GELU, and every device but the plain CPU one.
 
 use std::cell::Cell;
 
@@ -25,7 +28,8 @@ use rayon::prelude::*;
 
 use crate::decoder::{Block, BlockNorms, DecoderLm, Norm};
 use crate::host_attention::{causal_attention_rows, AttentionShape};
-use crate::layers::{Activation, KvCache, Linear};
+use crate::host_search::linear;
+use crate::layers::{Activation, KvCache};
 
 thread_local! {
     static HOST_PATH: Cell<bool> = const { Cell::new(true) };
@@ -57,6 +61,16 @@ pub(crate) fn covers(model: &DecoderLm, gated: bool, seq: usize, start: usize, h
         && !model.device.is_autodiff()
         && model.device == Device::flex()
         && !has_tracked_weights(model)
+}
+
+/// Whether [`crate::host_search::head_logits`] computes the head on `hidden`: plain CPU device,
+/// nothing tracked by autodiff (fine-tuning's hidden states are), f32 activations.
+pub(crate) fn covers_head(model: &DecoderLm, hidden: &Tensor<3>) -> bool {
+    enabled()
+        && model.device == Device::flex()
+        && !hidden.device().is_autodiff()
+        && !model.ends.head.weight.device().is_autodiff()
+        && hidden.dtype() == burn::tensor::DType::F32
 }
 
 /// Whether a block linear holds a weight on the autodiff device (fine-tuning puts W + A·B there):
@@ -96,45 +110,6 @@ impl HostValues {
 
 fn indices(kept: &Tensor<1, Int>) -> Vec<usize> {
     kept.clone().into_data().convert::<i64>().try_into_vec::<i64>().expect("i64 indices").into_iter().map(|i| i as usize).collect()
-}
-
-/// `x·W + b` for `x` `[rows, in]`: one gemm on the stored `[in, out]` weight.
-fn linear(layer: &Linear, x: &[f32], rows: usize) -> Vec<f32> {
-    let (inputs, outputs) = (layer.inputs(), layer.outputs());
-    assert_eq!(x.len(), rows * inputs);
-    let weight = HostValues::of(&layer.weight);
-    let w = weight.values();
-    let mut out = vec![0f32; rows * outputs];
-    // SAFETY: out is [rows, outputs], x [rows, inputs], w [inputs, outputs], all row-major.
-    unsafe {
-        gemm::gemm(
-            rows,
-            outputs,
-            inputs,
-            out.as_mut_ptr(),
-            1,
-            outputs as isize,
-            false,
-            x.as_ptr(),
-            1,
-            inputs as isize,
-            w.as_ptr(),
-            1,
-            outputs as isize,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::Rayon(rayon::current_num_threads()),
-        );
-    }
-    if let Some(bias) = &layer.bias {
-        let bias = HostValues::of(bias);
-        let b = bias.values();
-        out.par_chunks_mut(outputs).for_each(|row| row.iter_mut().zip(b).for_each(|(y, b)| *y += b));
-    }
-    out
 }
 
 /// Normalises every `width`-long row of `x` in place, as [`Norm::forward`] does.
@@ -372,10 +347,11 @@ pub(crate) fn summed_nll(model: &DecoderLm, tokens: &[u32], batch: usize) -> Opt
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::layers::Linear;
     use burn::tensor::DType;
 
     #[test]
-    fn a_half_precision_weight_is_converted_per_matrix_and_gives_the_f32_product() {
+    fn a_half_precision_weight_gives_the_f32_product_of_the_same_values() {
         let device = Device::flex();
         let (rows, inputs, outputs) = (3, 5, 4);
         // Values exact in bf16, so both products see the same weights.
@@ -385,8 +361,6 @@ mod tests {
         let bias = Some(Tensor::<1>::from_data(TensorData::new(vec![0.5f32, -1.0, 0.25, 2.0], [outputs]), &device));
         let full = Linear { weight: f32_weight.clone(), bias: bias.clone() };
         let half = Linear { weight: f32_weight.cast(DType::BF16), bias };
-        assert!(matches!(HostValues::of(&full.weight), HostValues::Borrowed(_)));
-        assert!(matches!(HostValues::of(&half.weight), HostValues::Owned(_)));
         let expected: Vec<f32> = (0..rows)
             .flat_map(|r| {
                 let (x, w) = (&x, &w);

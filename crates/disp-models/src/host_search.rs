@@ -88,7 +88,16 @@ fn vector(tensor: &Tensor<1>) -> Vec<f32> {
 /// `dst[m, n] (+)= lhs[m, k] · rhs[k, n]`, each operand given as (values, row stride, column
 /// stride); `dst` is row-major with row stride `dst_row`.
 #[allow(clippy::too_many_arguments)]
-fn gemm(m: usize, n: usize, k: usize, dst: &mut [f32], dst_row: usize, accumulate: bool, lhs: (&[f32], usize, usize), rhs: (&[f32], usize, usize)) {
+pub(crate) fn gemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    dst_row: usize,
+    accumulate: bool,
+    lhs: (&[f32], usize, usize),
+    rhs: (&[f32], usize, usize),
+) {
     if m == 0 || n == 0 {
         return;
     }
@@ -96,8 +105,43 @@ fn gemm(m: usize, n: usize, k: usize, dst: &mut [f32], dst_row: usize, accumulat
     if k > 0 {
         assert!(lhs.0.len() > (m - 1) * lhs.1 + (k - 1) * lhs.2 && rhs.0.len() > (k - 1) * rhs.1 + (n - 1) * rhs.2);
     }
-    let parallelism = if m * n * k > 1 << 18 { gemm::Parallelism::Rayon(rayon::current_num_threads()) } else { gemm::Parallelism::None };
-    // SAFETY: the asserts above bound every element each operand's strides reach.
+    let threads = rayon::current_num_threads();
+    let large = m * n * k > 1 << 18;
+    if m == 1 && large && threads > 1 && n >= 2 * GEMV_MIN_COLUMNS {
+        // gemm runs a single row (a decode step, the head of the last position) as a one-thread
+        // gemv, which is bound by reading the weights: split the columns so that every thread
+        // streams its share of each weight row.
+        let chunk = n.div_ceil(threads).next_multiple_of(GEMV_MIN_COLUMNS);
+        dst[..n].par_chunks_mut(chunk).enumerate().for_each(|(i, part)| {
+            let first = i * chunk;
+            let rhs = (&rhs.0[first * rhs.2..], rhs.1, rhs.2);
+            gemm_call(1, part.len(), k, part, dst_row, accumulate, lhs, rhs, gemm::Parallelism::None);
+        });
+        return;
+    }
+    let parallelism = if large { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    gemm_call(m, n, k, dst, dst_row, accumulate, lhs, rhs, parallelism);
+}
+
+/// Columns of one thread's share of a single-row product, at least (a multiple of the AVX-512
+/// width, and enough to amortise the task).
+const GEMV_MIN_COLUMNS: usize = 64;
+
+/// [`gemm`] after its bounds checks.
+#[allow(clippy::too_many_arguments)]
+fn gemm_call(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    dst_row: usize,
+    accumulate: bool,
+    lhs: (&[f32], usize, usize),
+    rhs: (&[f32], usize, usize),
+    parallelism: gemm::Parallelism,
+) {
+    // SAFETY: `gemm` asserted that every element each operand's strides reach is in bounds (a
+    // column share of `rhs` starts inside it and reaches no further than the whole).
     unsafe {
         gemm::gemm(
             m,
@@ -123,8 +167,9 @@ fn gemm(m: usize, n: usize, k: usize, dst: &mut [f32], dst_row: usize, accumulat
     }
 }
 
-/// `x·W + b`, `x` `[rows, in]`.
-fn linear(layer: &Linear, x: &[f32], rows: usize) -> Vec<f32> {
+/// `x·W + b`, `x` `[rows, in]`: one gemm straight on the stored weight (borrowed from burn's
+/// buffer when it is f32, converted per matrix otherwise).
+pub(crate) fn linear(layer: &Linear, x: &[f32], rows: usize) -> Vec<f32> {
     let (inputs, outputs) = (layer.inputs(), layer.outputs());
     let w = Matrix::of(&layer.weight);
     let mut out = vec![0f32; rows * outputs];
@@ -617,6 +662,21 @@ pub(crate) fn head_loss(head: &Linear, hidden: &[f32], tokens: &[u32], seq: usiz
     (loss / predicted as f64, d_hidden)
 }
 
+/// The head's logits `[rows, vocab]` of `hidden` `[rows, width]` (a bf16 head converted in
+/// blocks of columns, as in [`head_loss`]).
+pub(crate) fn head_logits(head: &Linear, hidden: &[f32], rows: usize) -> Vec<f32> {
+    let (width, vocab) = (head.inputs(), head.outputs());
+    assert_eq!(hidden.len(), rows * width);
+    let mut logits = vec![0f32; rows * vocab];
+    for_head_columns(&head.weight, Matrix::borrowed(&head.weight).as_ref(), |start, columns, w| {
+        gemm(rows, columns, width, &mut logits[start..], vocab, false, (hidden, width, 1), (w.values(), w.row, w.col));
+    });
+    if let Some(bias) = head.bias.as_ref().map(vector) {
+        logits.par_chunks_mut(vocab).for_each(|row| row.iter_mut().zip(&bias).for_each(|(z, b)| *z += b));
+    }
+    logits
+}
+
 /// Calls `f(first column, columns, matrix)` over the head's weight `[width, vocab]`: once with
 /// `whole` when the weight is an f32 buffer already, else per block of columns converted to f32
 /// one at a time, so that a bf16 head is never whole in f32 (a 7B-wide head over SmolLM2's
@@ -637,6 +697,52 @@ fn for_head_columns(weight: &Tensor<2>, whole: Option<&Matrix>, mut f: impl FnMu
 mod tests {
     use super::*;
     use burn::tensor::{DType, TensorData};
+
+    /// A single-row product split across threads (three, so the shares are uneven) equals the
+    /// plain sum, for a row-major weight and for a transposed one (a tied head), accumulating or
+    /// not.
+    #[test]
+    fn a_single_row_split_across_threads_equals_the_plain_sum() {
+        let (k, n) = (300, 1000);
+        assert!(k * n > 1 << 18 && n >= 2 * GEMV_MIN_COLUMNS, "the shape takes the split path");
+        let x: Vec<f32> = (0..k).map(|i| ((i * 7 % 23) as f32 - 11.0) / 13.0).collect();
+        let w: Vec<f32> = (0..k * n).map(|i| ((i * 31 % 97) as f32 - 48.0) / 50.0).collect();
+        let transposed: Vec<f32> = (0..n * k).map(|i| w[(i % k) * n + i / k]).collect();
+        let expected: Vec<f32> = (0..n).map(|j| (0..k).map(|i| x[i] * w[i * n + j]).sum::<f32>() + 1.0).collect();
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().expect("a pool");
+        for (values, row, col) in [(&w, n, 1), (&transposed, 1, k)] {
+            let mut out = vec![1f32; n];
+            pool.install(|| gemm(1, n, k, &mut out, n, true, (&x, k, 1), (values, row, col)));
+            let worst = out.iter().zip(&expected).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(worst < 1e-4, "max difference {worst} (rhs strides {row}, {col})");
+            pool.install(|| gemm(1, n, k, &mut out, n, false, (&x, k, 1), (values, row, col)));
+            let worst = out.iter().zip(&expected).map(|(a, b)| (a - (b - 1.0)).abs()).fold(0f32, f32::max);
+            assert!(worst < 1e-4, "max difference {worst} without accumulating");
+        }
+    }
+
+    /// The host head's logits equal burn's matmul for a tied (transposed) f32 head with a bias
+    /// and for a bf16 head wider than one block of columns.
+    #[test]
+    fn host_head_logits_equal_burns_matmul() {
+        let (width, vocab, rows) = (16, 4096 + 300, 3);
+        let device = Device::flex();
+        let table: Vec<f32> = (0..vocab * width).map(|i| half::bf16::from_f32(((i * 29 % 89) as f32 - 44.0) / 45.0).to_f32()).collect();
+        let embedding = Tensor::<2>::from_data(TensorData::new(table, [vocab, width]), &device);
+        let bias = Some(Tensor::<1>::from_data(TensorData::new((0..vocab).map(|i| (i % 5) as f32 / 4.0).collect::<Vec<_>>(), [vocab]), &device));
+        let tied = Linear { weight: embedding.clone().transpose(), bias };
+        let bf16 = Linear { weight: embedding.transpose().cast(DType::BF16), bias: None };
+        let hidden: Vec<f32> = (0..rows * width).map(|i| ((i * 11 % 19) as f32 - 9.0) / 10.0).collect();
+        let input = Tensor::<3>::from_data(TensorData::new(hidden.clone(), [1, rows, width]), &device);
+        for head in [&tied, &bf16] {
+            let expected = crate::host_forward::with_generic_path(|| head.forward(input.clone()));
+            let expected = expected.into_data().convert::<f32>().try_into_vec::<f32>().expect("f32");
+            let got = head_logits(head, &hidden, rows);
+            assert_eq!(got.len(), expected.len());
+            let worst = got.iter().zip(&expected).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(worst < 1e-4, "max difference {worst}");
+        }
+    }
 
     /// A bf16 head wider than one block of columns gives the loss and gradient of the same
     /// values as one f32 matrix (the conversion is exact; only the summation order differs).
