@@ -693,7 +693,7 @@ is less than half of all parameters (see its achieved ratio below); the paper co
 
 /// The pairs of rows the orderings compare: DISP against each baseline (the paper's claims),
 /// then what distillation and recovery change.
-const COMPARED: [(&str, &str); 8] = [
+const COMPARED: [(&str, &str); 9] = [
     ("disp", "uniform-magnitude"),
     ("disp", "uniform-wanda"),
     ("disp", "disp-direct"),
@@ -702,6 +702,7 @@ const COMPARED: [(&str, &str); 8] = [
     ("disp+recovery", "disp"),
     ("disp+recovery", "uniform-wanda+recovery"),
     ("disp+kd+recovery", "disp+recovery"),
+    ("disp+kd+recovery", "uniform-wanda+recovery"),
 ];
 
 /// Which of the paper's orderings hold in these results, per model and held-out text.
@@ -995,6 +996,7 @@ mod tests {
             ("docs/results.md", "results.cells.json"),
             ("docs/results-tiny.md", "results-tiny.cells.json"),
             ("docs/results-recovery.md", "results-recovery.cells.json"),
+            ("docs/results-selfgen.md", "results-selfgen.cells.json"),
         ] {
             let (settings, results) = committed_cells(cells);
             let written = std::fs::read_to_string(root.join(doc)).unwrap();
@@ -1043,6 +1045,27 @@ mod tests {
                     .collect();
                 assert_eq!(cols[1..], expected[..], "README {text}: {row}");
             }
+        }
+    }
+
+    /// Every row of the README's chat-retention tables links the `disp eval chat --json` output
+    /// it was read from (docs/data/chat-retention/), and shows that output's two agreements.
+    #[test]
+    fn readme_chat_retention_rows_are_their_committed_outputs() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+        let link = "](docs/data/chat-retention/";
+        let rows: Vec<&str> = readme.lines().filter(|l| l.starts_with('|') && l.contains(link)).collect();
+        assert!(rows.len() >= 5, "the README's chat-retention rows: {rows:?}");
+        let percent = |v: &serde_json::Value| format!("{:.1} %", 100.0 * v.as_f64().expect("a fraction"));
+        for row in rows {
+            let at = row.find(link).unwrap() + 2;
+            let file = &row[at..at + row[at..].find(')').unwrap()];
+            let output: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(root.join(file)).unwrap()).unwrap();
+            let cols: Vec<&str> = row.trim_matches('|').split('|').map(str::trim).collect();
+            let shown = &cols[cols.len() - 3..cols.len() - 1];
+            assert_eq!(shown, [percent(&output["first_sentence_agreement"]), percent(&output["token_agreement"])], "README: {row}");
+            assert_eq!(output["prompt_file"], "tests/prompts/heldout.jsonl", "{file}");
         }
     }
 
