@@ -105,44 +105,10 @@ pub(crate) fn gemm(
     if k > 0 {
         assert!(lhs.0.len() > (m - 1) * lhs.1 + (k - 1) * lhs.2 && rhs.0.len() > (k - 1) * rhs.1 + (n - 1) * rhs.2);
     }
-    let threads = rayon::current_num_threads();
-    let large = m * n * k > 1 << 18;
-    if m == 1 && large && threads > 1 && n >= 2 * GEMV_MIN_COLUMNS {
-        // gemm runs a single row (a decode step, the head of the last position) as a one-thread
-        // gemv, which is bound by reading the weights: split the columns so that every thread
-        // streams its share of each weight row.
-        let chunk = n.div_ceil(threads).next_multiple_of(GEMV_MIN_COLUMNS);
-        dst[..n].par_chunks_mut(chunk).enumerate().for_each(|(i, part)| {
-            let first = i * chunk;
-            let rhs = (&rhs.0[first * rhs.2..], rhs.1, rhs.2);
-            gemm_call(1, part.len(), k, part, dst_row, accumulate, lhs, rhs, gemm::Parallelism::None);
-        });
-        return;
-    }
-    let parallelism = if large { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
-    gemm_call(m, n, k, dst, dst_row, accumulate, lhs, rhs, parallelism);
-}
-
-/// Columns of one thread's share of a single-row product, at least (a multiple of the AVX-512
-/// width, and enough to amortise the task).
-const GEMV_MIN_COLUMNS: usize = 64;
-
-/// [`gemm`] after its bounds checks.
-#[allow(clippy::too_many_arguments)]
-fn gemm_call(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: &mut [f32],
-    dst_row: usize,
-    accumulate: bool,
-    lhs: (&[f32], usize, usize),
-    rhs: (&[f32], usize, usize),
-    parallelism: gemm::Parallelism,
-) {
-    // SAFETY: `gemm` asserted that every element each operand's strides reach is in bounds (a
-    // column share of `rhs` starts inside it and reaches no further than the whole).
-    unsafe {
+    let rhs_strides = (rhs.1, rhs.2);
+    // SAFETY: the asserts above bound every element each operand's strides reach; a column share
+    // of `rhs` starts inside it and reaches no further than the whole.
+    let call = |m: usize, n: usize, dst: &mut [f32], rhs: &[f32], parallelism| unsafe {
         gemm::gemm(
             m,
             n,
@@ -154,18 +120,35 @@ fn gemm_call(
             lhs.0.as_ptr(),
             lhs.2 as isize,
             lhs.1 as isize,
-            rhs.0.as_ptr(),
-            rhs.2 as isize,
-            rhs.1 as isize,
+            rhs.as_ptr(),
+            rhs_strides.1 as isize,
+            rhs_strides.0 as isize,
             if accumulate { 1.0 } else { 0.0 },
             1.0,
             false,
             false,
             false,
             parallelism,
-        );
+        )
+    };
+    let threads = rayon::current_num_threads();
+    let large = m * n * k > 1 << 18;
+    if m == 1 && large && threads > 1 && n >= 2 * GEMV_MIN_COLUMNS {
+        // gemm runs a single row (a decode step, the head of the last position) as a one-thread
+        // gemv, which is bound by reading the weights: split the columns so that every thread
+        // streams its share of each weight row.
+        let chunk = n.div_ceil(threads).next_multiple_of(GEMV_MIN_COLUMNS);
+        dst[..n].par_chunks_mut(chunk).enumerate().for_each(|(i, part)| {
+            call(1, part.len(), part, &rhs.0[i * chunk * rhs_strides.1..], gemm::Parallelism::None);
+        });
+        return;
     }
+    call(m, n, dst, rhs.0, if large { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None });
 }
+
+/// Columns of one thread's share of a single-row product, at least (a multiple of the AVX-512
+/// width, and enough to amortise the task).
+const GEMV_MIN_COLUMNS: usize = 64;
 
 /// `x·W + b`, `x` `[rows, in]`: one gemm straight on the stored weight (borrowed from burn's
 /// buffer when it is f32, converted per matrix otherwise).
