@@ -47,12 +47,12 @@ pub struct Row {
 }
 
 impl Row {
-    /// Parses `METHOD[+kd][+recovery]` against the methods `disp` offers.
     /// The method part of a row name (`disp` of `disp+kd+recovery`).
     fn method_of(name: &str) -> &str {
         name.split('+').next().unwrap_or_default()
     }
 
+    /// Parses `METHOD[+kd][+recovery]` against the methods `disp` offers.
     pub fn parse(name: &str, registry: &[MethodInfo]) -> Result<Row> {
         let method = Self::method_of(name).to_string();
         let parts = name.split('+').skip(1);

@@ -105,10 +105,9 @@ pub(crate) fn gemm(
     if k > 0 {
         assert!(lhs.0.len() > (m - 1) * lhs.1 + (k - 1) * lhs.2 && rhs.0.len() > (k - 1) * rhs.1 + (n - 1) * rhs.2);
     }
-    let rhs_strides = (rhs.1, rhs.2);
     // SAFETY: the asserts above bound every element each operand's strides reach; a column share
     // of `rhs` starts inside it and reaches no further than the whole.
-    let call = |m: usize, n: usize, dst: &mut [f32], rhs: &[f32], parallelism| unsafe {
+    let call = |m: usize, n: usize, dst: &mut [f32], rhs_values: &[f32], parallelism| unsafe {
         gemm::gemm(
             m,
             n,
@@ -120,9 +119,9 @@ pub(crate) fn gemm(
             lhs.0.as_ptr(),
             lhs.2 as isize,
             lhs.1 as isize,
-            rhs.as_ptr(),
-            rhs_strides.1 as isize,
-            rhs_strides.0 as isize,
+            rhs_values.as_ptr(),
+            rhs.2 as isize,
+            rhs.1 as isize,
             if accumulate { 1.0 } else { 0.0 },
             1.0,
             false,
@@ -139,7 +138,7 @@ pub(crate) fn gemm(
         // streams its share of each weight row.
         let chunk = n.div_ceil(threads).next_multiple_of(GEMV_MIN_COLUMNS);
         dst[..n].par_chunks_mut(chunk).enumerate().for_each(|(i, part)| {
-            call(1, part.len(), part, &rhs.0[i * chunk * rhs_strides.1..], gemm::Parallelism::None);
+            call(1, part.len(), part, &rhs.0[i * chunk * rhs.2..], gemm::Parallelism::None);
         });
         return;
     }
