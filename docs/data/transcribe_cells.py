@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Rebuild the reproduce-table cells behind a report from the report itself.
 
-The cells of docs/results.md and docs/results-tiny.md were cached under runs/ (gitignored) and
+The cells of docs/results-baselines.md (then docs/results.md) and docs/results-tiny.md were cached under runs/ (gitignored) and
 not kept. This script reads a report's "Every cell" table and its header (steps, learning rate,
 seed, sequence length, calibration, windows, tasks) and writes the cells as `reproduce-table`
 caches them (xtask/src/table.rs `CellResult`), with every value at the precision the report
@@ -9,7 +9,7 @@ printed it. What the report does not show is filled in and marked: `calibration_
 driver's default (64; the report does not print it), `finished_utc` is null (the report gives
 only the range of finishing times), `machine` is the one the report names (or null).
 
-    python3 docs/data/transcribe_cells.py docs/results.md docs/data/results.cells.json
+    python3 docs/data/transcribe_cells.py docs/results-baselines.md docs/data/results-baselines.cells.json
     python3 docs/data/transcribe_cells.py docs/results-tiny.md docs/data/results-tiny.cells.json \
         --learning-rate 0.001
 

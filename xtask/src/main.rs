@@ -91,7 +91,9 @@ struct TableArgs {
     ratios: Option<Vec<f64>>,
     /// Rows, each a `disp` method, optionally `+kd` (searched with distillation from the dense
     /// model) and/or `+recovery` (the pruned model fine-tuned with LoRA), e.g.
-    /// `disp,disp+kd,disp+recovery,uniform-wanda+recovery`. Default: every method, as is.
+    /// `disp,disp+kd,disp+recovery,uniform-wanda+recovery`. A row may be limited to some of the
+    /// ratios, `ROW@R1/R2` (e.g. `disp+kd+recovery@0.3/0.5`); its other cells stay empty.
+    /// Default: every method, as is.
     #[arg(long, value_delimiter = ',')]
     methods: Option<Vec<String>>,
     /// Softmax temperature of the distillation of `+kd` rows (and of KD recovery).
@@ -476,20 +478,17 @@ fn reproduce_table(args: TableArgs) -> Result<()> {
         bail!("--recovery-steps and --recovery-rank must be at least 1");
     }
     let registry = table::methods_of(&disp)?;
+    let (methods, row_ratios) = match &args.methods {
+        Some(given) => table::parse_rows(given, &registry)?,
+        None => (registry.iter().map(|m| m.name.clone()).collect(), Default::default()),
+    };
     let default_cache = if quick { "runs/table-quick" } else { "runs/table" };
     let cache = args.cache.clone().unwrap_or_else(|| in_root(default_cache));
     let settings = table::TableSettings {
         models,
         ratios: args.ratios.clone().unwrap_or_else(|| if quick { vec![0.3, 0.5] } else { vec![0.1, 0.2, 0.3, 0.4, 0.5] }),
-        methods: match &args.methods {
-            Some(methods) => {
-                for m in methods {
-                    table::Row::parse(m, &registry)?;
-                }
-                methods.clone()
-            }
-            None => registry.iter().map(|m| m.name.clone()).collect(),
-        },
+        methods,
+        row_ratios,
         registry,
         cell: table::CellSettings {
             steps: args.steps.unwrap_or(if quick { 20 } else { 200 }),

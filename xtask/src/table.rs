@@ -84,6 +84,40 @@ impl Row {
     }
 }
 
+/// The ratios some rows are limited to (`ROW@R1/R2`), by row name.
+pub type RowRatios = BTreeMap<String, Vec<f64>>;
+
+/// Parses `--methods`: rows (see [`Row`]), each optionally limited to some ratios
+/// (`ROW@R1/R2`). Returns the row names in the order given and the limits.
+pub fn parse_rows(given: &[String], registry: &[MethodInfo]) -> Result<(Vec<String>, RowRatios)> {
+    let mut rows = Vec::new();
+    let mut limits = BTreeMap::new();
+    for entry in given {
+        let (name, ratios) = match entry.split_once('@') {
+            Some((name, list)) => {
+                let ratios = list
+                    .split('/')
+                    .map(|r| match r.parse::<f64>() {
+                        Ok(v) if v > 0.0 && v < 1.0 => Ok(v),
+                        _ => Err(anyhow!("--methods {entry}: '{r}' is not a ratio between 0 and 1 (ROW@R1/R2, e.g. disp+kd@0.3/0.5)")),
+                    })
+                    .collect::<Result<Vec<f64>>>()?;
+                (name, Some(ratios))
+            }
+            None => (entry.as_str(), None),
+        };
+        Row::parse(name, registry)?;
+        if rows.iter().any(|r: &String| r == name) {
+            bail!("--methods: the row {name} is given twice");
+        }
+        rows.push(name.to_string());
+        if let Some(ratios) = ratios {
+            limits.insert(name.to_string(), ratios);
+        }
+    }
+    Ok((rows, limits))
+}
+
 /// The methods `disp` offers, in its order.
 pub fn methods_of(binary: &Path) -> Result<Vec<MethodInfo>> {
     let out = disp(binary, &["methods".into(), "--json".into()])?;
@@ -162,6 +196,9 @@ pub struct TableSettings {
     pub ratios: Vec<f64>,
     /// The rows of the table (see [`Row`]), in the order given.
     pub methods: Vec<String>,
+    /// Rows computed at only some of the ratios (`--methods disp+kd@0.3/0.5`, for rows that
+    /// cost many times a plain cell); the other rows are computed at every ratio.
+    pub row_ratios: RowRatios,
     /// What the `disp` binary says about every method it offers.
     pub registry: Vec<MethodInfo>,
     pub cell: CellSettings,
@@ -238,6 +275,27 @@ impl TableSettings {
             kd: parsed.as_ref().is_some_and(|r| r.kd || (r.recovery && self.cell.recovery.distils())),
             recovery: parsed.is_some_and(|r| r.recovery),
         }
+    }
+
+    /// Whether the table has a cell of `row` at `ratio`: its method applies there (wanda-2:4
+    /// only at 50 %) and the row was not limited to other ratios.
+    fn has_cell(&self, row: &str, info: &MethodInfo, ratio: f64) -> bool {
+        info.applies_at(ratio) && self.row_ratios.get(row).is_none_or(|only| only.iter().any(|r| (r - ratio).abs() < 1e-9))
+    }
+
+    /// The pruned cells of each model, (row, ratio), ratio by ratio and within a ratio in the
+    /// rows' order: the order they are computed and listed in.
+    fn cells_of_a_model(&self) -> Result<Vec<(String, f64)>> {
+        let mut cells = Vec::new();
+        for &ratio in &self.ratios {
+            for method in &self.methods {
+                let info = self.info(method).ok_or_else(|| anyhow!("{}: offers no method '{method}'", self.disp.display()))?;
+                if self.has_cell(method, info, ratio) {
+                    cells.push((method.clone(), ratio));
+                }
+            }
+        }
+        Ok(cells)
     }
 
     fn cell_path(&self, model: &ModelSpec, method: &str, ratio: f64) -> PathBuf {
@@ -497,14 +555,11 @@ pub fn reproduce(settings: &TableSettings) -> Result<Vec<CellResult>> {
         let params = model_params(&model.dir).map_err(|e| anyhow!("model {}: {e:#}", model.name))?;
         let cell = settings.cell_for(model);
         plan.push((model.clone(), "dense".into(), 0.0, estimate_seconds(&cell, params, None)));
-        for &ratio in &settings.ratios {
-            for method in &settings.methods {
-                let row = Row::parse(method, &settings.registry)?;
-                let info = settings.info(method).ok_or_else(|| anyhow!("{}: offers no method '{method}'", settings.disp.display()))?;
-                if info.applies_at(ratio) {
-                    plan.push((model.clone(), method.clone(), ratio, estimate_seconds(&cell, params, Some((info, &row)))));
-                }
-            }
+        for (method, ratio) in settings.cells_of_a_model()? {
+            let row = Row::parse(&method, &settings.registry)?;
+            let info = settings.info(&method).ok_or_else(|| anyhow!("{}: offers no method '{method}'", settings.disp.display()))?;
+            let seconds = estimate_seconds(&cell, params, Some((info, &row)));
+            plan.push((model.clone(), method, ratio, seconds));
         }
     }
     // Each cell file is read once: for the estimate, and kept for the loop below to reuse.
@@ -830,6 +885,7 @@ mod tests {
             ratios: vec![0.3, 0.5],
             methods: vec!["disp".into(), "uniform-magnitude".into(), "wanda-2:4".into()],
             registry: vec![info("disp", true, true), info("uniform-magnitude", false, true), info("wanda-2:4", false, false)],
+            row_ratios: BTreeMap::new(),
             cell: CellSettings {
                 steps: 1,
                 learning_rate: 1e-3,
@@ -979,7 +1035,13 @@ mod tests {
                 methods.push(cell.method.clone());
             }
         }
-        let settings = TableSettings { models, ratios, methods, cell: cells[0].settings.clone(), ..settings() };
+        // Reports with rows limited to some ratios record the rows as given (`methods`,
+        // `row_ratios`): the cells' order alone would put a limited row after the others.
+        if let Some(given) = json.get("methods") {
+            methods = serde_json::from_value(given.clone()).unwrap();
+        }
+        let row_ratios = json.get("row_ratios").map(|r| serde_json::from_value(r.clone()).unwrap()).unwrap_or_default();
+        let settings = TableSettings { models, ratios, methods, row_ratios, cell: cells[0].settings.clone(), ..settings() };
         (settings, cells)
     }
 
@@ -994,8 +1056,8 @@ mod tests {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
         for (doc, cells) in [
             ("docs/results.md", "results.cells.json"),
+            ("docs/results-baselines.md", "results-baselines.cells.json"),
             ("docs/results-tiny.md", "results-tiny.cells.json"),
-            ("docs/results-recovery.md", "results-recovery.cells.json"),
             ("docs/results-selfgen.md", "results-selfgen.cells.json"),
         ] {
             let (settings, results) = committed_cells(cells);
@@ -1013,9 +1075,12 @@ mod tests {
         let (settings, results) = committed_cells("results.cells.json");
         let method_of = |label: &str| match label {
             "DISP-LLM (hypernetwork)" => "disp",
-            "DISP, direct gate logits (ablation)" => "disp-direct",
+            "DISP, KD search" => "disp+kd",
+            "DISP + recovery" => "disp+recovery",
+            "DISP, KD search + recovery" => "disp+kd+recovery",
             "uniform-wanda (Wanda scores, one width)" => "uniform-wanda",
-            "uniform-magnitude" => "uniform-magnitude",
+            "uniform-wanda + recovery" => "uniform-wanda+recovery",
+            "wanda-sp-mlp (Wanda-sp, MLP channels)" => "wanda-sp-mlp",
             l if l.starts_with("wanda-2:4") => "wanda-2:4",
             other => panic!("README row {other:?}"),
         };
@@ -1067,6 +1132,28 @@ mod tests {
             assert_eq!(shown, [percent(&output["first_sentence_agreement"]), percent(&output["token_agreement"])], "README: {row}");
             assert_eq!(output["prompt_file"], "tests/prompts/heldout.jsonl", "{file}");
         }
+    }
+
+    #[test]
+    fn a_row_limited_to_some_ratios_has_cells_only_there() {
+        let registry = settings().registry;
+        let given: Vec<String> = ["disp", "uniform-magnitude@0.3", "wanda-2:4"].map(String::from).into();
+        let (methods, row_ratios) = parse_rows(&given, &registry).unwrap();
+        assert_eq!(methods, ["disp", "uniform-magnitude", "wanda-2:4"]);
+        let limited = TableSettings { methods, row_ratios, ..settings() };
+        let cells = limited.cells_of_a_model().unwrap();
+        let expected = [("disp", 0.3), ("uniform-magnitude", 0.3), ("disp", 0.5), ("wanda-2:4", 0.5)];
+        assert_eq!(cells, expected.map(|(m, r)| (m.to_string(), r)));
+        for (bad, message) in [
+            ("disp@0.3/1.5", "'1.5' is not a ratio between 0 and 1"),
+            ("disp@", "'' is not a ratio"),
+            ("disp+kd+kd@0.3", "'+kd' is not a row suffix"),
+        ] {
+            let err = parse_rows(&[bad.to_string()], &registry).unwrap_err().to_string();
+            assert!(err.contains(message), "{bad}: {err}");
+        }
+        let twice = parse_rows(&["disp".into(), "disp@0.3".into()], &registry).unwrap_err().to_string();
+        assert!(twice.contains("the row disp is given twice"), "{twice}");
     }
 
     #[test]
