@@ -1059,6 +1059,7 @@ mod tests {
             ("docs/results-baselines.md", "results-baselines.cells.json"),
             ("docs/results-tiny.md", "results-tiny.cells.json"),
             ("docs/results-selfgen.md", "results-selfgen.cells.json"),
+            ("docs/results-recovery300.md", "results-recovery300.cells.json"),
         ] {
             let (settings, results) = committed_cells(cells);
             let written = std::fs::read_to_string(root.join(doc)).unwrap();

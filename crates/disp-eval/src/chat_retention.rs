@@ -39,7 +39,9 @@ pub fn read_prompts(path: &Path) -> Result<Vec<String>> {
 }
 
 /// The first sentence of `text`, trimmed: up to the first `.`, `!` or `?` followed by white
-/// space or the end, or the first line break, whichever comes first.
+/// space or the end, or the first line break, whichever comes first. The full stop of a list
+/// marker at the start ("1. Drink water.") does not end it: otherwise every numbered answer
+/// would agree with every other on the sentence "1.".
 pub fn first_sentence(text: &str) -> &str {
     let text = text.trim_start();
     let mut end = text.len();
@@ -49,7 +51,8 @@ pub fn first_sentence(text: &str) -> &str {
             end = i;
             break;
         }
-        if matches!(c, '.' | '!' | '?') && chars.get(k + 1).is_none_or(|&(_, next)| next.is_whitespace()) {
+        let list_marker = c == '.' && !text[..i].is_empty() && text[..i].bytes().all(|b| b.is_ascii_digit());
+        if matches!(c, '.' | '!' | '?') && !list_marker && chars.get(k + 1).is_none_or(|&(_, next)| next.is_whitespace()) {
             end = i + c.len_utf8();
             break;
         }
@@ -185,6 +188,10 @@ mod tests {
         assert_eq!(first_sentence("  Version 2.5 is out! Yes"), "Version 2.5 is out!");
         assert_eq!(first_sentence("What\n\nelse"), "What");
         assert_eq!(first_sentence("no end"), "no end");
+        assert_eq!(first_sentence("1. Drink water before bed. 2. Carry a bottle."), "1. Drink water before bed.");
+        assert_eq!(first_sentence("1. 1. 1. 2. 3."), "1. 1.");
+        assert_eq!(first_sentence("12. Twelve. More"), "12. Twelve.");
+        assert_eq!(first_sentence("It costs 12. Then"), "It costs 12.");
         assert_eq!(first_sentence("Why? Because."), "Why?");
     }
 
