@@ -283,15 +283,15 @@ impl TableSettings {
         info.applies_at(ratio) && self.row_ratios.get(row).is_none_or(|only| only.iter().any(|r| (r - ratio).abs() < 1e-9))
     }
 
-    /// The pruned cells of each model, (row, ratio), ratio by ratio and within a ratio in the
-    /// rows' order: the order they are computed and listed in.
-    fn cells_of_a_model(&self) -> Result<Vec<(String, f64)>> {
+    /// The pruned cells of each model, (row, ratio, the row's method), ratio by ratio and within
+    /// a ratio in the rows' order: the order they are computed and listed in.
+    fn cells_of_a_model(&self) -> Result<Vec<(String, f64, &MethodInfo)>> {
         let mut cells = Vec::new();
         for &ratio in &self.ratios {
             for method in &self.methods {
                 let info = self.info(method).ok_or_else(|| anyhow!("{}: offers no method '{method}'", self.disp.display()))?;
                 if self.has_cell(method, info, ratio) {
-                    cells.push((method.clone(), ratio));
+                    cells.push((method.clone(), ratio, info));
                 }
             }
         }
@@ -555,9 +555,8 @@ pub fn reproduce(settings: &TableSettings) -> Result<Vec<CellResult>> {
         let params = model_params(&model.dir).map_err(|e| anyhow!("model {}: {e:#}", model.name))?;
         let cell = settings.cell_for(model);
         plan.push((model.clone(), "dense".into(), 0.0, estimate_seconds(&cell, params, None)));
-        for (method, ratio) in settings.cells_of_a_model()? {
+        for (method, ratio, info) in settings.cells_of_a_model()? {
             let row = Row::parse(&method, &settings.registry)?;
-            let info = settings.info(&method).ok_or_else(|| anyhow!("{}: offers no method '{method}'", settings.disp.display()))?;
             let seconds = estimate_seconds(&cell, params, Some((info, &row)));
             plan.push((model.clone(), method, ratio, seconds));
         }
@@ -1142,7 +1141,7 @@ mod tests {
         let (methods, row_ratios) = parse_rows(&given, &registry).unwrap();
         assert_eq!(methods, ["disp", "uniform-magnitude", "wanda-2:4"]);
         let limited = TableSettings { methods, row_ratios, ..settings() };
-        let cells = limited.cells_of_a_model().unwrap();
+        let cells: Vec<(String, f64)> = limited.cells_of_a_model().unwrap().into_iter().map(|(row, ratio, _)| (row, ratio)).collect();
         let expected = [("disp", 0.3), ("uniform-magnitude", 0.3), ("disp", 0.5), ("wanda-2:4", 0.5)];
         assert_eq!(cells, expected.map(|(m, r)| (m.to_string(), r)));
         for (bad, message) in [
