@@ -43,16 +43,52 @@ def print_table(rows, out):
     out.flush()
 
 
-def stream_copy_gb_per_s(python, env):
-    """Median of 7 one-thread copies of a 512 MiB float32 array (numpy), in GB/s of bytes copied."""
-    code = ("import numpy as np, time, statistics\n"
-            "a = np.ones(128 * 2**20, np.float32); b = np.empty_like(a); np.copyto(b, a)\n"
+def median_rate(python, env, setup, op, work, repeats=7):
+    """`work / median seconds of op` over `repeats` runs after `setup` (and one untimed `op`), in
+    a fresh `python`: a machine figure taken in the same sitting as the benchmark."""
+    code = (f"import time, statistics\n{setup}\n{op}\n"
             "t = []\n"
-            "for _ in range(7):\n"
-            "    s = time.perf_counter(); np.copyto(b, a); t.append(time.perf_counter() - s)\n"
-            "print(a.nbytes / statistics.median(t) / 1e9)\n")
+            f"for _ in range({repeats}):\n"
+            f"    s = time.perf_counter(); {op}; t.append(time.perf_counter() - s)\n"
+            f"print(({work}) / statistics.median(t))\n")
     out = subprocess.run([python, "-c", code], env=env, capture_output=True, text=True, check=True)
     return float(out.stdout.strip())
+
+
+def stream_copy_gb_per_s(python, env):
+    """One-thread copy of a 512 MiB float32 array (numpy), in GB/s of bytes copied."""
+    return median_rate(python, env, "import numpy as np\na = np.ones(128 * 2**20, np.float32); b = np.empty_like(a)",
+                       "np.copyto(b, a)", "a.nbytes / 1e9")
+
+
+def matmul_gflops(python, env, threads):
+    """Torch f32 products 2048 × 2048 × 2048 on `threads` threads (MKL), GFLOP/s: what this
+    machine's matrix units sustain, the ceiling of any forward pass made of products."""
+    return median_rate(python, env, f"import torch\ntorch.set_num_threads({threads})\n"
+                       "a = torch.rand(2048, 2048); b = torch.rand(2048, 2048); c = a @ b",
+                       "torch.mm(a, b, out=c)", "2 * 2048**3 / 1e9", repeats=5)
+
+
+def copy_gb_per_s(python, env, threads):
+    """A torch copy of a 512 MiB float32 tensor on `threads` threads, in GB/s of bytes copied."""
+    return median_rate(python, env, f"import torch\ntorch.set_num_threads({threads})\n"
+                       "a = torch.ones(128 * 2**20); b = torch.empty_like(a)", "b.copy_(a)", "a.numel() * 4 / 1e9")
+
+
+def forward_flops_per_token(model, seq):
+    """Multiply-adds × 2 per token of a causal forward over `seq` tokens of a LLaMA-shaped config
+    (q/k/v/o, gated MLP, the head): every block linear, the head, and attention's two products
+    over the (seq + 1) / 2 keys a position sees on average."""
+    with open(os.path.join(model, "config.json")) as f:
+        c = json.load(f)
+    d, ff, layers, vocab = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["vocab_size"]
+    heads = c["num_attention_heads"]
+    hd = c.get("head_dim") or d // heads
+    kv = c.get("num_key_value_heads", heads) * hd
+    q = heads * hd
+    block = 2 * d * (q + 2 * kv) + 2 * q * d + 3 * 2 * d * ff
+    attention = 2 * 2 * q * (seq + 1) / 2
+    return layers * (block + attention) + 2 * d * vocab
 
 
 def main():
@@ -103,6 +139,11 @@ def main():
             p = run_json(py("hf_search_step.py", "--model", args.model, "--steps", n, "--seq-len", "512", "--threads", t, "--json"), env)
             add("search step, seq 512 (five sites)", "s/step", False, d["median"]["total"], p["median_s"])
 
+        if "eval" in only or "speed" in only:
+            # This machine's matmul rate in the same round: a shared VM's speed drifts, so each
+            # round's figures are set against its own ceiling.
+            rows.setdefault("_peak", ([], [], "", True))[0].append(matmul_gflops(args.python, env, args.threads))
+
         # The table so far, so that an interrupted run still leaves its rounds.
         print_table(rows, sys.stderr)
 
@@ -117,6 +158,24 @@ def main():
         print(f"\nmemory bandwidth (one-thread stream copy of 512 MiB, bytes copied / s): {bandwidth:.1f} GB/s; "
               f"weights {weight_bytes / 1e6:.0f} MB read once per token → decode floor {floor:.1f} tokens/s; "
               f"disp decode = {decode / floor:.0%} of it")
+    if "_peak" in rows:
+        # The compute ceiling: no forward made of these products runs faster than the machine's
+        # matmul rate, so a ratio against PyTorch is bounded by how far below it PyTorch runs.
+        peaks = rows["_peak"][0]
+        per_token = forward_flops_per_token(args.model, 512) / 1e9
+        print(f"\ncompute ceiling (torch f32 2048³ product, {args.threads} threads, each round): {statistics.median(peaks):.0f} GFLOP/s "
+              f"(rounds {min(peaks):.0f}–{max(peaks):.0f}); a forward over 512 tokens is {per_token * 1e3:.0f} MFLOP per token")
+        for name in ("eval ppl, %d × 512 tokens" % args.windows, "prefill 512 tokens"):
+            if name in rows:
+                d, p = ([v * per_token / c for v, c in zip(values, peaks)] for values in rows[name][:2])
+                dm, pm = statistics.median(d), statistics.median(p)
+                print(f"  {name}: disp at {dm:.0%} of the ceiling, PyTorch at {pm:.0%} (medians over rounds); "
+                      f"1.5× PyTorch would be {1.5 * pm:.0%} of it")
+    if "speed" in only:
+        both = copy_gb_per_s(args.python, env, args.threads)
+        decode = statistics.median(rows["decode 64 tokens after 512"][0])
+        print(f"memory bandwidth with {args.threads} threads (torch copy of 512 MiB): {both:.1f} GB/s → decode floor "
+              f"{both * 1e9 / weight_bytes:.1f} tokens/s; disp decode = {decode / (both * 1e9 / weight_bytes):.0%} of it")
     if "_ppl" in rows:
         dp, pp = rows["_ppl"][0][0]
         print(f"\nperplexity: disp {dp:.4f}, PyTorch {pp:.4f}")
