@@ -158,13 +158,8 @@ fn head(q: &[f32], k: &[f32], v: &[f32], span: Span, strides: Strides, scale: f3
             let (past, row) = row.split_at_mut(span.first_key(position) - lowest);
             past.fill(0.0);
             let (seen, future) = row.split_at_mut(position + 1 - span.first_key(position));
-            let max = seen.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            for s in seen.iter_mut() {
-                *s = disp_core::fastmath::exp_nonpositive(*s - max);
-                sum += *s;
-            }
-            let inverse = 1.0 / sum;
+            let max = disp_core::fastmath::max(seen);
+            let inverse = (1.0 / disp_core::fastmath::exp_in_place_sum(seen, 1.0, max)) as f32;
             seen.iter_mut().for_each(|s| *s *= inverse);
             future.fill(0.0);
         }

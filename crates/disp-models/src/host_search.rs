@@ -20,7 +20,7 @@
 use burn::backend::flex::FlexTensor;
 use burn::backend::Flex;
 use burn::tensor::{Device, Tensor};
-use disp_core::fastmath::exp_nonpositive;
+use disp_core::fastmath::{self, exp_nonpositive};
 use rayon::prelude::*;
 
 use crate::decoder::{Block, BlockNorms, DecoderLm, Norm};
@@ -567,13 +567,9 @@ fn head_backward(
         for (r, row) in p.chunks_exact_mut(visible).enumerate() {
             let position = first + r;
             let (from, to) = (first_key(position) - lowest, position + 1 - lowest);
-            let max = row[from..to].iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s * scale));
-            let mut sum = 0f32;
-            for s in &mut row[from..to] {
-                *s = exp_nonpositive(*s * scale - max);
-                sum += *s;
-            }
-            let inverse = 1.0 / sum;
+            // max(s·scale) = max(s)·scale: rounding is monotonic and scale > 0.
+            let max = fastmath::max(&row[from..to]) * scale;
+            let inverse = (1.0 / fastmath::exp_in_place_sum(&mut row[from..to], scale, max)) as f32;
             row[from..to].iter_mut().for_each(|s| *s *= inverse);
             row[..from].fill(0.0);
             row[to..].fill(0.0);
@@ -666,17 +662,9 @@ pub(crate) fn head_loss(head: &Linear, hidden: &[f32], tokens: &[u32], seq: usiz
                     return 0.0;
                 }
                 let target = tokens[position + 1] as usize;
-                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let max = fastmath::max(row);
                 let picked = row[target];
-                let mut sum = 0f64;
-                for chunk in row.chunks_mut(64) {
-                    let mut partial = 0f32;
-                    for z in chunk.iter_mut() {
-                        *z = exp_nonpositive(*z - max);
-                        partial += *z;
-                    }
-                    sum += partial as f64;
-                }
+                let sum = fastmath::exp_in_place_sum(row, 1.0, max);
                 if gradient {
                     let scale = (1.0 / sum) as f32 / predicted;
                     row.iter_mut().for_each(|z| *z *= scale);
