@@ -205,31 +205,33 @@ impl HostNorm {
     /// Adds ∂L/∂x to `dx` for the norm's input `x` and output gradient `dy`, row by row.
     fn backward(&self, x: &[f32], dy: &[f32], dx: &mut [f32], width: usize) {
         let n = width as f32;
-        dx.par_chunks_mut(width).zip(x.par_chunks(width).zip(dy.par_chunks(width))).for_each(|(dx, (x, dy))| match self {
-            Self::Rms { weight, eps } => {
-                let r = (x.iter().map(|v| v * v).sum::<f32>() / n + eps).sqrt();
-                let dot: f32 = x.iter().zip(dy.iter().zip(weight)).map(|(x, (dy, w))| x * dy * w).sum();
-                let (k, inverse) = (dot / (n * r * r * r), 1.0 / r);
-                for (((dx, dy), w), x) in dx.iter_mut().zip(dy).zip(weight).zip(x) {
-                    *dx += dy * w * inverse - x * k;
+        dx.par_chunks_mut(width).zip(x.par_chunks(width).zip(dy.par_chunks(width))).for_each(|(dx, (x, dy))| {
+            fastmath::with_wide_vectors(|| match self {
+                Self::Rms { weight, eps } => {
+                    let r = (x.iter().map(|v| v * v).sum::<f32>() / n + eps).sqrt();
+                    let dot: f32 = x.iter().zip(dy.iter().zip(weight)).map(|(x, (dy, w))| x * dy * w).sum();
+                    let (k, inverse) = (dot / (n * r * r * r), 1.0 / r);
+                    for (((dx, dy), w), x) in dx.iter_mut().zip(dy).zip(weight).zip(x) {
+                        *dx += dy * w * inverse - x * k;
+                    }
                 }
-            }
-            Self::Layer { weight, eps, .. } => {
-                let mean = x.iter().sum::<f32>() / n;
-                let std = (x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n + eps).sqrt();
-                let inverse = 1.0 / std;
-                let (mut mean_g, mut mean_gx) = (0f32, 0f32);
-                for ((dy, w), x) in dy.iter().zip(weight).zip(x) {
-                    let g = dy * w;
-                    mean_g += g;
-                    mean_gx += g * (x - mean) * inverse;
+                Self::Layer { weight, eps, .. } => {
+                    let mean = x.iter().sum::<f32>() / n;
+                    let std = (x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n + eps).sqrt();
+                    let inverse = 1.0 / std;
+                    let (mut mean_g, mut mean_gx) = (0f32, 0f32);
+                    for ((dy, w), x) in dy.iter().zip(weight).zip(x) {
+                        let g = dy * w;
+                        mean_g += g;
+                        mean_gx += g * (x - mean) * inverse;
+                    }
+                    let (mean_g, mean_gx) = (mean_g / n, mean_gx / n);
+                    for (((dx, dy), w), x) in dx.iter_mut().zip(dy).zip(weight).zip(x) {
+                        let xhat = (x - mean) * inverse;
+                        *dx += (dy * w - mean_g - xhat * mean_gx) * inverse;
+                    }
                 }
-                let (mean_g, mean_gx) = (mean_g / n, mean_gx / n);
-                for (((dx, dy), w), x) in dx.iter_mut().zip(dy).zip(weight).zip(x) {
-                    let xhat = (x - mean) * inverse;
-                    *dx += (dy * w - mean_g - xhat * mean_gx) * inverse;
-                }
-            }
+            })
         });
     }
 }
@@ -256,7 +258,7 @@ fn activation(kind: Activation, x: f32) -> (f32, f32) {
 /// `x ⊙ gate` per column, `x` `[rows, width]`.
 fn gated(x: &[f32], gate: &[f32]) -> Vec<f32> {
     let mut out = x.to_vec();
-    out.par_chunks_mut(gate.len()).for_each(|row| row.iter_mut().zip(gate).for_each(|(v, g)| *v *= g));
+    out.par_chunks_mut(gate.len()).for_each(|row| fastmath::with_wide_vectors(|| row.iter_mut().zip(gate).for_each(|(v, g)| *v *= g)));
     out
 }
 
@@ -265,11 +267,13 @@ fn column_dot(a: &[f32], b: &[f32], width: usize) -> Vec<f32> {
     a.par_chunks(width * 64)
         .zip(b.par_chunks(width * 64))
         .map(|(a, b)| {
-            let mut sum = vec![0f32; width];
-            for (a, b) in a.chunks_exact(width).zip(b.chunks_exact(width)) {
-                sum.iter_mut().zip(a.iter().zip(b)).for_each(|(s, (a, b))| *s += a * b);
-            }
-            sum
+            fastmath::with_wide_vectors(|| {
+                let mut sum = vec![0f32; width];
+                for (a, b) in a.chunks_exact(width).zip(b.chunks_exact(width)) {
+                    sum.iter_mut().zip(a.iter().zip(b)).for_each(|(s, (a, b))| *s += a * b);
+                }
+                sum
+            })
         })
         // Collected in order and summed on one thread: the same bits on every run.
         .collect::<Vec<_>>()
@@ -348,7 +352,7 @@ fn block_forward(b: &Block, g: &[Vec<f32>; 5], x: &mut [f32], pass: &Pass) -> Sa
 /// `x += out ⊙ gate` per column.
 fn add_gated(x: &mut [f32], out: &[f32], gate: &[f32]) {
     x.par_chunks_mut(gate.len()).zip(out.par_chunks(gate.len())).for_each(|(x, o)| {
-        x.iter_mut().zip(o.iter().zip(gate)).for_each(|(x, (o, g))| *x += o * g);
+        fastmath::with_wide_vectors(|| x.iter_mut().zip(o.iter().zip(gate)).for_each(|(x, (o, g))| *x += o * g));
     });
 }
 
@@ -380,9 +384,11 @@ fn intermediate(kind: Activation, pre: &[f32], up: Option<&[f32]>, gate: &[f32])
     let width = gate.len();
     with_activation!(kind, act => match up {
         Some(up) => out.par_chunks_mut(width).zip(up.par_chunks(width)).for_each(|(row, up)| {
-            row.iter_mut().zip(up.iter().zip(gate)).for_each(|(v, (u, g))| *v = act(*v).0 * u * g);
+            fastmath::with_wide_vectors(|| row.iter_mut().zip(up.iter().zip(gate)).for_each(|(v, (u, g))| *v = act(*v).0 * u * g));
         }),
-        None => out.par_chunks_mut(width).for_each(|row| row.iter_mut().zip(gate).for_each(|(v, g)| *v = act(*v).0 * g)),
+        None => out
+            .par_chunks_mut(width)
+            .for_each(|row| fastmath::with_wide_vectors(|| row.iter_mut().zip(gate).for_each(|(v, g)| *v = act(*v).0 * g))),
     });
     out
 }
@@ -406,7 +412,7 @@ fn intermediate_backward(
             .par_chunks_mut(chunk)
             .zip(d_up.par_chunks_mut(chunk))
             .zip(pre.par_chunks(chunk).zip(up.par_chunks(chunk)).zip(d_inter.par_chunks(chunk)))
-            .map(|((d_pre, d_up), ((pre, up), d_inter))| {
+            .map(|((d_pre, d_up), ((pre, up), d_inter))| fastmath::with_wide_vectors(|| {
                 let mut sum = vec![0f32; ff];
                 for ((((d_pre, d_up), pre), up), d_inter) in
                     d_pre.chunks_exact_mut(ff).zip(d_up.chunks_exact_mut(ff)).zip(pre.chunks_exact(ff)).zip(up.chunks_exact(ff)).zip(d_inter.chunks_exact(ff))
@@ -419,12 +425,12 @@ fn intermediate_backward(
                     }
                 }
                 sum
-            })
+            }))
             .collect(),
         (None, None) => d_pre
             .par_chunks_mut(chunk)
             .zip(pre.par_chunks(chunk).zip(d_inter.par_chunks(chunk)))
-            .map(|(d_pre, (pre, d_inter))| {
+            .map(|(d_pre, (pre, d_inter))| fastmath::with_wide_vectors(|| {
                 let mut sum = vec![0f32; ff];
                 for ((d_pre, pre), d_inter) in d_pre.chunks_exact_mut(ff).zip(pre.chunks_exact(ff)).zip(d_inter.chunks_exact(ff)) {
                     for ((((s, dp), p), di), g) in sum.iter_mut().zip(d_pre).zip(pre).zip(d_inter).zip(g4) {
@@ -434,7 +440,7 @@ fn intermediate_backward(
                     }
                 }
                 sum
-            })
+            }))
             .collect(),
         _ => unreachable!("an up projection has an up gradient"),
     });
