@@ -22,9 +22,8 @@ const LANES: usize = 16;
 /// Values per f32 partial sum in [`exp_in_place_sum`] (64 per lane); the blocks add up in f64.
 const SUM_BLOCK: usize = 64 * LANES;
 
-/// Whether this machine runs the AVX-512 builds of the reductions below (the workspace compiles
+/// Whether this machine runs the AVX-512 builds of [`with_wide_vectors`] (the workspace compiles
 /// for baseline x86-64, whose 4-lane SSE2 would do a quarter of a step's lanes per instruction).
-/// Both builds do the same operations in the same order per lane, so they give the same bits.
 #[cfg(target_arch = "x86_64")]
 fn has_avx512() -> bool {
     static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
@@ -52,18 +51,7 @@ unsafe fn call_avx512<R>(f: impl FnOnce() -> R) -> R {
 
 /// The largest of `values` (−∞ when empty; NaNs are passed over), by lane-wise maxima.
 pub fn max(values: &[f32]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if has_avx512() {
-        // SAFETY: the machine has AVX-512F (checked above).
-        return unsafe { max_avx512(values) };
-    }
-    max_lanes(values)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn max_avx512(values: &[f32]) -> f32 {
-    max_lanes(values)
+    with_wide_vectors(|| max_lanes(values))
 }
 
 #[inline(always)]
@@ -83,18 +71,7 @@ fn max_lanes(values: &[f32]) -> f32 {
 /// (the row's scaled maximum), so each exponent is ≤ 0. Lane-wise f32 partial sums per block of
 /// `SUM_BLOCK` values, added in f64.
 pub fn exp_in_place_sum(values: &mut [f32], scale: f32, shift: f32) -> f64 {
-    #[cfg(target_arch = "x86_64")]
-    if has_avx512() {
-        // SAFETY: the machine has AVX-512F (checked above).
-        return unsafe { exp_in_place_sum_avx512(values, scale, shift) };
-    }
-    exp_in_place_sum_lanes(values, scale, shift)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn exp_in_place_sum_avx512(values: &mut [f32], scale: f32, shift: f32) -> f64 {
-    exp_in_place_sum_lanes(values, scale, shift)
+    with_wide_vectors(|| exp_in_place_sum_lanes(values, scale, shift))
 }
 
 #[inline(always)]

@@ -264,7 +264,8 @@ fn gated(x: &[f32], gate: &[f32]) -> Vec<f32> {
 
 /// Σ over rows of `a ⊙ b`, `[width]`.
 fn column_dot(a: &[f32], b: &[f32], width: usize) -> Vec<f32> {
-    a.par_chunks(width * 64)
+    let partial = a
+        .par_chunks(width * 64)
         .zip(b.par_chunks(width * 64))
         .map(|(a, b)| {
             fastmath::with_wide_vectors(|| {
@@ -275,13 +276,17 @@ fn column_dot(a: &[f32], b: &[f32], width: usize) -> Vec<f32> {
                 sum
             })
         })
-        // Collected in order and summed on one thread: the same bits on every run.
-        .collect::<Vec<_>>()
-        .into_iter()
-        .fold(vec![0f32; width], |mut x, y| {
-            x.iter_mut().zip(y).for_each(|(x, y)| *x += y);
-            x
-        })
+        .collect::<Vec<_>>();
+    sum_in_order(partial, width)
+}
+
+/// The element-wise sum of per-task partial sums `[width]`, added in task order on one thread:
+/// the same bits on every run, whatever thread ran which task.
+fn sum_in_order(partial: Vec<Vec<f32>>, width: usize) -> Vec<f32> {
+    partial.into_iter().fold(vec![0f32; width], |mut x, y| {
+        x.iter_mut().zip(y).for_each(|(x, y)| *x += y);
+        x
+    })
 }
 
 /// What a block's backward reads from its forward.
@@ -444,11 +449,7 @@ fn intermediate_backward(
             .collect(),
         _ => unreachable!("an up projection has an up gradient"),
     });
-    // Summed in order on one thread: the same bits on every run.
-    partial.into_iter().fold(vec![0f32; ff], |mut x, y| {
-        x.iter_mut().zip(y).for_each(|(x, y)| *x += y);
-        x
-    })
+    sum_in_order(partial, ff)
 }
 
 /// Backward of block `b`: `dx` holds ∂L/∂(block output) and becomes ∂L/∂(block input);
