@@ -4,8 +4,8 @@
 //! scalar libm call; at SmolLM2's sizes that is two thirds of a layer's prefill time once the
 //! block linears are pruned. This kernel computes only the causal (lower-left) part, in blocks of
 //! query rows: one gemm for the scores of a block against the keys it may see, a vectorised
-//! softmax, one gemm for the values. Query heads run in parallel. Same math as the op (scale
-//! 1/√hd, max-subtracted softmax); results agree to float rounding.
+//! softmax, one gemm for the values. Each (query head, block of rows) is a task. Same math as
+//! the op (scale 1/√hd, max-subtracted softmax); results agree to float rounding.
 
 use rayon::prelude::*;
 
@@ -39,26 +39,44 @@ pub fn causal_attention(q: &[f32], k: &[f32], v: &[f32], shape: AttentionShape) 
     let start = keys - queries;
     let group = heads / kv_heads;
     let scale = 1.0 / (head_dim as f32).sqrt();
-    let per_head: Vec<Vec<f32>> = (0..heads)
-        .into_par_iter()
-        .map(|h| {
-            let kv = h / group;
-            let q = &q[h * queries * head_dim..(h + 1) * queries * head_dim];
-            let k = &k[kv * keys * head_dim..(kv + 1) * keys * head_dim];
-            let v = &v[kv * keys * head_dim..(kv + 1) * keys * head_dim];
-            head(q, k, v, Span { start, queries, keys, window }, Strides { head_dim, q_row: head_dim, kv_row: head_dim }, scale)
-        })
-        .collect();
-    interleave(&per_head, queries, head_dim)
+    let strides = Strides { head_dim, q_row: head_dim, kv_row: head_dim };
+    let span = Span { start, queries, window };
+    let blocks = each_head_block(heads, queries, |h, first| {
+        let kv = h / group;
+        let q = &q[h * queries * head_dim..(h + 1) * queries * head_dim];
+        let k = &k[kv * keys * head_dim..(kv + 1) * keys * head_dim];
+        let v = &v[kv * keys * head_dim..(kv + 1) * keys * head_dim];
+        head_block(q, k, v, span, strides, scale, first)
+    });
+    interleave(&blocks, heads, queries, head_dim)
 }
 
-/// Per-head outputs `[queries, hd]` interleaved into `[queries, heads·hd]`.
-fn interleave(per_head: &[Vec<f32>], queries: usize, head_dim: usize) -> Vec<f32> {
-    let heads = per_head.len();
+/// `f(head, first query row)` for every head and block of `ROWS_PER_BLOCK` query rows, as
+/// parallel tasks (SmolLM2's 9 heads on 2 threads left one idle for a ninth of the time when
+/// whole heads were the tasks); returns the blocks head by head, in row order. Each task is a
+/// wide-vector build (the softmax's loops; its products are `gemm` calls, which choose their own).
+fn each_head_block(heads: usize, queries: usize, f: impl Fn(usize, usize) -> Vec<f32> + Sync) -> Vec<Vec<f32>> {
+    let per_head = queries.div_ceil(ROWS_PER_BLOCK);
+    (0..heads * per_head)
+        .into_par_iter()
+        .map(|task| {
+            disp_core::fastmath::with_wide_vectors(
+                #[inline(always)]
+                || f(task / per_head, task % per_head * ROWS_PER_BLOCK),
+            )
+        })
+        .collect()
+}
+
+/// Blocks of per-head outputs (head by head, each head's blocks of `ROWS_PER_BLOCK` rows in
+/// order, `[rows, hd]` each) interleaved into `[queries, heads·hd]`.
+fn interleave(blocks: &[Vec<f32>], heads: usize, queries: usize, head_dim: usize) -> Vec<f32> {
+    let per_head = queries.div_ceil(ROWS_PER_BLOCK);
     let mut out = vec![0f32; queries * heads * head_dim];
-    for (h, values) in per_head.iter().enumerate() {
+    for (task, values) in blocks.iter().enumerate() {
+        let (h, first) = (task / per_head, task % per_head * ROWS_PER_BLOCK);
         for (i, row) in values.chunks_exact(head_dim).enumerate() {
-            let at = i * heads * head_dim + h * head_dim;
+            let at = (first + i) * heads * head_dim + h * head_dim;
             out[at..at + head_dim].copy_from_slice(row);
         }
     }
@@ -77,14 +95,12 @@ pub fn causal_attention_rows(q: &[f32], k: &[f32], v: &[f32], shape: AttentionSh
     let (start, group) = (keys - queries, heads / kv_heads);
     let scale = 1.0 / (head_dim as f32).sqrt();
     let strides = Strides { head_dim, q_row: heads * head_dim, kv_row: kv_heads * head_dim };
-    let per_head: Vec<Vec<f32>> = (0..heads)
-        .into_par_iter()
-        .map(|h| {
-            let kv = h / group;
-            head(&q[h * head_dim..], &k[kv * head_dim..], &v[kv * head_dim..], Span { start, queries, keys, window }, strides, scale)
-        })
-        .collect();
-    interleave(&per_head, queries, head_dim)
+    let span = Span { start, queries, window };
+    let blocks = each_head_block(heads, queries, |h, first| {
+        let kv = h / group;
+        head_block(&q[h * head_dim..], &k[kv * head_dim..], &v[kv * head_dim..], span, strides, scale, first)
+    });
+    interleave(&blocks, heads, queries, head_dim)
 }
 
 /// Where one head's rows sit: `head_dim` values per row, rows `q_row` (queries) and `kv_row`
@@ -96,12 +112,12 @@ struct Strides {
     kv_row: usize,
 }
 
-/// Which positions one call covers: queries `start..start + queries` over keys `0..keys`.
+/// Which positions one call covers: queries `start..start + queries`, each over the keys up to
+/// its own position.
 #[derive(Debug, Clone, Copy)]
 struct Span {
     start: usize,
     queries: usize,
-    keys: usize,
     window: Option<usize>,
 }
 
@@ -112,82 +128,80 @@ impl Span {
     }
 }
 
-/// One head: `[queries, hd]` of outputs; row `i` of the head's q (k, v) starts at `i·q_row`
-/// (`i·kv_row`).
-fn head(q: &[f32], k: &[f32], v: &[f32], span: Span, strides: Strides, scale: f32) -> Vec<f32> {
-    let Span { start, queries, keys, .. } = span;
+/// One block of one head's query rows, `first..first + ROWS_PER_BLOCK` (fewer at the end):
+/// `[rows, hd]` of outputs; row `i` of the head's q (k, v) starts at `i·q_row` (`i·kv_row`).
+#[inline(always)]
+fn head_block(q: &[f32], k: &[f32], v: &[f32], span: Span, strides: Strides, scale: f32, first: usize) -> Vec<f32> {
+    let Span { start, queries, .. } = span;
     let Strides { head_dim, q_row, kv_row } = strides;
-    let mut out = vec![0f32; queries * head_dim];
-    let mut scores = vec![0f32; ROWS_PER_BLOCK * keys];
-    for first in (0..queries).step_by(ROWS_PER_BLOCK) {
-        let rows = ROWS_PER_BLOCK.min(queries - first);
-        // The block's queries see keys lowest..end: its last query the keys up to `end`, its
-        // first the keys from `lowest` (0 without a window); the rest is masked below.
-        let lowest = span.first_key(start + first);
-        let end = start + first + rows;
-        let visible = end - lowest;
-        let block_scores = &mut scores[..rows * visible];
-        let (k, v) = (&k[lowest * kv_row..], &v[lowest * kv_row..]);
-        // scores[rows, visible] = scale · Q[first..first+rows] · K[lowest..end]ᵀ
-        // SAFETY: every pointer/stride pair describes a slice of the stated size above.
-        unsafe {
-            gemm::gemm(
-                rows,
-                visible,
-                head_dim,
-                block_scores.as_mut_ptr(),
-                1,
-                visible as isize,
-                false,
-                q[first * q_row..].as_ptr(),
-                1,
-                q_row as isize,
-                k.as_ptr(),
-                kv_row as isize,
-                1,
-                0.0,
-                scale,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            );
-        }
-        for (r, row) in block_scores.chunks_exact_mut(visible).enumerate() {
-            let position = start + first + r;
-            let (past, row) = row.split_at_mut(span.first_key(position) - lowest);
-            past.fill(0.0);
-            let (seen, future) = row.split_at_mut(position + 1 - span.first_key(position));
-            let max = disp_core::fastmath::max(seen);
-            let inverse = (1.0 / disp_core::fastmath::exp_in_place_sum(seen, 1.0, max)) as f32;
-            seen.iter_mut().for_each(|s| *s *= inverse);
-            future.fill(0.0);
-        }
-        // out[first..first+rows] = P · V[lowest..end]
-        // SAFETY: as above.
-        unsafe {
-            gemm::gemm(
-                rows,
-                head_dim,
-                visible,
-                out[first * head_dim..].as_mut_ptr(),
-                1,
-                head_dim as isize,
-                false,
-                block_scores.as_ptr(),
-                1,
-                visible as isize,
-                v.as_ptr(),
-                1,
-                kv_row as isize,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            );
-        }
+    let rows = ROWS_PER_BLOCK.min(queries - first);
+    let mut out = vec![0f32; rows * head_dim];
+    // The block's queries see keys lowest..end: its last query the keys up to `end`, its first
+    // the keys from `lowest` (0 without a window); the rest is masked below.
+    let lowest = span.first_key(start + first);
+    let end = start + first + rows;
+    let visible = end - lowest;
+    let mut block_scores = vec![0f32; rows * visible];
+    let (k, v) = (&k[lowest * kv_row..], &v[lowest * kv_row..]);
+    // scores[rows, visible] = scale · Q[first..first+rows] · K[lowest..end]ᵀ
+    // SAFETY: every pointer/stride pair describes a slice of the stated size above.
+    unsafe {
+        gemm::gemm(
+            rows,
+            visible,
+            head_dim,
+            block_scores.as_mut_ptr(),
+            1,
+            visible as isize,
+            false,
+            q[first * q_row..].as_ptr(),
+            1,
+            q_row as isize,
+            k.as_ptr(),
+            kv_row as isize,
+            1,
+            0.0,
+            scale,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+    for (r, row) in block_scores.chunks_exact_mut(visible).enumerate() {
+        let position = start + first + r;
+        let (past, row) = row.split_at_mut(span.first_key(position) - lowest);
+        past.fill(0.0);
+        let (seen, future) = row.split_at_mut(position + 1 - span.first_key(position));
+        let max = disp_core::fastmath::max(seen);
+        let inverse = (1.0 / disp_core::fastmath::exp_in_place_sum(seen, 1.0, max)) as f32;
+        seen.iter_mut().for_each(|s| *s *= inverse);
+        future.fill(0.0);
+    }
+    // out = P · V[lowest..end]
+    // SAFETY: as above.
+    unsafe {
+        gemm::gemm(
+            rows,
+            head_dim,
+            visible,
+            out.as_mut_ptr(),
+            1,
+            head_dim as isize,
+            false,
+            block_scores.as_ptr(),
+            1,
+            visible as isize,
+            v.as_ptr(),
+            1,
+            kv_row as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
     }
     out
 }

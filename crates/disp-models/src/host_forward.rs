@@ -20,16 +20,15 @@
 
 use std::cell::Cell;
 
-use burn::backend::flex::FlexTensor;
-use burn::backend::Flex;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use disp_core::selection::Site;
 use rayon::prelude::*;
 
 use crate::decoder::{Block, BlockNorms, DecoderLm, Norm};
 use crate::host_attention::{causal_attention_rows, AttentionShape};
-use crate::host_search::linear;
+use crate::host_search::{linear, with_activation, HostNorm};
 use crate::layers::{Activation, KvCache};
+use disp_core::fastmath;
 
 thread_local! {
     static HOST_PATH: Cell<bool> = const { Cell::new(true) };
@@ -83,80 +82,17 @@ fn has_tracked_weights(model: &DecoderLm) -> bool {
     })
 }
 
-/// A float tensor's values as row-major f32: borrowed from burn-flex's buffer when they already
-/// are, converted otherwise (a bf16 / f16 weight: one matrix at a time, dropped after use).
-enum HostValues {
-    Borrowed(FlexTensor),
-    Owned(Vec<f32>),
-}
-
-impl HostValues {
-    fn of<const D: usize>(tensor: &Tensor<D>) -> Self {
-        if let Ok(flex) = tensor.clone().try_into_primitive::<Flex>() {
-            if flex.as_slice::<f32>().is_some() {
-                return Self::Borrowed(flex);
-            }
-        }
-        Self::Owned(tensor.clone().into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 values"))
-    }
-
-    fn values(&self) -> &[f32] {
-        match self {
-            Self::Borrowed(flex) => flex.as_slice::<f32>().expect("checked to be contiguous f32"),
-            Self::Owned(values) => values,
-        }
-    }
-}
-
 fn indices(kept: &Tensor<1, Int>) -> Vec<usize> {
     kept.clone().into_data().convert::<i64>().try_into_vec::<i64>().expect("i64 indices").into_iter().map(|i| i as usize).collect()
 }
 
 /// Normalises every `width`-long row of `x` in place, as [`Norm::forward`] does.
 fn norm(norm: &Norm, x: &mut [f32], width: usize) {
-    match norm {
-        Norm::Rms(n) => {
-            let (weight, eps) = (HostValues::of(&n.weight), n.eps as f32);
-            let w = weight.values();
-            x.par_chunks_mut(width).for_each(|row| {
-                let mean = row.iter().map(|v| v * v).sum::<f32>() / width as f32;
-                let rms = (mean + eps).sqrt();
-                row.iter_mut().zip(w).for_each(|(v, w)| *v = *v / rms * w);
-            });
-        }
-        Norm::Layer { norm: n, .. } => {
-            let (weight, bias, eps) = (HostValues::of(&n.weight), HostValues::of(&n.bias), n.eps as f32);
-            let (w, b) = (weight.values(), bias.values());
-            x.par_chunks_mut(width).for_each(|row| {
-                let mean = row.iter().sum::<f32>() / width as f32;
-                row.iter_mut().for_each(|v| *v -= mean);
-                let var = row.iter().map(|v| v * v).sum::<f32>() / width as f32;
-                let std = (var + eps).sqrt();
-                row.iter_mut().zip(w.iter().zip(b)).for_each(|(v, (w, b))| *v = *v / std * w + b);
-            });
-        }
-    }
+    HostNorm::of(norm).normalize_rows(x, width);
 }
 
-/// x·σ(x) with σ from exp of a non-positive argument only (no overflow, vectorisable).
-#[inline(always)]
-fn silu(x: f32) -> f32 {
-    let e = disp_core::fastmath::exp_nonpositive(-x.abs());
-    let sigmoid = if x >= 0.0 { 1.0 / (1.0 + e) } else { e / (1.0 + e) };
-    x * sigmoid
-}
-
-fn activate(activation: Activation, x: f32) -> f32 {
-    match activation {
-        Activation::Silu => silu(x),
-        Activation::Relu => x.max(0.0),
-        Activation::GeluTanh => {
-            let inner = (x + x * x * x * 0.044715) * (2.0 / std::f32::consts::PI).sqrt();
-            x * 0.5 * (inner.tanh() + 1.0)
-        }
-        Activation::Gelu => unreachable!("the exact GELU runs on the generic path (see `covers`)"),
-    }
-}
+/// Elements per rayon task of the element-wise loops: enough to amortise a task.
+const ELEMENTS_PER_TASK: usize = 16 * 1024;
 
 /// What every block of one host forward (or search) pass shares.
 pub(crate) struct Pass<'a> {
@@ -200,7 +136,12 @@ impl HostSelector {
     /// Adds a sub-block's output into the residual `x` `[rows, d]`.
     fn write(&self, site: Site, x: &mut [f32], out: &[f32], width: usize) {
         match &self.kept {
-            None => x.par_iter_mut().zip(out).for_each(|(x, o)| *x += o),
+            None => x.par_chunks_mut(ELEMENTS_PER_TASK).zip(out.par_chunks(ELEMENTS_PER_TASK)).for_each(|(x, out)| {
+                fastmath::with_wide_vectors(
+                    #[inline(always)]
+                    || x.iter_mut().zip(out).for_each(|(x, o)| *x += o),
+                )
+            }),
             Some(kept) => {
                 let kept = &kept[site.index()];
                 x.par_chunks_mut(width).zip(out.par_chunks(kept.len())).for_each(|(row, out)| {
@@ -302,12 +243,16 @@ fn mlp(b: &Block, input: &[f32], pass: &Pass) -> Vec<f32> {
         [gate, up] => {
             let mut g = linear(gate, input, rows);
             let u = linear(up, input, rows);
-            g.par_iter_mut().zip(&u).for_each(|(g, u)| *g = activate(activation, *g) * u);
+            with_activation!(activation, act => g.par_chunks_mut(ELEMENTS_PER_TASK).zip(u.par_chunks(ELEMENTS_PER_TASK)).for_each(|(g, u)| {
+                fastmath::with_wide_vectors(#[inline(always)] || g.iter_mut().zip(u).for_each(|(g, u)| *g = act(*g).0 * u))
+            }));
             g
         }
         [fc1] => {
             let mut h = linear(fc1, input, rows);
-            h.par_iter_mut().for_each(|h| *h = activate(activation, *h));
+            with_activation!(activation, act => h.par_chunks_mut(ELEMENTS_PER_TASK).for_each(|h| {
+                fastmath::with_wide_vectors(#[inline(always)] || h.iter_mut().for_each(|h| *h = act(*h).0))
+            }));
             h
         }
         _ => unreachable!("blocks are loaded with one or two MLP inputs"),
@@ -340,8 +285,7 @@ pub(crate) fn summed_nll(model: &DecoderLm, tokens: &[u32], batch: usize) -> Opt
     let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [batch, seq]), &model.device);
     let hidden = model.ends.finish(blocks(model, model.ends.embed(ids, 0), 0, None));
     let hidden = hidden.into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 activations");
-    let (mean, _) = crate::host_search::head_loss(&model.ends.head, &hidden, tokens, seq, false);
-    Some(mean * (batch * (seq - 1)) as f64)
+    Some(crate::host_search::summed_head_nll(&model.ends.head, &hidden, tokens, seq))
 }
 
 #[cfg(test)]

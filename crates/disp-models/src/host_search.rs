@@ -98,6 +98,23 @@ pub(crate) fn gemm(
     lhs: (&[f32], usize, usize),
     rhs: (&[f32], usize, usize),
 ) {
+    gemm_on_threads(m, n, k, dst, dst_row, accumulate, lhs, rhs, rayon::current_num_threads());
+}
+
+/// [`gemm`] on at most `threads` threads (1: on the calling thread, for a task that is one of
+/// many parallel tasks already).
+#[allow(clippy::too_many_arguments)]
+fn gemm_on_threads(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    dst_row: usize,
+    accumulate: bool,
+    lhs: (&[f32], usize, usize),
+    rhs: (&[f32], usize, usize),
+    threads: usize,
+) {
     if m == 0 || n == 0 {
         return;
     }
@@ -130,7 +147,6 @@ pub(crate) fn gemm(
             parallelism,
         )
     };
-    let threads = rayon::current_num_threads();
     let large = m * n * k > 1 << 18;
     if m == 1 && large && threads > 1 && n >= 2 * GEMV_MIN_COLUMNS {
         // gemm runs a single row (a decode step, the head of the last position) as a one-thread
@@ -142,7 +158,7 @@ pub(crate) fn gemm(
         });
         return;
     }
-    call(m, n, dst, rhs.0, if large { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None });
+    call(m, n, dst, rhs.0, if large && threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None });
 }
 
 /// Columns of one thread's share of a single-row product, at least (a multiple of the AVX-512
@@ -158,7 +174,12 @@ pub(crate) fn linear(layer: &Linear, x: &[f32], rows: usize) -> Vec<f32> {
     gemm(rows, outputs, inputs, &mut out, outputs, false, (x, inputs, 1), (w.values(), w.row, w.col));
     if let Some(bias) = &layer.bias {
         let b = vector(bias);
-        out.par_chunks_mut(outputs).for_each(|row| row.iter_mut().zip(&b).for_each(|(y, b)| *y += b));
+        out.par_chunks_mut(outputs).for_each(|row| {
+            fastmath::with_wide_vectors(
+                #[inline(always)]
+                || row.iter_mut().zip(&b).for_each(|(y, b)| *y += b),
+            )
+        });
     }
     out
 }
@@ -171,13 +192,13 @@ fn linear_input_grad(layer: &Linear, dy: &[f32], rows: usize, dst: &mut [f32], a
 }
 
 /// A norm's parameters on the host.
-enum HostNorm {
+pub(crate) enum HostNorm {
     Rms { weight: Vec<f32>, eps: f32 },
     Layer { weight: Vec<f32>, bias: Vec<f32>, eps: f32 },
 }
 
 impl HostNorm {
-    fn of(norm: &Norm) -> Self {
+    pub(crate) fn of(norm: &Norm) -> Self {
         match norm {
             Norm::Rms(n) => Self::Rms { weight: vector(&n.weight), eps: n.eps as f32 },
             Norm::Layer { norm: n, .. } => Self::Layer { weight: vector(&n.weight), bias: vector(&n.bias), eps: n.eps as f32 },
@@ -187,58 +208,73 @@ impl HostNorm {
     /// Rows of `x` `[rows, width]` normalised into `out`.
     fn forward(&self, x: &[f32], width: usize) -> Vec<f32> {
         let mut out = x.to_vec();
-        out.par_chunks_mut(width).for_each(|row| match self {
-            Self::Rms { weight, eps } => {
-                let rms = (row.iter().map(|v| v * v).sum::<f32>() / width as f32 + eps).sqrt();
-                row.iter_mut().zip(weight).for_each(|(v, w)| *v = *v / rms * w);
-            }
-            Self::Layer { weight, bias, eps } => {
-                let mean = row.iter().sum::<f32>() / width as f32;
-                row.iter_mut().for_each(|v| *v -= mean);
-                let std = (row.iter().map(|v| v * v).sum::<f32>() / width as f32 + eps).sqrt();
-                row.iter_mut().zip(weight.iter().zip(bias)).for_each(|(v, (w, b))| *v = *v / std * w + b);
-            }
-        });
+        self.normalize_rows(&mut out, width);
         out
+    }
+
+    /// Normalises every `width`-long row of `x` in place (rows in parallel, each a wide-vector
+    /// build with lane-wise sums).
+    pub(crate) fn normalize_rows(&self, x: &mut [f32], width: usize) {
+        let n = width as f32;
+        x.par_chunks_mut(width).for_each(|row| {
+            fastmath::with_wide_vectors(
+                #[inline(always)]
+                || match self {
+                    Self::Rms { weight, eps } => {
+                        let inverse = 1.0 / (fastmath::sum_by(row, |v| v * v) / n + eps).sqrt();
+                        row.iter_mut().zip(weight).for_each(|(v, w)| *v = *v * inverse * w);
+                    }
+                    Self::Layer { weight, bias, eps } => {
+                        let mean = fastmath::sum_by(row, |v| v) / n;
+                        row.iter_mut().for_each(|v| *v -= mean);
+                        let inverse = 1.0 / (fastmath::sum_by(row, |v| v * v) / n + eps).sqrt();
+                        row.iter_mut().zip(weight.iter().zip(bias)).for_each(|(v, (w, b))| *v = *v * inverse * w + b);
+                    }
+                },
+            )
+        });
     }
 
     /// Adds ∂L/∂x to `dx` for the norm's input `x` and output gradient `dy`, row by row.
     fn backward(&self, x: &[f32], dy: &[f32], dx: &mut [f32], width: usize) {
         let n = width as f32;
         dx.par_chunks_mut(width).zip(x.par_chunks(width).zip(dy.par_chunks(width))).for_each(|(dx, (x, dy))| {
-            fastmath::with_wide_vectors(|| match self {
-                Self::Rms { weight, eps } => {
-                    let r = (x.iter().map(|v| v * v).sum::<f32>() / n + eps).sqrt();
-                    let dot: f32 = x.iter().zip(dy.iter().zip(weight)).map(|(x, (dy, w))| x * dy * w).sum();
-                    let (k, inverse) = (dot / (n * r * r * r), 1.0 / r);
-                    for (((dx, dy), w), x) in dx.iter_mut().zip(dy).zip(weight).zip(x) {
-                        *dx += dy * w * inverse - x * k;
+            fastmath::with_wide_vectors(
+                #[inline(always)]
+                || match self {
+                    Self::Rms { weight, eps } => {
+                        let r = (fastmath::sum_by(x, |v| v * v) / n + eps).sqrt();
+                        let dot: f32 = x.iter().zip(dy.iter().zip(weight)).map(|(x, (dy, w))| x * dy * w).sum();
+                        let (k, inverse) = (dot / (n * r * r * r), 1.0 / r);
+                        for (((dx, dy), w), x) in dx.iter_mut().zip(dy).zip(weight).zip(x) {
+                            *dx += dy * w * inverse - x * k;
+                        }
                     }
-                }
-                Self::Layer { weight, eps, .. } => {
-                    let mean = x.iter().sum::<f32>() / n;
-                    let std = (x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n + eps).sqrt();
-                    let inverse = 1.0 / std;
-                    let (mut mean_g, mut mean_gx) = (0f32, 0f32);
-                    for ((dy, w), x) in dy.iter().zip(weight).zip(x) {
-                        let g = dy * w;
-                        mean_g += g;
-                        mean_gx += g * (x - mean) * inverse;
+                    Self::Layer { weight, eps, .. } => {
+                        let mean = fastmath::sum_by(x, |v| v) / n;
+                        let std = (fastmath::sum_by(x, |v| (v - mean) * (v - mean)) / n + eps).sqrt();
+                        let inverse = 1.0 / std;
+                        let (mut mean_g, mut mean_gx) = (0f32, 0f32);
+                        for ((dy, w), x) in dy.iter().zip(weight).zip(x) {
+                            let g = dy * w;
+                            mean_g += g;
+                            mean_gx += g * (x - mean) * inverse;
+                        }
+                        let (mean_g, mean_gx) = (mean_g / n, mean_gx / n);
+                        for (((dx, dy), w), x) in dx.iter_mut().zip(dy).zip(weight).zip(x) {
+                            let xhat = (x - mean) * inverse;
+                            *dx += (dy * w - mean_g - xhat * mean_gx) * inverse;
+                        }
                     }
-                    let (mean_g, mean_gx) = (mean_g / n, mean_gx / n);
-                    for (((dx, dy), w), x) in dx.iter_mut().zip(dy).zip(weight).zip(x) {
-                        let xhat = (x - mean) * inverse;
-                        *dx += (dy * w - mean_g - xhat * mean_gx) * inverse;
-                    }
-                }
-            })
+                },
+            )
         });
     }
 }
 
 /// The activation and its derivative at `x`.
 #[inline(always)]
-fn activation(kind: Activation, x: f32) -> (f32, f32) {
+pub(crate) fn activation(kind: Activation, x: f32) -> (f32, f32) {
     match kind {
         Activation::Silu => {
             let e = exp_nonpositive(-x.abs());
@@ -258,7 +294,12 @@ fn activation(kind: Activation, x: f32) -> (f32, f32) {
 /// `x ⊙ gate` per column, `x` `[rows, width]`.
 fn gated(x: &[f32], gate: &[f32]) -> Vec<f32> {
     let mut out = x.to_vec();
-    out.par_chunks_mut(gate.len()).for_each(|row| fastmath::with_wide_vectors(|| row.iter_mut().zip(gate).for_each(|(v, g)| *v *= g)));
+    out.par_chunks_mut(gate.len()).for_each(|row| {
+        fastmath::with_wide_vectors(
+            #[inline(always)]
+            || row.iter_mut().zip(gate).for_each(|(v, g)| *v *= g),
+        )
+    });
     out
 }
 
@@ -268,13 +309,16 @@ fn column_dot(a: &[f32], b: &[f32], width: usize) -> Vec<f32> {
         .par_chunks(width * 64)
         .zip(b.par_chunks(width * 64))
         .map(|(a, b)| {
-            fastmath::with_wide_vectors(|| {
-                let mut sum = vec![0f32; width];
-                for (a, b) in a.chunks_exact(width).zip(b.chunks_exact(width)) {
-                    sum.iter_mut().zip(a.iter().zip(b)).for_each(|(s, (a, b))| *s += a * b);
-                }
-                sum
-            })
+            fastmath::with_wide_vectors(
+                #[inline(always)]
+                || {
+                    let mut sum = vec![0f32; width];
+                    for (a, b) in a.chunks_exact(width).zip(b.chunks_exact(width)) {
+                        sum.iter_mut().zip(a.iter().zip(b)).for_each(|(s, (a, b))| *s += a * b);
+                    }
+                    sum
+                },
+            )
         })
         .collect::<Vec<_>>();
     sum_in_order(partial, width)
@@ -357,7 +401,10 @@ fn block_forward(b: &Block, g: &[Vec<f32>; 5], x: &mut [f32], pass: &Pass) -> Sa
 /// `x += out ⊙ gate` per column.
 fn add_gated(x: &mut [f32], out: &[f32], gate: &[f32]) {
     x.par_chunks_mut(gate.len()).zip(out.par_chunks(gate.len())).for_each(|(x, o)| {
-        fastmath::with_wide_vectors(|| x.iter_mut().zip(o.iter().zip(gate)).for_each(|(x, (o, g))| *x += o * g));
+        fastmath::with_wide_vectors(
+            #[inline(always)]
+            || x.iter_mut().zip(o.iter().zip(gate)).for_each(|(x, (o, g))| *x += o * g),
+        );
     });
 }
 
@@ -366,22 +413,23 @@ fn add_gated(x: &mut [f32], out: &[f32], gate: &[f32]) {
 macro_rules! with_activation {
     ($kind:expr, $act:ident => $body:expr) => {
         match $kind {
-            Activation::Silu => {
-                let $act = |x: f32| activation(Activation::Silu, x);
+            $crate::layers::Activation::Silu => {
+                let $act = |x: f32| $crate::host_search::activation($crate::layers::Activation::Silu, x);
                 $body
             }
-            Activation::Relu => {
-                let $act = |x: f32| activation(Activation::Relu, x);
+            $crate::layers::Activation::Relu => {
+                let $act = |x: f32| $crate::host_search::activation($crate::layers::Activation::Relu, x);
                 $body
             }
-            Activation::GeluTanh => {
-                let $act = |x: f32| activation(Activation::GeluTanh, x);
+            $crate::layers::Activation::GeluTanh => {
+                let $act = |x: f32| $crate::host_search::activation($crate::layers::Activation::GeluTanh, x);
                 $body
             }
-            Activation::Gelu => unreachable!("the exact GELU is not covered (see `covers`)"),
+            $crate::layers::Activation::Gelu => unreachable!("the exact GELU is not covered (see `covers`)"),
         }
     };
 }
+pub(crate) use with_activation;
 
 /// act(pre) (⊙ up) ⊙ gate S4.
 fn intermediate(kind: Activation, pre: &[f32], up: Option<&[f32]>, gate: &[f32]) -> Vec<f32> {
@@ -389,11 +437,11 @@ fn intermediate(kind: Activation, pre: &[f32], up: Option<&[f32]>, gate: &[f32])
     let width = gate.len();
     with_activation!(kind, act => match up {
         Some(up) => out.par_chunks_mut(width).zip(up.par_chunks(width)).for_each(|(row, up)| {
-            fastmath::with_wide_vectors(|| row.iter_mut().zip(up.iter().zip(gate)).for_each(|(v, (u, g))| *v = act(*v).0 * u * g));
+            fastmath::with_wide_vectors(#[inline(always)] || row.iter_mut().zip(up.iter().zip(gate)).for_each(|(v, (u, g))| *v = act(*v).0 * u * g));
         }),
         None => out
             .par_chunks_mut(width)
-            .for_each(|row| fastmath::with_wide_vectors(|| row.iter_mut().zip(gate).for_each(|(v, g)| *v = act(*v).0 * g))),
+            .for_each(|row| fastmath::with_wide_vectors(#[inline(always)] || row.iter_mut().zip(gate).for_each(|(v, g)| *v = act(*v).0 * g))),
     });
     out
 }
@@ -417,7 +465,7 @@ fn intermediate_backward(
             .par_chunks_mut(chunk)
             .zip(d_up.par_chunks_mut(chunk))
             .zip(pre.par_chunks(chunk).zip(up.par_chunks(chunk)).zip(d_inter.par_chunks(chunk)))
-            .map(|((d_pre, d_up), ((pre, up), d_inter))| fastmath::with_wide_vectors(|| {
+            .map(|((d_pre, d_up), ((pre, up), d_inter))| fastmath::with_wide_vectors(#[inline(always)] || {
                 let mut sum = vec![0f32; ff];
                 for ((((d_pre, d_up), pre), up), d_inter) in
                     d_pre.chunks_exact_mut(ff).zip(d_up.chunks_exact_mut(ff)).zip(pre.chunks_exact(ff)).zip(up.chunks_exact(ff)).zip(d_inter.chunks_exact(ff))
@@ -435,7 +483,7 @@ fn intermediate_backward(
         (None, None) => d_pre
             .par_chunks_mut(chunk)
             .zip(pre.par_chunks(chunk).zip(d_inter.par_chunks(chunk)))
-            .map(|(d_pre, (pre, d_inter))| fastmath::with_wide_vectors(|| {
+            .map(|(d_pre, (pre, d_inter))| fastmath::with_wide_vectors(#[inline(always)] || {
                 let mut sum = vec![0f32; ff];
                 for ((d_pre, pre), d_inter) in d_pre.chunks_exact_mut(ff).zip(pre.chunks_exact(ff)).zip(d_inter.chunks_exact(ff)) {
                     for ((((s, dp), p), di), g) in sum.iter_mut().zip(d_pre).zip(pre).zip(d_inter).zip(g4) {
@@ -616,7 +664,7 @@ pub(crate) fn gate_gradients(model: &DecoderLm, tokens: &[u32], batch: usize, ga
     let saved: Vec<Saved> = model.blocks.iter().zip(gates).map(|(b, g)| block_forward(b, g, &mut x, &pass)).collect();
     let final_norm = model.ends.final_norm.as_ref().map(HostNorm::of);
     let hidden = final_norm.as_ref().map_or_else(|| x.clone(), |n| n.forward(&x, d));
-    let (loss, d_hidden) = head_loss(&model.ends.head, &hidden, tokens, seq, true);
+    let (loss, d_hidden) = head_loss(&model.ends.head, &hidden, tokens, seq);
     let mut dx = match &final_norm {
         Some(n) => {
             let mut dx = vec![0f32; x.len()];
@@ -634,10 +682,10 @@ pub(crate) fn gate_gradients(model: &DecoderLm, tokens: &[u32], batch: usize, ga
     Some(GateGradients { loss, layers })
 }
 
-/// The mean NLL of the head's logits over `hidden` `[rows, width]` and (with `gradient`) its
-/// gradient with respect to `hidden`, in blocks of rows: logits, softmax and
-/// (softmax − one-hot)/N·Wᵀ per block, so the `[rows, vocab]` logits are never stored.
-pub(crate) fn head_loss(head: &Linear, hidden: &[f32], tokens: &[u32], seq: usize, gradient: bool) -> (f64, Vec<f32>) {
+/// The mean NLL of the head's logits over `hidden` `[rows, width]` and its gradient with respect
+/// to `hidden`, in blocks of rows: logits, softmax and (softmax − one-hot)/N·Wᵀ per block, so
+/// the `[rows, vocab]` logits are never stored.
+pub(crate) fn head_loss(head: &Linear, hidden: &[f32], tokens: &[u32], seq: usize) -> (f64, Vec<f32>) {
     // Each block reads the whole head weight (113 MB for SmolLM2's tied embedding): 256 rows read
     // it half as often as 128 (4 windows of eval: 773–995 → 633–744 ms in the head's products)
     // for a 50 MB block of logits instead of 25.
@@ -647,7 +695,7 @@ pub(crate) fn head_loss(head: &Linear, hidden: &[f32], tokens: &[u32], seq: usiz
     let predicted = (rows / seq * (seq - 1)) as f32;
     let whole = Matrix::borrowed(&head.weight);
     let bias = head.bias.as_ref().map(vector);
-    let mut d_hidden = vec![0f32; if gradient { rows * width } else { 0 }];
+    let mut d_hidden = vec![0f32; rows * width];
     let mut logits = vec![0f32; BLOCK.min(rows) * vocab];
     let mut loss = 0f64;
     for first in (0..rows).step_by(BLOCK) {
@@ -672,24 +720,98 @@ pub(crate) fn head_loss(head: &Linear, hidden: &[f32], tokens: &[u32], seq: usiz
                 let max = fastmath::max(row);
                 let picked = row[target];
                 let sum = fastmath::exp_in_place_sum(row, 1.0, max);
-                if gradient {
-                    let scale = (1.0 / sum) as f32 / predicted;
-                    row.iter_mut().for_each(|z| *z *= scale);
-                    row[target] -= 1.0 / predicted;
-                }
+                let scale = (1.0 / sum) as f32 / predicted;
+                row.iter_mut().for_each(|z| *z *= scale);
+                row[target] -= 1.0 / predicted;
                 max as f64 + sum.ln() - picked as f64
             })
             .collect::<Vec<f64>>()
             .into_iter()
             .sum::<f64>();
-        if gradient {
-            let d_block = &mut d_hidden[first * width..];
-            for_head_columns(&head.weight, whole.as_ref(), |start, columns, w| {
-                gemm(n, width, columns, d_block, width, start > 0, (&block[start..], vocab, 1), (w.values(), w.col, w.row));
-            });
-        }
+        let d_block = &mut d_hidden[first * width..];
+        for_head_columns(&head.weight, whole.as_ref(), |start, columns, w| {
+            gemm(n, width, columns, d_block, width, start > 0, (&block[start..], vocab, 1), (w.values(), w.col, w.row));
+        });
     }
     (loss / predicted as f64, d_hidden)
+}
+
+/// Σ next-token NLL of the head's logits over `hidden` `[rows, width]` (`tokens`: sequences of
+/// `seq`; a sequence's last position predicts nothing), for evaluation: no gradient, so the
+/// logits are never more than one tile. Tasks over tiles of `TILE_ROWS` rows × `TILE_COLUMNS`
+/// vocabulary columns each compute their tile with one gemm on their own thread while it is in
+/// cache and reduce it to each row's (max, Σ exp(z − max)) and the target's logit where it falls
+/// inside; each row then combines its tiles' partial sums in column order (the same result on
+/// any number of threads).
+pub(crate) fn summed_head_nll(head: &Linear, hidden: &[f32], tokens: &[u32], seq: usize) -> f64 {
+    const TILE_ROWS: usize = 256;
+    const TILE_COLUMNS: usize = 512;
+    let (width, vocab) = (head.inputs(), head.outputs());
+    let rows = tokens.len();
+    assert_eq!(hidden.len(), rows * width);
+    let tiles_per_row = vocab.div_ceil(TILE_COLUMNS);
+    let row_blocks = rows.div_ceil(TILE_ROWS);
+    let bias = head.bias.as_ref().map(vector);
+    let predicts = |position: usize| position % seq != seq - 1;
+    // Per row and tile of columns: (max, Σ exp(z − max)); per row: the target's logit.
+    let mut partial = vec![(f32::NEG_INFINITY, 0f64); rows * tiles_per_row];
+    let mut picked = vec![0f32; rows];
+    for_head_columns(&head.weight, Matrix::borrowed(&head.weight).as_ref(), |start, columns, w| {
+        // `start` is 0 or a multiple of `for_head_columns`' block, itself a multiple of a tile.
+        let (first_tile, tiles) = (start / TILE_COLUMNS, columns.div_ceil(TILE_COLUMNS));
+        let reduced: Vec<Vec<(f32, f64, Option<f32>)>> = (0..tiles * row_blocks)
+            .into_par_iter()
+            .map(|task| {
+                // Consecutive tasks share a tile of the weight (they go to one thread in runs).
+                let (tile, block) = (task / row_blocks, task % row_blocks);
+                let (first_row, n) = (block * TILE_ROWS, TILE_ROWS.min(rows - block * TILE_ROWS));
+                let (first_column, m) = (tile * TILE_COLUMNS, TILE_COLUMNS.min(columns - tile * TILE_COLUMNS));
+                let mut logits = vec![0f32; n * m];
+                let w_tile = (&w.values()[first_column * w.col..], w.row, w.col);
+                gemm_on_threads(n, m, width, &mut logits, m, false, (&hidden[first_row * width..], width, 1), w_tile, 1);
+                let global = start + first_column;
+                logits
+                    .chunks_exact_mut(m)
+                    .enumerate()
+                    .map(|(r, row)| {
+                        let position = first_row + r;
+                        if !predicts(position) {
+                            return (f32::NEG_INFINITY, 0.0, None);
+                        }
+                        if let Some(b) = &bias {
+                            fastmath::with_wide_vectors(
+                                #[inline(always)]
+                                || row.iter_mut().zip(&b[global..]).for_each(|(z, b)| *z += b),
+                            );
+                        }
+                        let target = tokens[position + 1] as usize;
+                        let target = (global..global + m).contains(&target).then(|| row[target - global]);
+                        let max = fastmath::max(row);
+                        (max, fastmath::exp_in_place_sum(row, 1.0, max), target)
+                    })
+                    .collect()
+            })
+            .collect();
+        for (task, rows_of_tile) in reduced.into_iter().enumerate() {
+            let (tile, block) = (first_tile + task / row_blocks, task % row_blocks);
+            for (r, (max, sum, target)) in rows_of_tile.into_iter().enumerate() {
+                let row = block * TILE_ROWS + r;
+                partial[row * tiles_per_row + tile] = (max, sum);
+                if let Some(z) = target {
+                    picked[row] = z;
+                }
+            }
+        }
+    });
+    (0..rows)
+        .filter(|&row| predicts(row))
+        .map(|row| {
+            let tiles = &partial[row * tiles_per_row..(row + 1) * tiles_per_row];
+            let max = tiles.iter().fold(f32::NEG_INFINITY, |m, &(t, _)| m.max(t)) as f64;
+            let sum: f64 = tiles.iter().map(|&(t, s)| s * (t as f64 - max).exp()).sum();
+            max + sum.ln() - picked[row] as f64
+        })
+        .sum()
 }
 
 /// The head's logits `[rows, vocab]` of `hidden` `[rows, width]` (a bf16 head converted in
@@ -788,13 +910,34 @@ mod tests {
         assert!(Matrix::borrowed(&blocks.weight).is_none(), "the bf16 head takes the block path");
         let hidden: Vec<f32> = (0..2 * seq * width).map(|i| ((i * 13 % 17) as f32 - 8.0) / 9.0).collect();
         let tokens: Vec<u32> = (0..2 * seq as u32).map(|i| (i * 977 + 5) % vocab as u32).collect();
-        let (loss_whole, grad_whole) = head_loss(&whole, &hidden, &tokens, seq, true);
-        let (loss_blocks, grad_blocks) = head_loss(&blocks, &hidden, &tokens, seq, true);
+        let (loss_whole, grad_whole) = head_loss(&whole, &hidden, &tokens, seq);
+        let (loss_blocks, grad_blocks) = head_loss(&blocks, &hidden, &tokens, seq);
         assert!((loss_whole - loss_blocks).abs() <= 1e-6 * loss_whole.abs(), "{loss_whole} vs {loss_blocks}");
         let largest = grad_whole.iter().fold(0f32, |m, g| m.max(g.abs()));
         assert!(largest > 0.0);
         for (a, b) in grad_whole.iter().zip(&grad_blocks) {
             assert!((a - b).abs() <= 1e-5 * largest, "{a} vs {b}");
+        }
+    }
+
+    /// Evaluation's tiled NLL equals the row-block loss (times the predicted positions) for an
+    /// f32 head and for a bf16 one converted in blocks of columns, with a bias, over more rows
+    /// than a tile and a vocabulary that no tile size divides.
+    #[test]
+    fn the_tiled_nll_equals_the_row_block_loss() {
+        let (width, vocab, seq) = (8, 2 * 4096 + 37, 150);
+        let device = Device::flex();
+        let values: Vec<f32> = (0..width * vocab).map(|i| half::bf16::from_f32(((i * 37 % 101) as f32 - 50.0) / 12.0).to_f32()).collect();
+        let f32_weight = Tensor::<2>::from_data(TensorData::new(values, [width, vocab]), &device);
+        let bias = Some(Tensor::<1>::from_data(TensorData::new((0..vocab).map(|i| (i % 7) as f32 / 3.0).collect::<Vec<_>>(), [vocab]), &device));
+        let hidden: Vec<f32> = (0..2 * seq * width).map(|i| ((i * 13 % 17) as f32 - 8.0) / 3.0).collect();
+        let tokens: Vec<u32> = (0..2 * seq as u32).map(|i| (i * 977 + 5) % vocab as u32).collect();
+        let predicted = (2 * (seq - 1)) as f64;
+        for head in [Linear { weight: f32_weight.clone(), bias: bias.clone() }, Linear { weight: f32_weight.clone().cast(DType::BF16), bias: None }] {
+            let (mean, _) = head_loss(&head, &hidden, &tokens, seq);
+            let summed = summed_head_nll(&head, &hidden, &tokens, seq);
+            assert!(mean > 1.0, "a loss to compare: {mean}");
+            assert!((summed - mean * predicted).abs() <= 1e-6 * summed.abs(), "{summed} vs {}", mean * predicted);
         }
     }
 }

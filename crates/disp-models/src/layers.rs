@@ -6,6 +6,7 @@ use burn::tensor::activation::{gelu, relu, silu};
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, DType, Device, Int, Tensor, TensorData};
+use rayon::prelude::*;
 
 use crate::weights::Checkpoint;
 
@@ -229,31 +230,37 @@ impl Rope {
 
     /// [`Self::apply`] in place on row-major `[positions, heads·head_dim]` values, position `p`
     /// of the rows reading row `p` of `tables` (from [`Self::half_tables`]).
-    pub(crate) fn rotate_rows(&self, x: &mut [f32], heads: usize, tables: &(Vec<f32>, Vec<f32>), positions: impl Fn(usize) -> usize) {
+    pub(crate) fn rotate_rows(&self, x: &mut [f32], heads: usize, tables: &(Vec<f32>, Vec<f32>), positions: impl Fn(usize) -> usize + Sync) {
         self.rotate_rows_by(x, heads, tables, positions, 1.0);
     }
 
     /// The transpose of [`Self::rotate_rows`] (rotation by the opposite angles): turns the
     /// gradient with respect to rotated values into the gradient with respect to the inputs.
-    pub(crate) fn unrotate_rows(&self, x: &mut [f32], heads: usize, tables: &(Vec<f32>, Vec<f32>), positions: impl Fn(usize) -> usize) {
+    pub(crate) fn unrotate_rows(&self, x: &mut [f32], heads: usize, tables: &(Vec<f32>, Vec<f32>), positions: impl Fn(usize) -> usize + Sync) {
         self.rotate_rows_by(x, heads, tables, positions, -1.0);
     }
 
-    /// Rotation by the angles of `tables`, with sin multiplied by `direction` (±1).
-    fn rotate_rows_by(&self, x: &mut [f32], heads: usize, tables: &(Vec<f32>, Vec<f32>), positions: impl Fn(usize) -> usize, direction: f32) {
+    /// Rotation by the angles of `tables`, with sin multiplied by `direction` (±1); rows in
+    /// parallel, each as a wide-vector build (element-wise: the same bits either way).
+    fn rotate_rows_by(&self, x: &mut [f32], heads: usize, tables: &(Vec<f32>, Vec<f32>), positions: impl Fn(usize) -> usize + Sync, direction: f32) {
         let half = self.rotary_dim / 2;
-        for (row, values) in x.chunks_exact_mut(heads * self.head_dim).enumerate() {
+        x.par_chunks_exact_mut(heads * self.head_dim).enumerate().for_each(|(row, values)| {
             let at = positions(row) * half;
             let (cos, sin) = (&tables.0[at..at + half], &tables.1[at..at + half]);
-            for head in values.chunks_exact_mut(self.head_dim) {
-                let (first, second) = head[..self.rotary_dim].split_at_mut(half);
-                for i in 0..half {
-                    let (a, b, s) = (first[i], second[i], sin[i] * direction);
-                    first[i] = a * cos[i] - b * s;
-                    second[i] = b * cos[i] + a * s;
-                }
-            }
-        }
+            disp_core::fastmath::with_wide_vectors(
+                #[inline(always)]
+                || {
+                    for head in values.chunks_exact_mut(self.head_dim) {
+                        let (first, second) = head[..self.rotary_dim].split_at_mut(half);
+                        for (((a, b), c), s) in first.iter_mut().zip(second.iter_mut()).zip(cos).zip(sin) {
+                            let (x, y, s) = (*a, *b, s * direction);
+                            *a = x * c - y * s;
+                            *b = y * c + x * s;
+                        }
+                    }
+                },
+            );
+        });
     }
 
     /// Rotates `[B, H, T, head_dim]` for positions starting at `start`.
