@@ -687,8 +687,8 @@ pub(crate) fn gate_gradients(model: &DecoderLm, tokens: &[u32], batch: usize, ga
 /// the `[rows, vocab]` logits are never stored.
 pub(crate) fn head_loss(head: &Linear, hidden: &[f32], tokens: &[u32], seq: usize) -> (f64, Vec<f32>) {
     // Each block reads the whole head weight (113 MB for SmolLM2's tied embedding): 256 rows read
-    // it half as often as 128 (4 windows of eval: 773–995 → 633–744 ms in the head's products)
-    // for a 50 MB block of logits instead of 25.
+    // it half as often as 128 (measured when eval still ran this path, 4 windows: 773–995 →
+    // 633–744 ms in the head's products) for a 50 MB block of logits instead of 25.
     const BLOCK: usize = 256;
     let (width, vocab) = (head.inputs(), head.outputs());
     let rows = tokens.len();
@@ -921,8 +921,8 @@ mod tests {
     }
 
     /// Evaluation's tiled NLL equals the row-block loss (times the predicted positions) for an
-    /// f32 head and for a bf16 one converted in blocks of columns, with a bias, over more rows
-    /// than a tile and a vocabulary that no tile size divides.
+    /// f32 head with a bias and for a bf16 one without, converted in blocks of columns, over more
+    /// rows than a tile and a vocabulary that no tile size divides.
     #[test]
     fn the_tiled_nll_equals_the_row_block_loss() {
         let (width, vocab, seq) = (8, 2 * 4096 + 37, 150);
