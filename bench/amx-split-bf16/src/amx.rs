@@ -1,6 +1,6 @@
 //! f32 matrix products on Intel AMX at f32 accuracy ("bf16×3"), as a measurement.
 //!
-//! AMX multiplies bf16 tiles into f32 accumulators (one 16×16×32 tile product per 16 cycles, ≈ 3.1
+//! AMX multiplies bf16 tiles into f32 accumulators (one 16×16×32 tile product per 16 cycles, 3.1–3.7
 //! TFLOP/s per core of this VM with no loads), but a bf16 holds only 8 significant bits. Each f32
 //! operand is split into three bf16 terms, x = x₀ + x₁ + x₂ (each the round-to-nearest bf16 of
 //! what the previous ones left, 24 or more significant bits together), and a product sums the
@@ -89,25 +89,48 @@ pub struct Strided<'a> {
     pub col: usize,
 }
 
-/// The right-hand operand `[k, n]` packed once: per pair of 16-column blocks, per 32-deep step,
-/// the three terms' VNNI tiles (row `p` holds k = 2p, 2p+1 interleaved per column).
+/// Packed operand tiles: per 16-row (lhs) or 16-column (rhs) block, per 32-deep step of k, the
+/// three terms' tiles, blocks padded to an even count (the kernel takes them in pairs).
+struct Tiles {
+    values: Vec<u16>,
+    steps: usize,
+}
+
+impl Tiles {
+    /// `blocks` blocks for a depth of `k`, each filled by `pack(block index, its tiles)`.
+    fn new(blocks: usize, k: usize, parallel: bool, pack: impl Fn((usize, &mut [u16])) + Sync) -> Self {
+        let steps = k.div_ceil(DEPTH);
+        let per_block = steps * TERMS * TILE_LEN;
+        let mut values = vec![0u16; blocks.div_ceil(2) * 2 * per_block];
+        if per_block > 0 {
+            if parallel {
+                values.par_chunks_mut(per_block).enumerate().for_each(&pack);
+            } else {
+                values.chunks_mut(per_block).enumerate().for_each(pack);
+            }
+        }
+        Self { values, steps }
+    }
+
+    fn block(&self, index: usize) -> &[u16] {
+        let per_block = self.steps * TERMS * TILE_LEN;
+        &self.values[index * per_block..][..per_block]
+    }
+}
+
+/// The right-hand operand `[k, n]` packed once, in the VNNI layout (tile row `p` holds k = 2p,
+/// 2p+1 interleaved per column).
 pub struct PackedRhs {
-    tiles: Vec<u16>,
+    tiles: Tiles,
     k: usize,
     n: usize,
-    steps: usize,
 }
 
 impl PackedRhs {
     pub fn new(k: usize, n: usize, rhs: Strided, parallel: bool) -> Self {
-        let steps = k.div_ceil(DEPTH);
-        let column_blocks = n.div_ceil(BLOCK) * 2;
-        let per_block = steps * TERMS * TILE_LEN;
-        let mut tiles = vec![0u16; column_blocks * per_block];
-        let pack = |(block, tiles): (usize, &mut [u16])| {
+        let tiles = Tiles::new(n.div_ceil(TILE_COLS), k, parallel, |(block, tiles)| {
             let first_column = block * TILE_COLS;
-            for step in 0..steps {
-                let step_tiles = &mut tiles[step * TERMS * TILE_LEN..][..TERMS * TILE_LEN];
+            for (step, step_tiles) in tiles.chunks_mut(TERMS * TILE_LEN).enumerate() {
                 for depth in 0..DEPTH.min(k - step * DEPTH) {
                     let kk = step * DEPTH + depth;
                     let (pair, half) = (depth / 2, depth % 2);
@@ -119,59 +142,27 @@ impl PackedRhs {
                     }
                 }
             }
-        };
-        if parallel {
-            tiles.par_chunks_mut(per_block).enumerate().for_each(pack);
-        } else {
-            tiles.chunks_mut(per_block).enumerate().for_each(pack);
-        }
-        Self { tiles, k, n, steps }
-    }
-
-    fn block(&self, column_block: usize) -> &[u16] {
-        let per_block = self.steps * TERMS * TILE_LEN;
-        &self.tiles[column_block * per_block..][..per_block]
+        });
+        Self { tiles, k, n }
     }
 }
 
-/// The left-hand operand `[m, k]` packed per call: per 16-row block, per step, three tiles.
-struct PackedLhs {
-    tiles: Vec<u16>,
-    steps: usize,
-}
-
-impl PackedLhs {
-    fn new(m: usize, k: usize, lhs: Strided, parallel: bool) -> Self {
-        let steps = k.div_ceil(DEPTH);
-        let row_blocks = m.div_ceil(BLOCK) * 2;
-        let per_block = steps * TERMS * TILE_LEN;
-        let mut tiles = vec![0u16; row_blocks * per_block];
-        let pack = |(block, tiles): (usize, &mut [u16])| {
-            let first_row = block * TILE_ROWS;
-            for r in 0..TILE_ROWS.min(m.saturating_sub(first_row)) {
-                let row = &lhs.values[(first_row + r) * lhs.row..];
-                for kk in 0..k {
-                    let (step, depth) = (kk / DEPTH, kk % DEPTH);
-                    let terms = split(row[kk * lhs.col]);
-                    let step_tiles = &mut tiles[step * TERMS * TILE_LEN..];
-                    for (term, &value) in terms.iter().enumerate() {
-                        step_tiles[term * TILE_LEN + r * DEPTH + depth] = value;
-                    }
+/// The left-hand operand `[m, k]` packed per call: row-major tiles.
+fn pack_lhs(m: usize, k: usize, lhs: Strided, parallel: bool) -> Tiles {
+    Tiles::new(m.div_ceil(TILE_ROWS), k, parallel, |(block, tiles)| {
+        let first_row = block * TILE_ROWS;
+        for r in 0..TILE_ROWS.min(m.saturating_sub(first_row)) {
+            let row = &lhs.values[(first_row + r) * lhs.row..];
+            for kk in 0..k {
+                let (step, depth) = (kk / DEPTH, kk % DEPTH);
+                let terms = split(row[kk * lhs.col]);
+                let step_tiles = &mut tiles[step * TERMS * TILE_LEN..];
+                for (term, &value) in terms.iter().enumerate() {
+                    step_tiles[term * TILE_LEN + r * DEPTH + depth] = value;
                 }
             }
-        };
-        if parallel {
-            tiles.par_chunks_mut(per_block).enumerate().for_each(pack);
-        } else {
-            tiles.chunks_mut(per_block).enumerate().for_each(pack);
         }
-        Self { tiles, steps }
-    }
-
-    fn block(&self, row_block: usize) -> &[u16] {
-        let per_block = self.steps * TERMS * TILE_LEN;
-        &self.tiles[row_block * per_block..][..per_block]
-    }
+    })
 }
 
 /// The AMX tile configuration: palette 1, all eight tiles 16 rows × 64 bytes.
@@ -197,9 +188,12 @@ const CONFIG: TileConfig = {
 };
 
 /// Steps of k per pass over the row blocks: the two rhs column blocks of one pass (2 × 4 steps ×
-/// 3 KB) stay in L1 while the lhs blocks stream from L2 (`STEPS_PER_PASS=N` overrides; more
-/// steps per pass load and store the accumulators less often).
-const STEPS_PER_PASS: usize = 4;
+/// 3 KB) stay in L1 while the lhs blocks stream from L2. `STEPS_PER_PASS=N` (N ≥ 1) overrides;
+/// more steps per pass load and store the accumulators less often.
+fn steps_per_pass() -> usize {
+    static STEPS: OnceLock<usize> = OnceLock::new();
+    *STEPS.get_or_init(|| std::env::var("STEPS_PER_PASS").ok().and_then(|v| v.parse().ok()).filter(|&n| n > 0).unwrap_or(4))
+}
 
 /// Loads two tiles (`$t0` from `$p0`, `$t1` from `$p1`, `$offset` bytes in, 64-byte rows).
 macro_rules! load {
@@ -222,7 +216,6 @@ macro_rules! four_products {
 /// # Safety
 /// AMX must be [`available`] and the tile configuration loaded on this thread; the four slices
 /// hold the steps; `c` addresses 32 rows of 32 writable floats at stride `c_row`.
-#[cfg(target_arch = "x86_64")]
 unsafe fn block_product(lhs: [&[u16]; 2], rhs: [&[u16]; 2], steps: std::ops::Range<usize>, c: *mut f32, c_row: usize, load: bool) {
     use std::arch::asm;
     let c_stride = c_row * 4;
@@ -290,6 +283,17 @@ struct Output(*mut f32);
 unsafe impl Send for Output {}
 unsafe impl Sync for Output {}
 
+impl Output {
+    /// The element `offset` floats in (a method, so that closures capture the whole `Output`,
+    /// which is `Sync`, rather than its raw pointer).
+    ///
+    /// # Safety
+    /// `offset` must lie inside the output.
+    unsafe fn at(self, offset: usize) -> *mut f32 {
+        self.0.add(offset)
+    }
+}
+
 /// `dst[m, n] (+)= lhs[m, k] · rhs`, `dst` row-major with row stride `dst_row`, on up to
 /// `threads` threads (1: the calling thread only). AMX must be [`available`].
 pub fn gemm_packed(m: usize, dst: &mut [f32], dst_row: usize, accumulate: bool, lhs: Strided, rhs: &PackedRhs, threads: usize) {
@@ -303,7 +307,7 @@ pub fn gemm_packed(m: usize, dst: &mut [f32], dst_row: usize, accumulate: bool, 
         assert!(lhs.values.len() > (m - 1) * lhs.row + (k - 1) * lhs.col);
     }
     let parallel = threads > 1;
-    let lhs = PackedLhs::new(m, k, lhs, parallel);
+    let lhs = pack_lhs(m, k, lhs, parallel);
     let steps = lhs.steps;
     let (row_pairs, column_pairs) = (m.div_ceil(BLOCK), n.div_ceil(BLOCK));
     // Tasks: column pairs, each split into groups of row pairs when there are too few of them.
@@ -313,7 +317,6 @@ pub fn gemm_packed(m: usize, dst: &mut [f32], dst_row: usize, accumulate: bool, 
     let row_groups = row_pairs.div_ceil(pairs_per_group);
     let output = Output(dst.as_mut_ptr());
     let run = |task: usize| {
-        let output = output;
         let (column_pair, group) = (task / row_groups, task % row_groups);
         let pairs = group * pairs_per_group..((group + 1) * pairs_per_group).min(row_pairs);
         let first_column = column_pair * BLOCK;
@@ -327,17 +330,17 @@ pub fn gemm_packed(m: usize, dst: &mut [f32], dst_row: usize, accumulate: bool, 
             for pair in pairs.clone().filter(|&p| partial(p) && accumulate) {
                 for r in 0..BLOCK.min(m - pair * BLOCK) {
                     // SAFETY: inside `dst` (asserted); this task alone touches the block.
-                    let row = unsafe { std::slice::from_raw_parts(output.0.add((pair * BLOCK + r) * dst_row + first_column), columns) };
+                    let row = unsafe { std::slice::from_raw_parts(output.at((pair * BLOCK + r) * dst_row + first_column), columns) };
                     scratch[scratch_slot(pair) + r * BLOCK..][..columns].copy_from_slice(row);
                 }
             }
         }
         // SAFETY: `available()` holds; the configuration is a valid palette-1 one.
         unsafe { std::arch::asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly)) };
-        let b = [rhs.block(2 * column_pair), rhs.block(2 * column_pair + 1)];
+        let b = [rhs.tiles.block(2 * column_pair), rhs.tiles.block(2 * column_pair + 1)];
+        let per_pass = steps_per_pass();
         let mut first = 0;
         while first < steps.max(1) {
-            let per_pass = std::env::var("STEPS_PER_PASS").ok().and_then(|v| v.parse().ok()).unwrap_or(STEPS_PER_PASS);
             let pass = first..(first + per_pass).min(steps);
             for pair in pairs.clone() {
                 let a = [lhs.block(2 * pair), lhs.block(2 * pair + 1)];
@@ -345,7 +348,7 @@ pub fn gemm_packed(m: usize, dst: &mut [f32], dst_row: usize, accumulate: bool, 
                     (scratch[scratch_slot(pair)..].as_mut_ptr(), BLOCK, true)
                 } else {
                     // SAFETY: a whole block inside `dst`.
-                    (unsafe { output.0.add(pair * BLOCK * dst_row + first_column) }, dst_row, accumulate || first > 0)
+                    (unsafe { output.at(pair * BLOCK * dst_row + first_column) }, dst_row, accumulate || first > 0)
                 };
                 // SAFETY: the blocks hold every step; `c` addresses a whole writable block.
                 unsafe { block_product(a, b, pass.clone(), c, c_row, load) };
@@ -355,7 +358,7 @@ pub fn gemm_packed(m: usize, dst: &mut [f32], dst_row: usize, accumulate: bool, 
         for pair in pairs.clone().filter(|&p| partial(p)) {
             for r in 0..BLOCK.min(m - pair * BLOCK) {
                 // SAFETY: as above.
-                let row = unsafe { std::slice::from_raw_parts_mut(output.0.add((pair * BLOCK + r) * dst_row + first_column), columns) };
+                let row = unsafe { std::slice::from_raw_parts_mut(output.at((pair * BLOCK + r) * dst_row + first_column), columns) };
                 row.copy_from_slice(&scratch[scratch_slot(pair) + r * BLOCK..][..columns]);
             }
         }

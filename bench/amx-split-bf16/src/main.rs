@@ -2,7 +2,11 @@
 //! FLOPs, 2 threads) of the AMX split-bf16 product against the `gemm` crate's AVX-512 f32 one,
 //! on SmolLM2-135M's shapes at 512 tokens (q/o, gate/up, down, k/v, one head tile) and 2048³.
 //! `cargo run --release` here; `SINGLE_TERM=1` for the one-term (plain bf16) rate.
+#[cfg(not(target_arch = "x86_64"))]
+compile_error!("amx-split-bf16 measures Intel's AMX unit: x86_64 only");
+
 mod amx;
+use std::io::Write;
 use std::time::Instant;
 
 fn uniform(seed: &mut u64) -> f32 {
@@ -68,9 +72,19 @@ fn main() {
         eprintln!("amx-split-bf16: this CPU or kernel offers no AMX tiles");
         std::process::exit(1);
     }
+    // A closed pipe (`| head`) ends the run quietly; any other write error is reported.
+    if let Err(error) = measure(&mut std::io::stdout().lock()) {
+        if error.kind() != std::io::ErrorKind::BrokenPipe {
+            eprintln!("amx-split-bf16: writing the tables: {error}");
+            std::process::exit(1);
+        }
+    }
+}
+
+fn measure(out: &mut impl Write) -> std::io::Result<()> {
     let threads = 2;
     let mut seed = 7u64;
-    println!("| shape m×n×k | max error, AMX split | max error, gemm f32 |\n| --- | --- | --- |");
+    writeln!(out, "| shape m×n×k | max error, AMX split | max error, gemm f32 |\n| --- | --- | --- |")?;
     for &(m, n, k) in &[(37usize, 45usize, 70usize), (64, 64, 576), (512, 96, 1536)] {
         let a: Vec<f32> = (0..m * k).map(|_| uniform(&mut seed)).collect();
         let b: Vec<f32> = (0..k * n).map(|_| uniform(&mut seed)).collect();
@@ -80,9 +94,9 @@ fn main() {
         let mut plain = vec![0f32; m * n];
         crate_gemm(m, n, k, &mut plain, &a, &b, threads);
         let error = |c: &[f32]| c.iter().zip(&exact).map(|(x, r)| (*x as f64 - r).abs()).fold(0.0, f64::max);
-        println!("| {m}×{n}×{k} | {:.2e} | {:.2e} |", error(&split), error(&plain));
+        writeln!(out, "| {m}×{n}×{k} | {:.2e} | {:.2e} |", error(&split), error(&plain))?;
     }
-    println!("\n| shape m×n×k | AMX, rhs packed per call | AMX, rhs packed once | gemm f32 (AVX-512) |\n| --- | --- | --- | --- |");
+    writeln!(out, "\n| shape m×n×k | AMX, rhs packed per call | AMX, rhs packed once | gemm f32 (AVX-512) |\n| --- | --- | --- | --- |")?;
     for &(m, n, k) in &[(512usize, 576usize, 576usize), (512, 1536, 576), (512, 576, 1536), (512, 192, 576), (256, 512, 576), (2048, 2048, 2048)] {
         let a: Vec<f32> = (0..m * k).map(|_| uniform(&mut seed)).collect();
         let b: Vec<f32> = (0..k * n).map(|_| uniform(&mut seed)).collect();
@@ -94,6 +108,7 @@ fn main() {
         let per_call = median_seconds(repeats, &mut || amx::gemm(m, n, k, &mut c, n, false, lhs, rhs, threads));
         let once = median_seconds(repeats, &mut || amx::gemm_packed(m, &mut c, n, false, lhs, &packed, threads));
         let plain = median_seconds(repeats, &mut || crate_gemm(m, n, k, &mut c, &a, &b, threads));
-        println!("| {m}×{n}×{k} | {:.0} | {:.0} | {:.0} |", flop / per_call / 1e9, flop / once / 1e9, flop / plain / 1e9);
+        writeln!(out, "| {m}×{n}×{k} | {:.0} | {:.0} | {:.0} |", flop / per_call / 1e9, flop / once / 1e9, flop / plain / 1e9)?;
     }
+    Ok(())
 }
