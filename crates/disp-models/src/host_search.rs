@@ -655,6 +655,11 @@ pub(crate) fn gate_gradients(model: &DecoderLm, tokens: &[u32], batch: usize, ga
     if seq < 2 {
         return None;
     }
+    Some(crate::host_forward::on_pool(|| gate_gradients_on_pool(model, tokens, batch, seq, gates)))
+}
+
+/// [`gate_gradients`] once its checks passed, on a rayon worker ([`crate::host_forward::on_pool`]).
+fn gate_gradients_on_pool(model: &DecoderLm, tokens: &[u32], batch: usize, seq: usize, gates: &[[Vec<f32>; 5]]) -> GateGradients {
     let d = model.spec.shape.hidden;
     let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
     let ids = Tensor::<2, burn::tensor::Int>::from_data(burn::tensor::TensorData::new(ids, [batch, seq]), &model.device);
@@ -679,7 +684,7 @@ pub(crate) fn gate_gradients(model: &DecoderLm, tokens: &[u32], batch: usize, ga
         layers.push(block_backward(b, g, &s, &mut dx, &pass));
     }
     layers.reverse();
-    Some(GateGradients { loss, layers })
+    GateGradients { loss, layers }
 }
 
 /// The mean NLL of the head's logits over `hidden` `[rows, width]` and its gradient with respect

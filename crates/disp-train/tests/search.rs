@@ -6,6 +6,7 @@ use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::tensor::{Int, Tensor, TensorData};
 use disp_core::params::RatioOf;
+use disp_core::plan::PruningPlan;
 use disp_models::CausalLm;
 use disp_train::rng::SplitMix64;
 use disp_train::{search, DirectLogits, GateGenerator, GateSource, Objective, SearchConfig, Searcher, StepReport};
@@ -30,14 +31,56 @@ fn bits<const D: usize>(t: Tensor<D>) -> Vec<u32> {
     t.into_data().convert::<f32>().try_into_vec::<f32>().unwrap().iter().map(|x| x.to_bits()).collect()
 }
 
-/// The model's logits (as bits) did not move: bit for bit on the CPU; on a GPU backend within
-/// 1e-5, since its autotuner may pick another matmul kernel once it has timed the candidates.
+/// Whether the tests run on the plain CPU backend, where a search repeats bit for bit. A GPU
+/// backend's autotuner may pick another matmul kernel once it has timed the candidates (CI's
+/// wgpu run over lavapipe saw a resumed search's scores differ in their last bits), so there a
+/// repeat agrees within rounding.
+fn on_cpu() -> bool {
+    disp_core::device::test_device().unwrap().1 == disp_core::DeviceChoice::Cpu
+}
+
+/// The model's logits (as bits) did not move: bit for bit on the CPU, within 1e-5 on a GPU.
 fn assert_frozen(before: &[u32], after: &[u32]) {
-    if disp_core::device::test_device().unwrap().1 == disp_core::DeviceChoice::Cpu {
+    if on_cpu() {
         assert_eq!(before, after, "the frozen model's logits changed");
     } else {
         let diff = before.iter().zip(after).map(|(a, b)| (f32::from_bits(*a) - f32::from_bits(*b)).abs()).fold(0f32, f32::max);
         assert!(diff <= 1e-5, "the frozen model's logits changed by {diff}");
+    }
+}
+
+/// Two runs of one search gave one plan: equal on the CPU; on a GPU the same masks and counts,
+/// and every number the plan records (losses, ratios, threshold) within 1e-4 relative.
+fn assert_same_plan(a: &PruningPlan, b: &PruningPlan, what: &str) {
+    if on_cpu() {
+        assert_eq!(a, b, "{what}");
+        return;
+    }
+    assert_eq!((&a.layers, a.pruned_params, a.achieved_ratio), (&b.layers, b.pruned_params, b.achieved_ratio), "{what}: masks");
+    let (x, y) = (a.search.as_object().unwrap(), b.search.as_object().unwrap());
+    assert_eq!(x.keys().collect::<Vec<_>>(), y.keys().collect::<Vec<_>>(), "{what}: recorded settings");
+    for (key, u) in x {
+        let v = &y[key];
+        match (u.as_f64(), v.as_f64()) {
+            (Some(u), Some(v)) => assert!((u - v).abs() <= 1e-4 * u.abs().max(v.abs()).max(1.0), "{what}: {key} {u} vs {v}"),
+            _ => assert_eq!(u, v, "{what}: {key}"),
+        }
+    }
+    let (mut a, mut b) = (a.clone(), b.clone());
+    (a.search, b.search) = (serde_json::Value::Null, serde_json::Value::Null);
+    assert_eq!(a, b, "{what}");
+}
+
+/// Two searchers hold the same gate scores: bit for bit on the CPU, within 1e-4 on a GPU (the
+/// bound the per-block search test holds after three steps).
+fn assert_same_scores(a: &Searcher, b: &Searcher) {
+    if on_cpu() {
+        assert_eq!(flat_scores(a), flat_scores(b));
+    } else {
+        let (a, b) = (a.scores(), b.scores());
+        let diff = a.iter().flatten().flatten().zip(b.iter().flatten().flatten()).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        eprintln!("scores differ by {diff} on the GPU backend");
+        assert!(diff <= 1e-4, "scores differ by {diff}");
     }
 }
 
@@ -160,7 +203,7 @@ fn the_same_seed_gives_the_same_plan() {
     let data = windows(5, 16, 2);
     let a = search(model.as_ref(), &data, &cfg(6), |_| {}).unwrap();
     let b = search(model.as_ref(), &data, &cfg(6), |_| {}).unwrap();
-    assert_eq!(a, b);
+    assert_same_plan(&a, &b, "the same seed must give the same plan");
     let c = search(model.as_ref(), &data, &SearchConfig { seed: 8, ..cfg(6) }, |_| {}).unwrap();
     assert_ne!(a.layers, c.layers, "another seed should give other masks");
     assert_eq!(a.method, "disp");
@@ -194,13 +237,13 @@ fn resuming_from_a_checkpoint_ends_at_the_uninterrupted_masks() {
     let mut seen = Vec::new();
     let resumed = search(model.as_ref(), &data, &SearchConfig { resume: true, ..with_ckpt.clone() }, |r: &StepReport| seen.push(r.step)).unwrap();
     assert_eq!(seen, (4..=steps).collect::<Vec<_>>(), "resumed at step 4");
-    assert_eq!(resumed, expected, "resumed plan differs from the uninterrupted one");
+    assert_same_plan(&resumed, &expected, "resumed plan differs from the uninterrupted one");
 
-    // Bit-for-bit: the hypernetwork after resuming equals the uninterrupted one.
+    // The hypernetwork after resuming equals the uninterrupted one (bit for bit on the CPU).
     let mut again = Searcher::new(model.as_ref(), &data, &SearchConfig { resume: true, ..with_ckpt.clone() }).unwrap();
     assert!(again.resume().unwrap());
     assert_eq!(again.steps_done(), steps, "the final checkpoint is written at the last step");
-    assert_eq!(flat_scores(&again), flat_scores(&uninterrupted));
+    assert_same_scores(&again, &uninterrupted);
 
     // A checkpoint from other settings is refused.
     let other = SearchConfig { seed: 99, resume: true, ..with_ckpt };
@@ -337,7 +380,7 @@ fn direct_search_is_reproducible_and_lands_on_the_target() {
     let steps = 25;
     let a = search(model.as_ref(), &data, &direct_cfg(steps), |_| {}).unwrap();
     let b = search(model.as_ref(), &data, &direct_cfg(steps), |_| {}).unwrap();
-    assert_eq!(a, b, "the same seed must give the same plan");
+    assert_same_plan(&a, &b, "the same seed must give the same plan");
     let c = search(model.as_ref(), &data, &SearchConfig { seed: 8, ..direct_cfg(steps) }, |_| {}).unwrap();
     assert_ne!(a.layers, c.layers, "another seed (other noise and window order) should give other masks");
     assert_eq!(a.method, "disp-direct");
@@ -374,7 +417,7 @@ fn direct_search_resumes_to_the_uninterrupted_masks_and_refuses_a_hypernetwork_c
     }
     assert_eq!(disp_train::search_state::read(&path).unwrap().header.step, 2);
     let resumed = search(model.as_ref(), &data, &SearchConfig { resume: true, ..with_ckpt.clone() }, |_| {}).unwrap();
-    assert_eq!(resumed, expected, "resumed plan differs from the uninterrupted one");
+    assert_same_plan(&resumed, &expected, "resumed plan differs from the uninterrupted one");
 
     // A hypernetwork run must not pick up direct logits (or the reverse).
     let as_hypernet = SearchConfig { gate_source: GateSource::HyperNetwork, resume: true, ..with_ckpt };
@@ -507,7 +550,7 @@ fn distillation_is_recorded_in_the_plan_and_the_checkpoint_settings() {
         assert_eq!(plan.search["kd_temperature"], 2.0);
         assert_eq!(plan.search["final_kd_loss"].as_f64(), reports.last().unwrap().kd_loss);
         assert_ne!(plan.layers, lm.layers, "{objective}: another loss should give other masks");
-        assert_eq!(plan, search(model.as_ref(), &data, &kd_cfg(3, objective), |_| {}).unwrap(), "{objective}: reproducible");
+        assert_same_plan(&plan, &search(model.as_ref(), &data, &kd_cfg(3, objective), |_| {}).unwrap(), &format!("{objective}: reproducible"));
     }
     for direct in [false, true] {
         let source = if direct { GateSource::Direct } else { GateSource::HyperNetwork };
