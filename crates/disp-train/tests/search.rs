@@ -77,11 +77,16 @@ fn assert_same_scores(a: &Searcher, b: &Searcher) {
     if on_cpu() {
         assert_eq!(flat_scores(a), flat_scores(b));
     } else {
-        let (a, b) = (a.scores(), b.scores());
-        let diff = a.iter().flatten().flatten().zip(b.iter().flatten().flatten()).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        let diff = score_gap(a, b);
         eprintln!("scores differ by {diff} on the GPU backend");
         assert!(diff <= 1e-4, "scores differ by {diff}");
     }
+}
+
+/// The largest difference between two searchers' gate scores.
+fn score_gap(a: &Searcher, b: &Searcher) -> f32 {
+    let (a, b) = (a.scores(), b.scores());
+    a.iter().flatten().flatten().zip(b.iter().flatten().flatten()).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max)
 }
 
 fn flat_scores(s: &Searcher) -> Vec<u32> {
@@ -485,8 +490,7 @@ fn per_block_search_follows_the_full_graph_search() {
         let (a, b) = (full.step().unwrap(), per_block.step().unwrap());
         assert!((a.lm_loss - b.lm_loss).abs() <= 1e-5 * a.lm_loss.abs(), "{a:?} vs {b:?}");
     }
-    let (a, b) = (full.scores(), per_block.scores());
-    let diff = a.iter().flatten().flatten().zip(b.iter().flatten().flatten()).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    let diff = score_gap(&full, &per_block);
     assert!(diff < 1e-4, "scores differ by {diff} after 3 steps");
 }
 
