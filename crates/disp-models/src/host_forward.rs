@@ -7,7 +7,8 @@
 //! blocks: norms, the rotary embedding, the activation and the residual adds are single loops,
 //! the linears are one `gemm` call each straight on the stored weights (borrowed from burn's
 //! buffer when it is f32, converted per matrix otherwise; a single row, as in decoding, is split
-//! by columns across the threads, see [`crate::host_search::gemm`]), and attention reads q/k/v in
+//! by columns across the threads, q/k/v and gate/up as one product each, see
+//! [`crate::host_search::linears_of_one_input`]), and attention reads q/k/v in
 //! place ([`crate::host_attention::causal_attention_rows`]). The head's logits (the last
 //! position of a prompt, each decoding step) are one such product too ([`covers_head`]).
 //!
@@ -26,7 +27,7 @@ use rayon::prelude::*;
 
 use crate::decoder::{Block, BlockNorms, DecoderLm, Norm};
 use crate::host_attention::{causal_attention_rows, AttentionShape};
-use crate::host_search::{linear, with_activation, HostNorm};
+use crate::host_search::{linear, linears_of_one_input, with_activation, HostNorm};
 use crate::layers::{Activation, KvCache};
 use disp_core::fastmath;
 
@@ -202,7 +203,7 @@ fn attention(b: &Block, layer: usize, input: &[f32], pass: &Pass, cache: Option<
     let spec = &pass.model.spec;
     let (heads, kv_heads, hd, rows) = (spec.heads, spec.kv_heads, spec.head_dim, pass.rows());
     let [q, k, v] = &b.attn_inputs;
-    let (mut q, mut k, v) = (linear(q, input, rows), linear(k, input, rows), linear(v, input, rows));
+    let [mut q, mut k, v] = linears_of_one_input([q, k, v], input, rows);
     if let Some([q_norm, k_norm]) = &b.qk_norms {
         norm(q_norm, &mut q, hd);
         norm(k_norm, &mut k, hd);
@@ -252,8 +253,7 @@ fn mlp(b: &Block, input: &[f32], pass: &Pass) -> Vec<f32> {
     let (activation, rows) = (pass.model.spec.activation, pass.rows());
     let inter = match b.mlp_inputs.as_slice() {
         [gate, up] => {
-            let mut g = linear(gate, input, rows);
-            let u = linear(up, input, rows);
+            let [mut g, u] = linears_of_one_input([gate, up], input, rows);
             with_activation!(activation, act => g.par_chunks_mut(ELEMENTS_PER_TASK).zip(u.par_chunks(ELEMENTS_PER_TASK)).for_each(|(g, u)| {
                 fastmath::with_wide_vectors(#[inline(always)] || g.iter_mut().zip(u).for_each(|(g, u)| *g = act(*g).0 * u))
             }));

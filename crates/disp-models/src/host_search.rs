@@ -147,7 +147,7 @@ fn gemm_on_threads(
             parallelism,
         )
     };
-    let large = m * n * k > 1 << 18;
+    let large = m * n * k > THREADS_MIN_PRODUCTS;
     if m == 1 && large && threads > 1 && n >= 2 * GEMV_MIN_COLUMNS {
         // gemm runs a single row (a decode step, the head of the last position) as a one-thread
         // gemv, which is bound by reading the weights: split the columns so that every thread
@@ -161,9 +161,62 @@ fn gemm_on_threads(
     call(m, n, dst, rhs.0, if large && threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None });
 }
 
+/// Multiply-adds below which a product stays on one thread: less does not amortise the hand-off.
+const THREADS_MIN_PRODUCTS: usize = 1 << 18;
+
 /// Columns of one thread's share of a single-row product, at least (a multiple of the AVX-512
 /// width, and enough to amortise the task).
 const GEMV_MIN_COLUMNS: usize = 64;
+
+/// `x·W + b` of each of `layers`, which all read the same `x` `[rows, in]` (q/k/v, gate/up). A
+/// single row (a decoding step) has the layers' columns dealt out to the threads as if they were
+/// one matrix, so that no thread idles while another streams a matrix too small to split alone.
+pub(crate) fn linears_of_one_input<const N: usize>(layers: [&Linear; N], x: &[f32], rows: usize) -> [Vec<f32>; N] {
+    if rows != 1 {
+        return layers.map(|layer| linear(layer, x, rows));
+    }
+    let weights: [Matrix; N] = layers.map(|layer| Matrix::of(&layer.weight));
+    let widths = layers.map(Linear::outputs);
+    let inputs = layers[0].inputs();
+    assert!(layers.iter().all(|layer| layer.inputs() == inputs) && x.len() == inputs);
+    let total: usize = widths.iter().sum();
+    let threads = rayon::current_num_threads();
+    let mut outs = widths.map(|n| vec![0f32; n]);
+    if threads > 1 && total * inputs > THREADS_MIN_PRODUCTS && total >= 2 * GEMV_MIN_COLUMNS {
+        // Thread t takes the columns [t·share, (t+1)·share) of the layers side by side; a share
+        // may span two layers, so it is a list of (layer, first column, output slice).
+        let share = total.div_ceil(threads).next_multiple_of(GEMV_MIN_COLUMNS);
+        let mut tasks: Vec<Vec<(usize, usize, &mut [f32])>> = (0..total.div_ceil(share)).map(|_| Vec::new()).collect();
+        let mut global = 0;
+        for (layer, out) in outs.iter_mut().enumerate() {
+            let mut rest: &mut [f32] = out;
+            let mut column = 0;
+            while !rest.is_empty() {
+                let len = rest.len().min(share - global % share);
+                let (piece, tail) = rest.split_at_mut(len);
+                tasks[global / share].push((layer, column, piece));
+                (rest, column, global) = (tail, column + len, global + len);
+            }
+        }
+        tasks.into_par_iter().for_each(|pieces| {
+            for (layer, column, dst) in pieces {
+                let w = &weights[layer];
+                let n = dst.len();
+                gemm_on_threads(1, n, inputs, dst, n, false, (x, inputs, 1), (&w.values()[column * w.col..], w.row, w.col), 1);
+            }
+        });
+    } else {
+        for ((out, w), &n) in outs.iter_mut().zip(&weights).zip(&widths) {
+            gemm(1, n, inputs, out, n, false, (x, inputs, 1), (w.values(), w.row, w.col));
+        }
+    }
+    for (out, layer) in outs.iter_mut().zip(layers) {
+        if let Some(bias) = &layer.bias {
+            out.iter_mut().zip(vector(bias)).for_each(|(y, b)| *y += b);
+        }
+    }
+    outs
+}
 
 /// `x·W + b`, `x` `[rows, in]`: one gemm straight on the stored weight (borrowed from burn's
 /// buffer when it is f32, converted per matrix otherwise).
@@ -369,7 +422,7 @@ fn block_forward(b: &Block, g: &[Vec<f32>; 5], x: &mut [f32], pass: &Pass) -> Sa
     let h1 = HostNorm::of(attn_norm).forward(&x0, d);
     let input = gated(&h1, &g[0]);
     let [wq, wk, wv] = &b.attn_inputs;
-    let (mut q, mut k, v) = (linear(wq, &input, rows), linear(wk, &input, rows), linear(wv, &input, rows));
+    let [mut q, mut k, v] = linears_of_one_input([wq, wk, wv], &input, rows);
     if let (Some(rope), Some(tables)) = (&spec.rope, &pass.rope_tables) {
         let seq = pass.seq;
         rope.rotate_rows(&mut q, spec.heads, tables, |r| r % seq);
@@ -388,7 +441,10 @@ fn block_forward(b: &Block, g: &[Vec<f32>; 5], x: &mut [f32], pass: &Pass) -> Sa
     let h2 = HostNorm::of(mlp_norm).forward(&x1, d);
     let input = gated(&h2, &g[2]);
     let (pre, up) = match b.mlp_inputs.as_slice() {
-        [gate, up] => (linear(gate, &input, rows), Some(linear(up, &input, rows))),
+        [gate, up] => {
+            let [gate, up] = linears_of_one_input([gate, up], &input, rows);
+            (gate, Some(up))
+        }
         [fc1] => (linear(fc1, &input, rows), None),
         _ => unreachable!("blocks are loaded with one or two MLP inputs"),
     };
@@ -855,13 +911,45 @@ mod tests {
     use super::*;
     use burn::tensor::{DType, TensorData};
 
+    /// Linears that read one row, their columns dealt out to three threads as one product (the
+    /// shares straddle the layers' borders), give each layer's own product and bias, for a
+    /// row-major weight and for a transposed one.
+    #[test]
+    fn one_row_through_several_linears_at_once_equals_each_linear_alone() {
+        let device = Device::flex();
+        let k = 200;
+        let x: Vec<f32> = (0..k).map(|i| ((i * 7 % 23) as f32 - 11.0) / 13.0).collect();
+        let layer = |n: usize, seed: usize, transposed: bool| {
+            let w: Vec<f32> = (0..k * n).map(|i| (((i + seed) * 31 % 97) as f32 - 48.0) / 50.0).collect();
+            let weight = if transposed {
+                Tensor::<2>::from_data(TensorData::new(w, [n, k]), &device).transpose()
+            } else {
+                Tensor::<2>::from_data(TensorData::new(w, [k, n]), &device)
+            };
+            let bias =
+                (seed % 2 == 1).then(|| Tensor::<1>::from_data(TensorData::new((0..n).map(|j| j as f32 / 7.0).collect::<Vec<_>>(), [n]), &device));
+            Linear { weight, bias }
+        };
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().expect("a pool");
+        for transposed in [false, true] {
+            let layers = [layer(900, 1, transposed), layer(300, 2, transposed), layer(300, 3, transposed)];
+            assert!(1500 * k > THREADS_MIN_PRODUCTS, "the shape takes the shared split");
+            let together = pool.install(|| linears_of_one_input([&layers[0], &layers[1], &layers[2]], &x, 1));
+            for (layer, got) in layers.iter().zip(&together) {
+                let alone = linear(layer, &x, 1);
+                let worst = got.iter().zip(&alone).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                assert!(got.len() == alone.len() && worst < 1e-5, "max difference {worst} (transposed: {transposed})");
+            }
+        }
+    }
+
     /// A single-row product split across threads (three, so the shares are uneven) equals the
     /// plain sum, for a row-major weight and for a transposed one (a tied head), accumulating or
     /// not.
     #[test]
     fn a_single_row_split_across_threads_equals_the_plain_sum() {
         let (k, n) = (300, 1000);
-        assert!(k * n > 1 << 18 && n >= 2 * GEMV_MIN_COLUMNS, "the shape takes the split path");
+        assert!(k * n > THREADS_MIN_PRODUCTS && n >= 2 * GEMV_MIN_COLUMNS, "the shape takes the split path");
         let x: Vec<f32> = (0..k).map(|i| ((i * 7 % 23) as f32 - 11.0) / 13.0).collect();
         let w: Vec<f32> = (0..k * n).map(|i| ((i * 31 % 97) as f32 - 48.0) / 50.0).collect();
         let transposed: Vec<f32> = (0..n * k).map(|i| w[(i % k) * n + i / k]).collect();
