@@ -39,6 +39,13 @@ pub struct BenchArgs {
     seq_len: usize,
 }
 
+impl BenchArgs {
+    /// Whether this run times search steps (rather than prefill and decode).
+    pub fn searches(&self) -> bool {
+        self.search_steps.is_some()
+    }
+}
+
 pub fn bench(device: DeviceChoice, args: BenchArgs) -> Result<()> {
     let device = select_device(device)?;
     let model = disp_models::load_model(&args.model, &device)?;

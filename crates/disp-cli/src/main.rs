@@ -265,8 +265,8 @@ struct GenerateArgs {
 }
 
 fn main() -> ExitCode {
-    keep_freed_heap_memory();
     let cli = Cli::parse();
+    keep_freed_heap_memory(matches!(&cli.command, Command::Prune(_)) || matches!(&cli.command, Command::Bench(b) if b.searches()));
     init_logging(cli.verbose);
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -278,22 +278,30 @@ fn main() -> ExitCode {
     }
 }
 
-/// glibc hands freed memory at the top of the heap back to the kernel and serves large blocks
-/// from fresh mappings, so the megabyte-sized activations of every forward pass come back as new
-/// pages the kernel faults in and zeroes again: 5 % of a 512-token prefill in a profile, and a
-/// repeated prefill +13 % / a search step +8 % faster without it (docs/performance.md). Blocks up
-/// to 64 MiB therefore come from the heap, and up to 1 GiB of free heap is kept for the next
-/// pass. The peak is unchanged; the memory is kept, not reserved. A user's own
-/// `GLIBC_TUNABLES` for malloc wins.
-fn keep_freed_heap_memory() {
+/// glibc hands freed memory at the top of the heap back to the kernel, serves large blocks from
+/// fresh mappings, and unmaps a worker thread's arena heap once it is empty, so the
+/// megabyte-sized activations of every forward pass come back as new pages the kernel faults in
+/// and zeroes again (5 % of a 512-token prefill, 9 % of a search step in a profile). Here blocks
+/// up to 64 MiB come from the heap and up to 1 GiB of free heap is kept for the next pass: a
+/// repeated prefill +15 %, a search step −11 % time (docs/performance.md). A search
+/// (`one_arena`) also has every thread share the main arena, whose free memory that threshold
+/// governs: its steps −4 to −11 % time on average and −33 % peak RSS; eval lost about 5 % that
+/// way (its parallel tasks' small buffers), so it keeps glibc's per-thread arenas. The memory is
+/// kept, not reserved. A user's own `GLIBC_TUNABLES` for malloc wins.
+fn keep_freed_heap_memory(one_arena: bool) {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     if !std::env::var("GLIBC_TUNABLES").is_ok_and(|t| t.contains("glibc.malloc.")) {
-        // SAFETY: mallopt only changes the allocator's thresholds; called before any thread exists.
+        // SAFETY: mallopt only changes the allocator's settings; called before any thread exists.
         unsafe {
             libc::mallopt(libc::M_MMAP_THRESHOLD, 64 << 20);
             libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+            if one_arena {
+                libc::mallopt(libc::M_ARENA_MAX, 1);
+            }
         }
     }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    let _ = one_arena;
 }
 
 fn init_logging(verbose: u8) {
