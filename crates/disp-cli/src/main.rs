@@ -266,7 +266,12 @@ struct GenerateArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    keep_freed_heap_memory(matches!(&cli.command, Command::Prune(_)) || matches!(&cli.command, Command::Bench(b) if b.searches()));
+    let searches = match &cli.command {
+        Command::Prune(_) => true,
+        Command::Bench(bench) => bench.searches(),
+        _ => false,
+    };
+    keep_freed_heap_memory(searches);
     init_logging(cli.verbose);
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,

@@ -148,11 +148,7 @@ fn gemm_on_threads(
         )
     };
     let large = m * n * k > THREADS_MIN_PRODUCTS;
-    if m == 1 && large && threads > 1 && n >= 2 * GEMV_MIN_COLUMNS {
-        // gemm runs a single row (a decode step, the head of the last position) as a one-thread
-        // gemv, which is bound by reading the weights: split the columns so that every thread
-        // streams its share of each weight row.
-        let chunk = n.div_ceil(threads).next_multiple_of(GEMV_MIN_COLUMNS);
+    if let Some(chunk) = one_row_share(m, n, k, threads) {
         dst[..n].par_chunks_mut(chunk).enumerate().for_each(|(i, part)| {
             call(1, part.len(), part, &rhs.0[i * chunk * rhs.2..], gemm::Parallelism::None);
         });
@@ -168,52 +164,51 @@ const THREADS_MIN_PRODUCTS: usize = 1 << 18;
 /// width, and enough to amortise the task).
 const GEMV_MIN_COLUMNS: usize = 64;
 
+/// The columns of each thread's share when an `[m, k] · [k, n]` product is a single row worth
+/// splitting across `threads`, else `None`. gemm runs a single row (a decode step, the head of
+/// the last position) as a one-thread gemv, which is bound by reading the weights: split by
+/// columns, every thread streams its share of each weight row.
+fn one_row_share(m: usize, n: usize, k: usize, threads: usize) -> Option<usize> {
+    (m == 1 && n * k > THREADS_MIN_PRODUCTS && threads > 1 && n >= 2 * GEMV_MIN_COLUMNS)
+        .then(|| n.div_ceil(threads).next_multiple_of(GEMV_MIN_COLUMNS))
+}
+
 /// `x·W + b` of each of `layers`, which all read the same `x` `[rows, in]` (q/k/v, gate/up). A
 /// single row (a decoding step) has the layers' columns dealt out to the threads as if they were
 /// one matrix, so that no thread idles while another streams a matrix too small to split alone.
 pub(crate) fn linears_of_one_input<const N: usize>(layers: [&Linear; N], x: &[f32], rows: usize) -> [Vec<f32>; N] {
-    if rows != 1 {
-        return layers.map(|layer| linear(layer, x, rows));
-    }
-    let weights: [Matrix; N] = layers.map(|layer| Matrix::of(&layer.weight));
-    let widths = layers.map(Linear::outputs);
     let inputs = layers[0].inputs();
-    assert!(layers.iter().all(|layer| layer.inputs() == inputs) && x.len() == inputs);
+    assert!(layers.iter().all(|layer| layer.inputs() == inputs) && x.len() == rows * inputs);
+    let widths = layers.map(Linear::outputs);
     let total: usize = widths.iter().sum();
-    let threads = rayon::current_num_threads();
+    let Some(share) = one_row_share(rows, total, inputs, rayon::current_num_threads()) else {
+        return layers.map(|layer| linear(layer, x, rows));
+    };
+    // Thread t takes the columns [t·share, (t+1)·share) of the layers side by side; a share may
+    // span two layers, so it is a list of (layer, first column, output slice).
+    let weights: [Matrix; N] = layers.map(|layer| Matrix::of(&layer.weight));
     let mut outs = widths.map(|n| vec![0f32; n]);
-    if threads > 1 && total * inputs > THREADS_MIN_PRODUCTS && total >= 2 * GEMV_MIN_COLUMNS {
-        // Thread t takes the columns [t·share, (t+1)·share) of the layers side by side; a share
-        // may span two layers, so it is a list of (layer, first column, output slice).
-        let share = total.div_ceil(threads).next_multiple_of(GEMV_MIN_COLUMNS);
-        let mut tasks: Vec<Vec<(usize, usize, &mut [f32])>> = (0..total.div_ceil(share)).map(|_| Vec::new()).collect();
-        let mut global = 0;
-        for (layer, out) in outs.iter_mut().enumerate() {
-            let mut rest: &mut [f32] = out;
-            let mut column = 0;
-            while !rest.is_empty() {
-                let len = rest.len().min(share - global % share);
-                let (piece, tail) = rest.split_at_mut(len);
-                tasks[global / share].push((layer, column, piece));
-                (rest, column, global) = (tail, column + len, global + len);
-            }
-        }
-        tasks.into_par_iter().for_each(|pieces| {
-            for (layer, column, dst) in pieces {
-                let w = &weights[layer];
-                let n = dst.len();
-                gemm_on_threads(1, n, inputs, dst, n, false, (x, inputs, 1), (&w.values()[column * w.col..], w.row, w.col), 1);
-            }
-        });
-    } else {
-        for ((out, w), &n) in outs.iter_mut().zip(&weights).zip(&widths) {
-            gemm(1, n, inputs, out, n, false, (x, inputs, 1), (w.values(), w.row, w.col));
+    let mut tasks: Vec<Vec<(usize, usize, &mut [f32])>> = (0..total.div_ceil(share)).map(|_| Vec::new()).collect();
+    let mut global = 0;
+    for (layer, out) in outs.iter_mut().enumerate() {
+        let mut rest: &mut [f32] = out;
+        let mut column = 0;
+        while !rest.is_empty() {
+            let len = rest.len().min(share - global % share);
+            let (piece, tail) = rest.split_at_mut(len);
+            tasks[global / share].push((layer, column, piece));
+            (rest, column, global) = (tail, column + len, global + len);
         }
     }
-    for (out, layer) in outs.iter_mut().zip(layers) {
-        if let Some(bias) = &layer.bias {
-            out.iter_mut().zip(vector(bias)).for_each(|(y, b)| *y += b);
+    tasks.into_par_iter().for_each(|pieces| {
+        for (layer, column, dst) in pieces {
+            let w = &weights[layer];
+            let n = dst.len();
+            gemm_on_threads(1, n, inputs, dst, n, false, (x, inputs, 1), (&w.values()[column * w.col..], w.row, w.col), 1);
         }
+    });
+    for (out, layer) in outs.iter_mut().zip(layers) {
+        add_bias(layer, out);
     }
     outs
 }
@@ -225,16 +220,21 @@ pub(crate) fn linear(layer: &Linear, x: &[f32], rows: usize) -> Vec<f32> {
     let w = Matrix::of(&layer.weight);
     let mut out = vec![0f32; rows * outputs];
     gemm(rows, outputs, inputs, &mut out, outputs, false, (x, inputs, 1), (w.values(), w.row, w.col));
+    add_bias(layer, &mut out);
+    out
+}
+
+/// Adds `layer`'s bias, if it has one, to every row of its output `out` `[rows, outputs]`.
+fn add_bias(layer: &Linear, out: &mut [f32]) {
     if let Some(bias) = &layer.bias {
         let b = vector(bias);
-        out.par_chunks_mut(outputs).for_each(|row| {
+        out.par_chunks_mut(layer.outputs()).for_each(|row| {
             fastmath::with_wide_vectors(
                 #[inline(always)]
                 || row.iter_mut().zip(&b).for_each(|(y, b)| *y += b),
             )
         });
     }
-    out
 }
 
 /// `dst (+)= dy·Wᵀ`: the input gradient of a linear, `dy` `[rows, out]`.
