@@ -75,10 +75,11 @@ def copy_gb_per_s(python, env, threads):
                        "a = torch.ones(128 * 2**20); b = torch.empty_like(a)", "b.copy_(a)", "a.numel() * 4 / 1e9")
 
 
-def forward_flops_per_token(model, seq):
+def forward_flops_per_token(model, seq, head_rows):
     """Multiply-adds × 2 per token of a causal forward over `seq` tokens of a LLaMA-shaped config
-    (q/k/v/o, gated MLP, the head): every block linear, the head, and attention's two products
-    over the (seq + 1) / 2 keys a position sees on average."""
+    (q/k/v/o, gated MLP, the head): every block linear, attention's two products over the
+    (seq + 1) / 2 keys a position sees on average, and the head for `head_rows` of the `seq`
+    positions (all of them in eval; the last one in a prefill, on both sides)."""
     with open(os.path.join(model, "config.json")) as f:
         c = json.load(f)
     d, ff, layers, vocab = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["vocab_size"]
@@ -88,7 +89,7 @@ def forward_flops_per_token(model, seq):
     q = heads * hd
     block = 2 * d * (q + 2 * kv) + 2 * q * d + 3 * 2 * d * ff
     attention = 2 * 2 * q * (seq + 1) / 2
-    return layers * (block + attention) + 2 * d * vocab
+    return layers * (block + attention) + 2 * d * vocab * head_rows / seq
 
 
 def main():
@@ -165,10 +166,12 @@ def main():
         # The compute ceiling: no forward made of these products runs faster than the machine's
         # matmul rate, so a ratio against PyTorch is bounded by how far below it PyTorch runs.
         peaks = rows["_peak"][0]
-        per_token = forward_flops_per_token(args.model, 512) / 1e9
+        work_per_token = {"eval ppl, %d × 512 tokens" % args.windows: forward_flops_per_token(args.model, 512, 512) / 1e9,
+                     "prefill 512 tokens": forward_flops_per_token(args.model, 512, 1) / 1e9}
         print(f"\ncompute ceiling (torch f32 2048³ product, {args.threads} threads, each round): {statistics.median(peaks):.0f} GFLOP/s "
-              f"(rounds {min(peaks):.0f}–{max(peaks):.0f}); a forward over 512 tokens is {per_token * 1e3:.0f} MFLOP per token")
-        for name in ("eval ppl, %d × 512 tokens" % args.windows, "prefill 512 tokens"):
+              f"(rounds {min(peaks):.0f}–{max(peaks):.0f}); a forward over 512 tokens is "
+              + ", ".join(f"{work * 1e3:.0f} MFLOP per token in {name.split(',')[0]}" for name, work in work_per_token.items()))
+        for name, per_token in work_per_token.items():
             if name in rows:
                 d, p = ([v * per_token / c for v, c in zip(values, peaks)] for values in rows[name][:2])
                 dm, pm = statistics.median(d), statistics.median(p)

@@ -579,8 +579,14 @@ impl CausalLm for DecoderLm {
         crate::host_forward::summed_nll(self, tokens, batch)
     }
 
-    fn gate_gradients(&self, tokens: &[u32], batch: usize, gates: &[[Vec<f32>; 5]]) -> Option<crate::host_search::GateGradients> {
-        crate::host_search::gate_gradients(self, tokens, batch, gates)
+    fn gate_gradients(
+        &self,
+        tokens: &[u32],
+        batch: usize,
+        gates: &[[Vec<f32>; 5]],
+        copies: &crate::host_search::BackwardWeights,
+    ) -> Option<crate::host_search::GateGradients> {
+        crate::host_search::gate_gradients(self, tokens, batch, gates, copies)
     }
 
     fn block_linears(&self, layer: usize) -> BlockLinears<'_> {

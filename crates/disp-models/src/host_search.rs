@@ -237,11 +237,93 @@ fn add_bias(layer: &Linear, out: &mut [f32]) {
     }
 }
 
-/// `dst (+)= dy·Wᵀ`: the input gradient of a linear, `dy` `[rows, out]`.
-fn linear_input_grad(layer: &Linear, dy: &[f32], rows: usize, dst: &mut [f32], accumulate: bool) {
+/// `dst (+)= dy·Wᵀ`: the input gradient of a linear, `dy` `[rows, out]`; from the row-major copy
+/// of `Wᵀ` in `copies` where it keeps one.
+fn linear_input_grad(layer: &Linear, dy: &[f32], rows: usize, dst: &mut [f32], accumulate: bool, copies: &BackwardWeights) {
     let (inputs, outputs) = (layer.inputs(), layer.outputs());
+    if let Some(transposed) = copies.transposed(&layer.weight, inputs, outputs) {
+        return gemm(rows, inputs, outputs, dst, inputs, accumulate, (dy, outputs, 1), (&transposed, inputs, 1));
+    }
     let w = Matrix::of(&layer.weight);
     gemm(rows, inputs, outputs, dst, inputs, accumulate, (dy, outputs, 1), (w.values(), w.col, w.row));
+}
+
+/// Row-major f32 copies of the block linears' transposed weights (`[out, in]`), which the
+/// search backward's input gradients `dy·Wᵀ` read instead of the `[in, out]` weights themselves.
+/// The gemm crate packs its operands for its kernel on every call, and `Wᵀ` read from the
+/// `[in, out]` layout is packed across rows: those products ran at about three quarters of the
+/// forward's rate at the same sizes (SmolLM2, seq 512: the gate/up input gradients 353–367 ms
+/// a step against 263–268 ms from copies; docs/performance.md). Each copy is made on the linear's
+/// first backward and kept for the search (4 bytes per weight; the search keeps them only when
+/// they fit, see `disp_train`); `as_stored` keeps none. One per model: a copy is used only for
+/// the buffer it was made from, which it holds.
+pub struct BackwardWeights {
+    keep: bool,
+    copies: std::sync::Mutex<Vec<TransposedCopy>>,
+}
+
+/// A weight's `[in, out]` buffer (held, so that it stays the same values) and its transpose.
+struct TransposedCopy {
+    source: Matrix,
+    outputs: usize,
+    transposed: std::sync::Arc<[f32]>,
+}
+
+impl BackwardWeights {
+    /// Copies made on first use and kept.
+    pub fn transposed_copies() -> Self {
+        Self { keep: true, copies: std::sync::Mutex::new(Vec::new()) }
+    }
+
+    /// No copies: the backward reads the weights as stored.
+    pub fn as_stored() -> Self {
+        Self { keep: false, copies: std::sync::Mutex::new(Vec::new()) }
+    }
+
+    /// Bytes the copies take once every block linear has one.
+    pub fn bytes_for(shape: &disp_core::params::ModelShape) -> u64 {
+        4 * shape.dense_block_params()
+    }
+
+    /// How many weights have a copy so far.
+    pub fn copies_made(&self) -> usize {
+        self.copies.lock().unwrap_or_else(std::sync::PoisonError::into_inner).len()
+    }
+
+    /// The row-major `Wᵀ` `[outputs, inputs]` of `weight` `[inputs, outputs]` (made now if this
+    /// is its first use), or `None` when no copy is kept (`as_stored`, or a weight stored below
+    /// f32: converted per call anyway, so it is never held twice).
+    fn transposed(&self, weight: &Tensor<2>, inputs: usize, outputs: usize) -> Option<std::sync::Arc<[f32]>> {
+        let w = Matrix::borrowed(weight).filter(|_| self.keep)?;
+        let same = |c: &TransposedCopy| {
+            std::ptr::eq(c.source.values().as_ptr(), w.values().as_ptr()) && (c.source.row, c.source.col, c.outputs) == (w.row, w.col, outputs)
+        };
+        let mut copies = self.copies.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(copy) = copies.iter().find(|c| same(c)) {
+            return Some(copy.transposed.clone());
+        }
+        let transposed: std::sync::Arc<[f32]> = transpose(&w, inputs, outputs).into();
+        copies.push(TransposedCopy { source: w, outputs, transposed: transposed.clone() });
+        Some(transposed)
+    }
+}
+
+/// `[outputs, inputs]` row-major from `w` `[inputs, outputs]` (any strides), in tiles.
+fn transpose(w: &Matrix, inputs: usize, outputs: usize) -> Vec<f32> {
+    const TILE: usize = 32;
+    let values = w.values();
+    let mut out = vec![0f32; inputs * outputs];
+    out.par_chunks_mut(TILE * inputs).enumerate().for_each(|(block, rows)| {
+        let first = block * TILE;
+        for i0 in (0..inputs).step_by(TILE) {
+            for (o, row) in rows.chunks_exact_mut(inputs).enumerate() {
+                for (i, value) in row.iter_mut().enumerate().skip(i0).take(TILE) {
+                    *value = values[i * w.row + (first + o) * w.col];
+                }
+            }
+        }
+    });
+    out
 }
 
 /// A norm's parameters on the host.
@@ -558,7 +640,7 @@ fn intermediate_backward(
 
 /// Backward of block `b`: `dx` holds ∂L/∂(block output) and becomes ∂L/∂(block input);
 /// returns the five gate gradients.
-fn block_backward(b: &Block, g: &[Vec<f32>; 5], s: &Saved, dx: &mut [f32], pass: &Pass) -> [Vec<f32>; 5] {
+fn block_backward(b: &Block, g: &[Vec<f32>; 5], s: &Saved, dx: &mut [f32], pass: &Pass, copies: &BackwardWeights) -> [Vec<f32>; 5] {
     let BlockNorms::Pre { attn: attn_norm, mlp: mlp_norm } = &b.norms else { unreachable!("checked by `covers`") };
     let spec = &pass.model.spec;
     let (d, rows, ff) = (spec.shape.hidden, pass.rows(), g[3].len());
@@ -566,7 +648,7 @@ fn block_backward(b: &Block, g: &[Vec<f32>; 5], s: &Saved, dx: &mut [f32], pass:
     let grad_g5 = column_dot(dx, &s.mlp_out, d);
     let d_mlp_out = gated(dx, &g[4]);
     let mut d_inter = vec![0f32; rows * ff];
-    linear_input_grad(&b.mlp_output, &d_mlp_out, rows, &mut d_inter, false);
+    linear_input_grad(&b.mlp_output, &d_mlp_out, rows, &mut d_inter, false, copies);
     // inter = act(pre) (⊙ up) ⊙ g4: one pass gives the S4 gradient and those of pre and up.
     let kind = spec.activation;
     let mut d_pre = vec![0f32; rows * ff];
@@ -575,10 +657,10 @@ fn block_backward(b: &Block, g: &[Vec<f32>; 5], s: &Saved, dx: &mut [f32], pass:
     let mut d_input = vec![0f32; rows * d];
     match (b.mlp_inputs.as_slice(), d_up) {
         ([gate, up], Some(d_up)) => {
-            linear_input_grad(gate, &d_pre, rows, &mut d_input, false);
-            linear_input_grad(up, &d_up, rows, &mut d_input, true);
+            linear_input_grad(gate, &d_pre, rows, &mut d_input, false, copies);
+            linear_input_grad(up, &d_up, rows, &mut d_input, true, copies);
         }
-        ([fc1], None) => linear_input_grad(fc1, &d_pre, rows, &mut d_input, false),
+        ([fc1], None) => linear_input_grad(fc1, &d_pre, rows, &mut d_input, false, copies),
         _ => unreachable!("blocks are loaded with one or two MLP inputs"),
     }
     // input = h2 ⊙ g3, h2 = norm(x1)
@@ -590,7 +672,7 @@ fn block_backward(b: &Block, g: &[Vec<f32>; 5], s: &Saved, dx: &mut [f32], pass:
     let d_attn_out = gated(dx, &g[1]);
     let (heads, kv_heads, hd) = (spec.heads, spec.kv_heads, spec.head_dim);
     let mut d_context = vec![0f32; rows * heads * hd];
-    linear_input_grad(&b.attn_output, &d_attn_out, rows, &mut d_context, false);
+    linear_input_grad(&b.attn_output, &d_attn_out, rows, &mut d_context, false, copies);
     let (mut dq, mut dk, dv) = attention_backward(s, &d_context, pass.self_attention(b), pass);
     if let (Some(rope), Some(tables)) = (&spec.rope, &pass.rope_tables) {
         let seq = pass.seq;
@@ -598,9 +680,9 @@ fn block_backward(b: &Block, g: &[Vec<f32>; 5], s: &Saved, dx: &mut [f32], pass:
         rope.unrotate_rows(&mut dk, kv_heads, tables, |r| r % seq);
     }
     let [wq, wk, wv] = &b.attn_inputs;
-    linear_input_grad(wq, &dq, rows, &mut d_input, false);
-    linear_input_grad(wk, &dk, rows, &mut d_input, true);
-    linear_input_grad(wv, &dv, rows, &mut d_input, true);
+    linear_input_grad(wq, &dq, rows, &mut d_input, false, copies);
+    linear_input_grad(wk, &dk, rows, &mut d_input, true, copies);
+    linear_input_grad(wv, &dv, rows, &mut d_input, true, copies);
     // input = h1 ⊙ g1, h1 = norm(x0)
     let grad_g1 = column_dot(&d_input, &s.h1, d);
     let d_h1 = gated(&d_input, &g[0]);
@@ -633,15 +715,18 @@ fn attention_backward(s: &Saved, d_context: &[f32], shape: AttentionShape, pass:
                 head_backward(q, k, v, o, d_o, (q_row, kv_row), seq, hd, window, scale)
             })
             .collect();
-        for (h, [dqh, dkh, dvh]) in per_head.into_iter().enumerate() {
-            let kv = h / group;
-            for t in 0..seq {
-                dq[qo + t * q_row + h * hd..][..hd].copy_from_slice(&dqh[t * hd..(t + 1) * hd]);
-                let at = ko + t * kv_row + kv * hd;
-                dk[at..at + hd].iter_mut().zip(&dkh[t * hd..(t + 1) * hd]).for_each(|(a, b)| *a += b);
-                dv[at..at + hd].iter_mut().zip(&dvh[t * hd..(t + 1) * hd]).for_each(|(a, b)| *a += b);
+        // Back to rows of all heads, rows in parallel; a KV head sums its query heads' shares in
+        // head order (the same bits on any number of threads).
+        let dq_rows = dq[qo..qo + seq * q_row].par_chunks_mut(q_row);
+        let dkv_rows = dk[ko..ko + seq * kv_row].par_chunks_mut(kv_row).zip(dv[ko..ko + seq * kv_row].par_chunks_mut(kv_row));
+        dq_rows.zip(dkv_rows).enumerate().for_each(|(t, (dq, (dk, dv)))| {
+            for (h, [dqh, dkh, dvh]) in per_head.iter().enumerate() {
+                let kv = h / group;
+                dq[h * hd..][..hd].copy_from_slice(&dqh[t * hd..(t + 1) * hd]);
+                dk[kv * hd..][..hd].iter_mut().zip(&dkh[t * hd..(t + 1) * hd]).for_each(|(a, b)| *a += b);
+                dv[kv * hd..][..hd].iter_mut().zip(&dvh[t * hd..(t + 1) * hd]).for_each(|(a, b)| *a += b);
             }
-        }
+        });
     }
     (dq, dk, dv)
 }
@@ -703,7 +788,13 @@ fn head_backward(
 /// Mean next-token NLL of `tokens` (`batch` rows of `seq`) under the model with `gates` (per
 /// layer, S1..S5) and its gradient with respect to every gate; `None` where the model is not
 /// covered (see the module documentation).
-pub(crate) fn gate_gradients(model: &DecoderLm, tokens: &[u32], batch: usize, gates: &[[Vec<f32>; 5]]) -> Option<GateGradients> {
+pub(crate) fn gate_gradients(
+    model: &DecoderLm,
+    tokens: &[u32],
+    batch: usize,
+    gates: &[[Vec<f32>; 5]],
+    copies: &BackwardWeights,
+) -> Option<GateGradients> {
     if !covers(model) || batch == 0 || !tokens.len().is_multiple_of(batch) {
         return None;
     }
@@ -711,11 +802,18 @@ pub(crate) fn gate_gradients(model: &DecoderLm, tokens: &[u32], batch: usize, ga
     if seq < 2 {
         return None;
     }
-    Some(crate::host_forward::on_pool(|| gate_gradients_on_pool(model, tokens, batch, seq, gates)))
+    Some(crate::host_forward::on_pool(|| gate_gradients_on_pool(model, tokens, batch, seq, gates, copies)))
 }
 
 /// [`gate_gradients`] once its checks passed, on a rayon worker ([`crate::host_forward::on_pool`]).
-fn gate_gradients_on_pool(model: &DecoderLm, tokens: &[u32], batch: usize, seq: usize, gates: &[[Vec<f32>; 5]]) -> GateGradients {
+fn gate_gradients_on_pool(
+    model: &DecoderLm,
+    tokens: &[u32],
+    batch: usize,
+    seq: usize,
+    gates: &[[Vec<f32>; 5]],
+    copies: &BackwardWeights,
+) -> GateGradients {
     let d = model.spec.shape.hidden;
     let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
     let ids = Tensor::<2, burn::tensor::Int>::from_data(burn::tensor::TensorData::new(ids, [batch, seq]), &model.device);
@@ -737,7 +835,7 @@ fn gate_gradients_on_pool(model: &DecoderLm, tokens: &[u32], batch: usize, seq: 
     drop(hidden);
     let mut layers = Vec::with_capacity(model.blocks.len());
     for ((b, g), s) in model.blocks.iter().zip(gates).zip(saved).rev() {
-        layers.push(block_backward(b, g, &s, &mut dx, &pass));
+        layers.push(block_backward(b, g, &s, &mut dx, &pass, copies));
     }
     layers.reverse();
     GateGradients { loss, layers }

@@ -115,8 +115,15 @@ pub trait CausalLm: Send + Sync {
 
     /// The mean next-token NLL of `tokens` (`batch` rows) under masked gates (per layer, S1..S5)
     /// and its gradient with respect to every gate, computed without autodiff where the model
-    /// has a host path for it ([`host_search`]); `None` otherwise (use autodiff then).
-    fn gate_gradients(&self, _tokens: &[u32], _batch: usize, _gates: &[[Vec<f32>; 5]]) -> Option<host_search::GateGradients> {
+    /// has a host path for it ([`host_search`]); `None` otherwise (use autodiff then). `copies`
+    /// holds the transposed weights that path may keep between calls (one per model).
+    fn gate_gradients(
+        &self,
+        _tokens: &[u32],
+        _batch: usize,
+        _gates: &[[Vec<f32>; 5]],
+        _copies: &host_search::BackwardWeights,
+    ) -> Option<host_search::GateGradients> {
         None
     }
 

@@ -8,6 +8,7 @@ use burn::optim::{AdamWConfig, ModuleOptimizer};
 use burn::tensor::{Bytes, Int, Tensor, TensorData};
 use disp_core::params::{BlockShape, BlockWidths, ModelShape};
 use disp_core::plan::{PruningPlan, PLAN_FORMAT_VERSION};
+use disp_models::host_search::BackwardWeights;
 use disp_models::CausalLm;
 use serde_json::json;
 
@@ -90,6 +91,8 @@ pub struct Searcher<'a> {
     weights_digest: String,
     /// How steps back-propagate through the model (`FullGraph` or `PerBlock`, never `Auto`).
     backward: BackwardMode,
+    /// The transposed weight copies the model's host backward keeps between steps.
+    backward_weights: BackwardWeights,
 }
 
 /// A digest of the output projections of the first and last block: tells apart two models of the
@@ -143,7 +146,18 @@ impl<'a> Searcher<'a> {
         let net_shape = HyperNetShape::of(&shape)?;
         check_windows(windows, model)?;
         let memory = SearchMemory::estimate(model, cfg.batch_size, windows[0].len(), cfg.gate_source, net_shape);
-        let backward = memory.choose(cfg.backward, disp_core::memory::available_bytes())?;
+        let available = disp_core::memory::available_bytes();
+        let backward = memory.choose(cfg.backward, available)?;
+        // The host backward reads every block weight transposed, which runs its products slower
+        // than from a row-major copy of the transpose (see `BackwardWeights`): the copies cost 4
+        // bytes a weight and are kept when they fit beside the step.
+        let copies = BackwardWeights::bytes_for(&shape);
+        let backward_weights = if available.is_none_or(|a| memory.beyond_weights(backward).saturating_add(copies) <= a) {
+            BackwardWeights::transposed_copies()
+        } else {
+            tracing::info!("the host backward reads the weights as stored: their transposed copies ({}) do not fit", human_bytes(copies.into()));
+            BackwardWeights::as_stored()
+        };
         if backward == BackwardMode::PerBlock && cfg.objective.uses_kd() {
             bail!(
                 "the {} loss needs the full-graph backward, but this search step only fits in memory with per-block recompute ({}); use --loss lm",
@@ -170,6 +184,7 @@ impl<'a> Searcher<'a> {
             batches: ShuffledBatches::new(windows.len(), cfg.seed, Purpose::Shuffle),
             weights_digest: weights_digest(model),
             backward,
+            backward_weights,
         })
     }
 
@@ -293,7 +308,7 @@ impl<'a> Searcher<'a> {
             })
             .collect();
         let flat: Vec<u32> = batch.iter().flat_map(|&i| self.windows[i].iter().copied()).collect();
-        if let Some(host) = self.model.gate_gradients(&flat, batch.len(), &per_layer) {
+        if let Some(host) = self.model.gate_gradients(&flat, batch.len(), &per_layer, &self.backward_weights) {
             let device = soft[0].device();
             let surrogate = (0..5)
                 .map(|s| {
