@@ -815,6 +815,12 @@ fn gate_gradients_on_pool(
     copies: &BackwardWeights,
 ) -> GateGradients {
     let d = model.spec.shape.hidden;
+    // The copies before the step's activations: made in the backward, between blocks the
+    // step frees, they would leave the heap in pieces that the next step faults in anew.
+    for b in &model.blocks {
+        let linears = b.attn_inputs.iter().chain([&b.attn_output]).chain(&b.mlp_inputs).chain([&b.mlp_output]);
+        linears.for_each(|l| drop(copies.transposed(&l.weight, l.inputs(), l.outputs())));
+    }
     let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
     let ids = Tensor::<2, burn::tensor::Int>::from_data(burn::tensor::TensorData::new(ids, [batch, seq]), &model.device);
     let embedded = model.ends.embed(ids, 0);
