@@ -280,7 +280,8 @@ impl BackwardWeights {
         Self { keep: false, copies: std::sync::Mutex::new(Vec::new()) }
     }
 
-    /// Bytes the copies take once every block linear has one.
+    /// Bytes the copies take once every block linear has one, at most (the shape's parameter
+    /// count includes the biases, which are not copied).
     pub fn bytes_for(shape: &disp_core::params::ModelShape) -> u64 {
         4 * shape.dense_block_params()
     }

@@ -148,11 +148,8 @@ impl<'a> Searcher<'a> {
         let memory = SearchMemory::estimate(model, cfg.batch_size, windows[0].len(), cfg.gate_source, net_shape);
         let available = disp_core::memory::available_bytes();
         let backward = memory.choose(cfg.backward, available)?;
-        // The host backward reads every block weight transposed, which runs its products slower
-        // than from a row-major copy of the transpose (see `BackwardWeights`): the copies cost 4
-        // bytes a weight and are kept when they fit beside the step.
         let copies = BackwardWeights::bytes_for(&shape);
-        let backward_weights = if available.is_none_or(|a| memory.beyond_weights(backward).saturating_add(copies) <= a) {
+        let backward_weights = if memory.fits_transposed_copies(backward, copies, available) {
             BackwardWeights::transposed_copies()
         } else {
             tracing::info!("the host backward reads the weights as stored: their transposed copies ({}) do not fit", human_bytes(copies.into()));
@@ -659,6 +656,13 @@ impl SearchMemory {
     /// Bytes the step needs beyond the loaded weights in `mode` (`Auto` is not a mode here).
     pub fn beyond_weights(&self, mode: BackwardMode) -> u64 {
         self.generator + if mode == BackwardMode::PerBlock { self.per_block } else { self.full_graph }
+    }
+
+    /// Whether the host backward's transposed weight copies (`copies` bytes) fit in `available`
+    /// bytes beside a step in `mode`. It reads every block weight transposed, which runs its
+    /// products slower than a row-major copy of the transpose does (see `BackwardWeights`).
+    pub fn fits_transposed_copies(&self, mode: BackwardMode, copies: u64, available: Option<u64>) -> bool {
+        available.is_none_or(|a| self.beyond_weights(mode).saturating_add(copies) <= a)
     }
 
     /// One line: the peak of `mode`, its parts, and what `--batch-size` / `--seq-len` cost.

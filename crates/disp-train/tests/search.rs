@@ -573,3 +573,30 @@ fn distillation_is_recorded_in_the_plan_and_the_checkpoint_settings() {
     let bad = Searcher::new(model.as_ref(), &data, &SearchConfig { kd_temperature: 0.0, ..kd_cfg(2, Objective::Kd) });
     assert!(bad.err().unwrap().to_string().contains("distillation temperature must be positive"));
 }
+
+/// The host backward's transposed weight copies take at most 4 bytes per block parameter, and a search
+/// keeps them only when they fit beside its step: at the boundary, one byte less refuses them.
+#[test]
+fn transposed_weight_copies_are_kept_only_when_they_fit_beside_the_step() {
+    use disp_models::host_search::BackwardWeights;
+    use disp_train::recompute::BackwardMode;
+    let model = model();
+    let shape = model.model_shape();
+    let weights: usize = (0..model.num_layers())
+        .map(|l| {
+            let linears = model.block_linears(l);
+            let all = linears.attn_inputs.iter().chain(&linears.mlp_inputs).copied().chain([linears.attn_output, linears.mlp_output]);
+            all.map(|linear| linear.weight.dims().iter().product::<usize>() + linear.bias.as_ref().map_or(0, |b| b.dims()[0])).sum::<usize>()
+        })
+        .sum();
+    // The shape's count, which includes the biases (the fixture has q/k/v biases): an upper bound.
+    let copies = BackwardWeights::bytes_for(&shape);
+    assert_eq!(copies, 4 * weights as u64);
+    let memory = disp_train::SearchMemory::estimate(model.as_ref(), 1, 16, GateSource::HyperNetwork, disp_train::HyperNetShape::of(&shape).unwrap());
+    for mode in [BackwardMode::FullGraph, BackwardMode::PerBlock] {
+        let needed = memory.beyond_weights(mode) + copies;
+        assert!(memory.fits_transposed_copies(mode, copies, Some(needed)), "{mode:?}");
+        assert!(!memory.fits_transposed_copies(mode, copies, Some(needed - 1)), "{mode:?}");
+        assert!(memory.fits_transposed_copies(mode, copies, None), "{mode:?}: no known limit");
+    }
+}
