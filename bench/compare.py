@@ -4,7 +4,9 @@
 Run through bench/compare.sh (it builds the release binary and finds the python env). Each round
 runs, in this order, disp then PyTorch for: eval perplexity (16 windows of 512 tokens), prefill +
 decode (512-token prompt, 64 decoded tokens), and the search step (seq 512, five-site gates,
-hypernetwork, AdamW). Every figure is a median over rounds of each run's own median; the ratio
+hypernetwork, AdamW). `--compute bf16` runs disp's eval and prefill/decode with bf16 products and
+`--torch-dtype bfloat16` loads PyTorch's model in bf16 for them (the search step is f32 on both
+sides). Every figure is a median over rounds of each run's own median; the ratio
 column is disp / PyTorch in speed (>1: disp is faster). Prints a markdown table.
 """
 import argparse
@@ -61,11 +63,12 @@ def stream_copy_gb_per_s(python, env):
                        "np.copyto(b, a)", "a.nbytes / 1e9")
 
 
-def matmul_gflops(python, env, threads):
-    """Torch f32 products 2048 × 2048 × 2048 on `threads` threads (MKL), GFLOP/s: what this
-    machine's matrix units sustain, the ceiling of any forward pass made of products."""
+def matmul_gflops(python, env, threads, dtype="float32"):
+    """Torch products 2048 × 2048 × 2048 in `dtype` on `threads` threads (MKL / oneDNN),
+    GFLOP/s: what this machine's matrix units sustain, the ceiling of any forward pass made of
+    products at that precision."""
     return median_rate(python, env, f"import torch\ntorch.set_num_threads({threads})\n"
-                       "a = torch.rand(2048, 2048); b = torch.rand(2048, 2048); c = a @ b",
+                       f"a = torch.rand(2048, 2048).to(torch.{dtype}); b = torch.rand(2048, 2048).to(torch.{dtype}); c = a @ b",
                        "torch.mm(a, b, out=c)", "2 * 2048**3 / 1e9", repeats=5)
 
 
@@ -73,6 +76,22 @@ def copy_gb_per_s(python, env, threads):
     """A torch copy of a 512 MiB float32 tensor on `threads` threads, in GB/s of bytes copied."""
     return median_rate(python, env, f"import torch\ntorch.set_num_threads({threads})\n"
                        "a = torch.ones(128 * 2**20); b = torch.empty_like(a)", "b.copy_(a)", "a.numel() * 4 / 1e9")
+
+
+def parameter_count(model):
+    """Values stored in the folder's safetensors files (from their headers)."""
+    total = 0
+    for name in os.listdir(model):
+        if name.endswith(".safetensors"):
+            with open(os.path.join(model, name), "rb") as f:
+                header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+            for key, entry in header.items():
+                if key != "__metadata__":
+                    count = 1
+                    for n in entry["shape"]:
+                        count *= n
+                    total += count
+    return total
 
 
 def forward_flops_per_token(model, seq, head_rows):
@@ -102,6 +121,9 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--search-steps", type=int, default=3, help="timed steps per round (after one warm-up)")
+    ap.add_argument("--compute", default="f32", choices=["f32", "bf16"], help="disp's --compute for eval and prefill/decode")
+    ap.add_argument("--torch-dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="PyTorch's model dtype for eval and prefill/decode")
     ap.add_argument("--only", default="eval,speed,search", help="comma-separated subset of eval,speed,search")
     args = ap.parse_args()
     only = set(args.only.split(","))
@@ -122,16 +144,16 @@ def main():
         print(f"round {rnd + 1}/{args.rounds} (load {os.getloadavg()[0]:.2f})", file=sys.stderr, flush=True)
         if "eval" in only:
             d = run_json([args.disp, "eval", "ppl", "--model", args.model, "--text", args.text, "--seq-len", "512",
-                          "--max-windows", str(args.windows), "--json"], env)
+                          "--max-windows", str(args.windows), "--compute", args.compute, "--json"], env)
             p = run_json(py("hf_ppl.py", args.model, args.text, "--seq-len", "512", "--max-windows", str(args.windows),
-                            "--threads", t, "--json"), env)
+                            "--threads", t, "--dtype", args.torch_dtype, "--json"), env)
             add(f"eval ppl, {args.windows} × 512 tokens", "tokens/s", True, d["tokens_per_second"], p["tokens_per_second"])
             rows.setdefault("_ppl", ([], [], "", True))[0].append((d["perplexity"], p["perplexity"]))
         if "speed" in only:
             d = run_json([args.disp, "bench", "--model", args.model, "--prompt-tokens", "512", "--decode-tokens", "64",
-                          "--repetitions", "3", "--json"], env)["models"][0]
+                          "--repetitions", "3", "--compute", args.compute, "--json"], env)["models"][0]
             p = run_json(py("hf_speed.py", "--model", args.model, "--prompt-tokens", "512", "--decode-tokens", "64",
-                            "--repetitions", "3", "--threads", t, "--json"), env)
+                            "--repetitions", "3", "--threads", t, "--dtype", args.torch_dtype, "--json"), env)
             add("prefill 512 tokens", "tokens/s", True, d["prefill_tokens_per_second"], p["prefill_tokens_per_second"])
             add("decode 64 tokens after 512", "tokens/s", True, d["decode_tokens_per_second"], p["decode_tokens_per_second"])
         if "search" in only:
@@ -143,17 +165,24 @@ def main():
         if "eval" in only or "speed" in only:
             # This machine's matmul rate in the same round: a shared VM's speed drifts, so each
             # round's figures are set against its own ceiling.
-            rows.setdefault("_peak", ([], [], "", True))[0].append(matmul_gflops(args.python, env, args.threads))
+            # Each side against the ceiling of its own precision.
+            disp_dtype = "bfloat16" if args.compute == "bf16" else "float32"
+            peaks = {dtype: matmul_gflops(args.python, env, args.threads, dtype) for dtype in {disp_dtype, args.torch_dtype}}
+            peak = rows.setdefault("_peak", ([], [], "", True))
+            peak[0].append(peaks[disp_dtype])
+            peak[1].append(peaks[args.torch_dtype])
 
         # The table so far, so that an interrupted run still leaves its rounds.
         print_table(rows, sys.stderr)
 
     print(f"\n{platform.node()}, {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
-          f"{args.threads} threads, {args.rounds} rounds alternating, load average at start {load:.2f}\n")
+          f"{args.threads} threads, {args.rounds} rounds alternating, load average at start {load:.2f}; "
+          f"disp --compute {args.compute}, PyTorch {args.torch_dtype} (eval, prefill, decode)\n")
     print_table(rows, sys.stdout)
     if "speed" in only:
         bandwidth = stream_copy_gb_per_s(args.python, env)
-        weight_bytes = sum(os.path.getsize(os.path.join(args.model, f)) for f in os.listdir(args.model) if f.endswith(".safetensors"))
+        # The bytes disp's decode reads per token: every weight once, at its compute precision.
+        weight_bytes = parameter_count(args.model) * (2 if args.compute == "bf16" else 4)
         floor = bandwidth * 1e9 / weight_bytes
         decode = statistics.median(rows["decode 64 tokens after 512"][0])
         print(f"\nmemory bandwidth (one-thread stream copy of 512 MiB, bytes copied / s): {bandwidth:.1f} GB/s; "
@@ -165,18 +194,19 @@ def main():
     if "_peak" in rows:
         # The compute ceiling: no forward made of these products runs faster than the machine's
         # matmul rate, so a ratio against PyTorch is bounded by how far below it PyTorch runs.
-        peaks = rows["_peak"][0]
+        disp_peaks, torch_peaks = rows["_peak"][:2]
         work_per_token = {"eval ppl, %d × 512 tokens" % args.windows: forward_flops_per_token(args.model, 512, 512) / 1e9,
                      "prefill 512 tokens": forward_flops_per_token(args.model, 512, 1) / 1e9}
-        print(f"\ncompute ceiling (torch f32 2048³ product, {args.threads} threads, each round): {statistics.median(peaks):.0f} GFLOP/s "
-              f"(rounds {min(peaks):.0f}–{max(peaks):.0f}); a forward over 512 tokens is "
+        print(f"\ncompute ceiling (torch 2048³ product, {args.threads} threads, each round): {statistics.median(disp_peaks):.0f} GFLOP/s "
+              f"at disp's precision, {statistics.median(torch_peaks):.0f} at PyTorch's; a forward over 512 tokens is "
               + ", ".join(f"{work * 1e3:.0f} MFLOP per token in {name.split(',')[0]}" for name, work in work_per_token.items()))
         for name, per_token in work_per_token.items():
             if name in rows:
-                d, p = ([v * per_token / c for v, c in zip(values, peaks)] for values in rows[name][:2])
+                d, p = ([v * per_token / c for v, c in zip(values, peaks)] for values, peaks in zip(rows[name][:2], (disp_peaks, torch_peaks)))
                 dm, pm = statistics.median(d), statistics.median(p)
-                print(f"  {name}: disp at {dm:.0%} of the ceiling, PyTorch at {pm:.0%} (medians over rounds); "
-                      f"1.5× PyTorch would be {1.5 * pm:.0%} of it")
+                need = 1.5 * statistics.median(rows[name][1]) * per_token / statistics.median(disp_peaks)
+                print(f"  {name}: disp at {dm:.0%} of its ceiling, PyTorch at {pm:.0%} of its own (medians over rounds); "
+                      f"1.5× PyTorch would be {need:.0%} of disp's")
     if "_ppl" in rows:
         dp, pp = rows["_ppl"][0][0]
         print(f"\nperplexity: disp {dp:.4f}, PyTorch {pp:.4f}")

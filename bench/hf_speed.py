@@ -28,13 +28,14 @@ def main():
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--repetitions", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
     import torch
 
     torch.set_num_threads(args.threads)
-    model, _ = load_model_and_tokenizer(args.model, "float32")
+    model, _ = load_model_and_tokenizer(args.model, args.dtype)
     vocab = model.config.vocab_size
     ids = torch.tensor([[(i * 2654435761 + 17) % vocab for i in range(args.prompt_tokens)]], dtype=torch.long)
 

@@ -9,6 +9,8 @@ use disp_core::plan::PruningPlan;
 use disp_eval::{measure_speed, SpeedSettings};
 use disp_models::CausalLm;
 
+use crate::Compute;
+
 #[derive(Args)]
 pub struct BenchArgs {
     /// Model folder: dense, or a pruned folder from `disp export`.
@@ -37,6 +39,10 @@ pub struct BenchArgs {
     /// Window length of `--search-steps`.
     #[arg(long, default_value_t = 512)]
     seq_len: usize,
+    /// Precision of the CPU forward's matrix products (see `eval ppl --compute`); the search's
+    /// gated passes are always f32.
+    #[arg(long, value_enum, default_value_t = Compute::F32, conflicts_with = "search_steps")]
+    compute: Compute,
 }
 
 impl BenchArgs {
@@ -65,12 +71,15 @@ pub fn bench(device: DeviceChoice, args: BenchArgs) -> Result<()> {
     } else {
         models.push((label.into(), model));
     }
+    for (_, model) in &mut models {
+        args.compute.apply(model.as_mut())?;
+    }
     let settings = SpeedSettings { prompt_tokens: args.prompt_tokens, decode_tokens: args.decode_tokens, repetitions: args.repetitions };
     let borrowed: Vec<(&str, &dyn CausalLm)> = models.iter().map(|(l, m)| (l.as_str(), m.as_ref())).collect();
     let reports = measure_speed(&borrowed, &settings)?;
     let params: Vec<usize> = models.iter().map(|(_, m)| m.stored_linear_params()).collect();
     if args.json {
-        let json = serde_json::json!({ "settings": settings, "block_linear_params": params, "models": reports });
+        let json = serde_json::json!({ "settings": settings, "compute": args.compute, "block_linear_params": params, "models": reports });
         println!("{json}");
         return Ok(());
     }

@@ -91,6 +91,28 @@ struct ModelArgs {
     /// Apply a pruning plan (from `disp prune`) before running.
     #[arg(long)]
     plan: Option<PathBuf>,
+    /// Precision of the CPU forward's matrix products: f32, or bf16 (weights and activations
+    /// rounded to bf16, f32 accumulation; about twice as fast on CPUs with AVX512_BF16).
+    #[arg(long, value_enum, default_value_t = Compute::F32)]
+    compute: Compute,
+}
+
+/// The precision of the CPU forward's matrix products (`--compute`).
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum Compute {
+    F32,
+    Bf16,
+}
+
+impl Compute {
+    /// Prepares `model` to compute at this precision.
+    pub(crate) fn apply(self, model: &mut dyn CausalLm) -> Result<()> {
+        match self {
+            Compute::F32 => Ok(()),
+            Compute::Bf16 => model.compute_in_bf16(),
+        }
+    }
 }
 
 #[derive(Args)]
@@ -380,13 +402,15 @@ fn make_model(args: MakeModelArgs) -> Result<()> {
 fn load(device: DeviceChoice, args: &ModelArgs) -> Result<Box<dyn CausalLm>> {
     let device = select_device(device)?;
     let model = disp_models::load_model(&args.model, &device)?;
-    match &args.plan {
-        None => Ok(model),
+    let mut model = match &args.plan {
+        None => model,
         Some(path) => {
             let plan = PruningPlan::load(path)?;
-            model.prune(&plan).map_err(|e| anyhow::anyhow!("{}: {e:#}", path.display()))
+            model.prune(&plan).map_err(|e| anyhow::anyhow!("{}: {e:#}", path.display()))?
         }
-    }
+    };
+    args.compute.apply(model.as_mut())?;
+    Ok(model)
 }
 
 fn eval_ppl(device: DeviceChoice, args: PplArgs) -> Result<()> {
@@ -422,6 +446,7 @@ fn report_json(report: &impl serde::Serialize, model: &ModelArgs, input_key: &st
     if let Some(plan) = &model.plan {
         json["plan"] = plan.display().to_string().into();
     }
+    json["compute"] = serde_json::to_value(model.compute).expect("a name");
     json
 }
 

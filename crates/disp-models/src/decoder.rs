@@ -398,7 +398,7 @@ impl Ends {
         let [vocab, width] = tokens.dims();
         if tied {
             let bias = if bias { Some(ck.tensor("lm_head.bias", [vocab], device)?) } else { None };
-            return Ok(Linear { weight: tokens.clone().transpose(), bias });
+            return Ok(Linear::new(tokens.clone().transpose(), bias));
         }
         if !ck.contains("lm_head.weight") {
             bail!("{}: missing tensor 'lm_head.weight' (and tie_word_embeddings is false)", ck.describe());
@@ -595,6 +595,39 @@ impl CausalLm for DecoderLm {
 
     fn block_linears_mut(&mut self, layer: usize) -> BlockLinearsMut<'_> {
         self.blocks[layer].linears_mut()
+    }
+
+    fn compute_in_bf16(&mut self) -> Result<()> {
+        if self.device != Device::flex() || self.device.is_autodiff() {
+            bail!("--compute bf16 runs on the plain CPU device (flex), not on {:?}", self.device);
+        }
+        if !crate::host_bf16::fast_kernel_available() {
+            bail!("--compute bf16 needs a CPU with AVX512_BF16 (AMD Zen 4, Intel Sapphire Rapids or later); this one has none, use --compute f32");
+        }
+        if self.spec.activation == Activation::Gelu {
+            bail!("--compute bf16: {}'s exact-erf GELU runs on the burn path, which computes in f32", self.family.model_type());
+        }
+        let head = &self.ends.head;
+        let bytes: u128 = self
+            .blocks
+            .iter()
+            .flat_map(|b| {
+                let l = b.linears();
+                let linears: Vec<&Linear> = l.attn_inputs.iter().chain(&l.mlp_inputs).copied().chain([l.attn_output, l.mlp_output]).collect();
+                linears.into_iter().map(|l| crate::host_bf16::PackedBf16::bytes_for(l.inputs(), l.outputs()) as u128).collect::<Vec<_>>()
+            })
+            .sum::<u128>()
+            // The head is converted to f32 whole while it is packed.
+            + (crate::host_bf16::PackedBf16::bytes_for(head.inputs(), head.outputs()) + 4 * head.inputs() * head.outputs()) as u128;
+        disp_core::memory::check_fits("--compute bf16's copies of the weights", bytes)?;
+        for block in &mut self.blocks {
+            let l = block.linears_mut();
+            for linear in l.attn_inputs.into_iter().chain(l.mlp_inputs).chain([l.attn_output, l.mlp_output]) {
+                linear.pack_bf16();
+            }
+        }
+        self.ends.head.pack_bf16();
+        Ok(())
     }
 
     fn prune(&self, plan: &PruningPlan) -> Result<Box<dyn CausalLm>> {

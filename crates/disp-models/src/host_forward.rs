@@ -321,8 +321,8 @@ mod tests {
         let x: Vec<f32> = (0..rows * inputs).map(|i| (i as f32 * 0.37).sin()).collect();
         let f32_weight = Tensor::<2>::from_data(TensorData::new(w.clone(), [inputs, outputs]), &device);
         let bias = Some(Tensor::<1>::from_data(TensorData::new(vec![0.5f32, -1.0, 0.25, 2.0], [outputs]), &device));
-        let full = Linear { weight: f32_weight.clone(), bias: bias.clone() };
-        let half = Linear { weight: f32_weight.cast(DType::BF16), bias };
+        let full = Linear::new(f32_weight.clone(), bias.clone());
+        let half = Linear::new(f32_weight.cast(DType::BF16), bias);
         let expected: Vec<f32> = (0..rows)
             .flat_map(|r| {
                 let (x, w) = (&x, &w);

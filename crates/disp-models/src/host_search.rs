@@ -25,6 +25,7 @@ use rayon::prelude::*;
 
 use crate::decoder::{Block, BlockNorms, DecoderLm, Norm};
 use crate::host_attention::{causal_attention_rows, AttentionShape};
+use crate::host_bf16::{Bf16Rows, PackedBf16};
 use crate::host_forward::Pass;
 use crate::layers::{Activation, Linear};
 
@@ -38,7 +39,7 @@ pub struct GateGradients {
 }
 
 /// A 2-D float tensor on the host: row `r`, column `c` at `offset + r·row + c·col` of `values()`.
-struct Matrix {
+pub(crate) struct Matrix {
     storage: Storage,
     offset: usize,
     row: usize,
@@ -79,6 +80,16 @@ impl Matrix {
             Storage::Owned(values) => values,
         }
     }
+
+    /// (values, row stride, column stride).
+    pub(crate) fn strided(&self) -> (&[f32], usize, usize) {
+        (self.values(), self.row, self.col)
+    }
+}
+
+/// `tensor`'s values on the host (its own buffer when it is f32, else converted).
+pub(crate) fn host_matrix(tensor: &Tensor<2>) -> Matrix {
+    Matrix::of(tensor)
 }
 
 fn vector(tensor: &Tensor<1>) -> Vec<f32> {
@@ -179,6 +190,14 @@ fn one_row_share(m: usize, n: usize, k: usize, threads: usize) -> Option<usize> 
 pub(crate) fn linears_of_one_input<const N: usize>(layers: [&Linear; N], x: &[f32], rows: usize) -> [Vec<f32>; N] {
     let inputs = layers[0].inputs();
     assert!(layers.iter().all(|layer| layer.inputs() == inputs) && x.len() == rows * inputs);
+    if let Some(packed) = packed_copies(layers) {
+        let x = Bf16Rows::of(x, rows, inputs);
+        let mut outs = packed.map(|p| p.product(&x));
+        for (out, layer) in outs.iter_mut().zip(layers) {
+            add_bias(layer, out);
+        }
+        return outs;
+    }
     let widths = layers.map(Linear::outputs);
     let total: usize = widths.iter().sum();
     let Some(share) = one_row_share(rows, total, inputs, rayon::current_num_threads()) else {
@@ -217,6 +236,11 @@ pub(crate) fn linears_of_one_input<const N: usize>(layers: [&Linear; N], x: &[f3
 /// buffer when it is f32, converted per matrix otherwise).
 pub(crate) fn linear(layer: &Linear, x: &[f32], rows: usize) -> Vec<f32> {
     let (inputs, outputs) = (layer.inputs(), layer.outputs());
+    if let Some([packed]) = packed_copies([layer]) {
+        let mut out = packed.product(&Bf16Rows::of(x, rows, inputs));
+        add_bias(layer, &mut out);
+        return out;
+    }
     let w = Matrix::of(&layer.weight);
     let mut out = vec![0f32; rows * outputs];
     gemm(rows, outputs, inputs, &mut out, outputs, false, (x, inputs, 1), (w.values(), w.row, w.col));
@@ -224,8 +248,15 @@ pub(crate) fn linear(layer: &Linear, x: &[f32], rows: usize) -> Vec<f32> {
     out
 }
 
+/// The packed bf16 copies of `layers` when every one has a current copy (`--compute bf16`):
+/// layers that read one input are multiplied at one precision.
+fn packed_copies<const N: usize>(layers: [&Linear; N]) -> Option<[&PackedBf16; N]> {
+    let packed = layers.map(Linear::packed_bf16);
+    packed.iter().all(Option::is_some).then(|| packed.map(|p| p.expect("checked")))
+}
+
 /// Adds `layer`'s bias, if it has one, to every row of its output `out` `[rows, outputs]`.
-fn add_bias(layer: &Linear, out: &mut [f32]) {
+pub(crate) fn add_bias(layer: &Linear, out: &mut [f32]) {
     if let Some(bias) = &layer.bias {
         let b = vector(bias);
         out.par_chunks_mut(layer.outputs()).for_each(|row| {
@@ -922,7 +953,9 @@ pub(crate) fn summed_head_nll(head: &Linear, hidden: &[f32], tokens: &[u32], seq
     // Per row and tile of columns: (max, Σ exp(z − max)); per row: the target's logit.
     let mut partial = vec![(f32::NEG_INFINITY, 0f64); rows * tiles_per_row];
     let mut picked = vec![0f32; rows];
-    for_head_columns(&head.weight, Matrix::borrowed(&head.weight).as_ref(), |start, columns, w| {
+    // Reduces the columns `start..start + columns` of the logits, whose tiles `tile_logits(first
+    // row, rows, first column from start, columns, dst)` computes.
+    let mut reduce_columns = |start: usize, columns: usize, tile_logits: &TileLogits| {
         // `start` is 0 or a multiple of `for_head_columns`' block, itself a multiple of a tile.
         let (first_tile, tiles) = (start / TILE_COLUMNS, columns.div_ceil(TILE_COLUMNS));
         let reduced: Vec<Vec<(f32, f64, Option<f32>)>> = (0..tiles * row_blocks)
@@ -933,8 +966,7 @@ pub(crate) fn summed_head_nll(head: &Linear, hidden: &[f32], tokens: &[u32], seq
                 let (first_row, n) = (block * TILE_ROWS, TILE_ROWS.min(rows - block * TILE_ROWS));
                 let (first_column, m) = (tile * TILE_COLUMNS, TILE_COLUMNS.min(columns - tile * TILE_COLUMNS));
                 let mut logits = vec![0f32; n * m];
-                let w_tile = (&w.values()[first_column * w.col..], w.row, w.col);
-                gemm_on_threads(n, m, width, &mut logits, m, false, (&hidden[first_row * width..], width, 1), w_tile, 1);
+                tile_logits(first_row, n, first_column, m, &mut logits);
                 let global = start + first_column;
                 logits
                     .chunks_exact_mut(m)
@@ -968,7 +1000,20 @@ pub(crate) fn summed_head_nll(head: &Linear, hidden: &[f32], tokens: &[u32], seq
                 }
             }
         }
-    });
+    };
+    if let Some(packed) = head.packed_bf16() {
+        let x = Bf16Rows::of(hidden, rows, width);
+        reduce_columns(0, vocab, &|first_row, n, first_column, m, dst: &mut [f32]| {
+            packed.product_into(&x, first_row..first_row + n, first_column..first_column + m, dst, m)
+        });
+    } else {
+        for_head_columns(&head.weight, Matrix::borrowed(&head.weight).as_ref(), |start, columns, w| {
+            reduce_columns(start, columns, &|first_row, n, first_column, m, dst: &mut [f32]| {
+                let w_tile = (&w.values()[first_column * w.col..], w.row, w.col);
+                gemm_on_threads(n, m, width, dst, m, false, (&hidden[first_row * width..], width, 1), w_tile, 1);
+            })
+        });
+    }
     (0..rows)
         .filter(|&row| predicts(row))
         .map(|row| {
@@ -980,15 +1025,23 @@ pub(crate) fn summed_head_nll(head: &Linear, hidden: &[f32], tokens: &[u32], seq
         .sum()
 }
 
+/// Computes one tile of the head's logits: (first row, rows, first column, columns, `dst`).
+type TileLogits<'a> = dyn Fn(usize, usize, usize, usize, &mut [f32]) + Sync + 'a;
+
 /// The head's logits `[rows, vocab]` of `hidden` `[rows, width]` (a bf16 head converted in
 /// blocks of columns, as in [`head_loss`]).
 pub(crate) fn head_logits(head: &Linear, hidden: &[f32], rows: usize) -> Vec<f32> {
     let (width, vocab) = (head.inputs(), head.outputs());
     assert_eq!(hidden.len(), rows * width);
-    let mut logits = vec![0f32; rows * vocab];
-    for_head_columns(&head.weight, Matrix::borrowed(&head.weight).as_ref(), |start, columns, w| {
-        gemm(rows, columns, width, &mut logits[start..], vocab, false, (hidden, width, 1), (w.values(), w.row, w.col));
-    });
+    let mut logits = if let Some(packed) = head.packed_bf16() {
+        packed.product(&Bf16Rows::of(hidden, rows, width))
+    } else {
+        let mut logits = vec![0f32; rows * vocab];
+        for_head_columns(&head.weight, Matrix::borrowed(&head.weight).as_ref(), |start, columns, w| {
+            gemm(rows, columns, width, &mut logits[start..], vocab, false, (hidden, width, 1), (w.values(), w.row, w.col));
+        });
+        logits
+    };
     if let Some(bias) = head.bias.as_ref().map(vector) {
         logits.par_chunks_mut(vocab).for_each(|row| row.iter_mut().zip(&bias).for_each(|(z, b)| *z += b));
     }
@@ -1033,7 +1086,7 @@ mod tests {
             };
             let bias =
                 (seed % 2 == 1).then(|| Tensor::<1>::from_data(TensorData::new((0..n).map(|j| j as f32 / 7.0).collect::<Vec<_>>(), [n]), &device));
-            Linear { weight, bias }
+            Linear::new(weight, bias)
         };
         let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().expect("a pool");
         for transposed in [false, true] {
@@ -1080,8 +1133,8 @@ mod tests {
         let table: Vec<f32> = (0..vocab * width).map(|i| half::bf16::from_f32(((i * 29 % 89) as f32 - 44.0) / 45.0).to_f32()).collect();
         let embedding = Tensor::<2>::from_data(TensorData::new(table, [vocab, width]), &device);
         let bias = Some(Tensor::<1>::from_data(TensorData::new((0..vocab).map(|i| (i % 5) as f32 / 4.0).collect::<Vec<_>>(), [vocab]), &device));
-        let tied = Linear { weight: embedding.clone().transpose(), bias };
-        let bf16 = Linear { weight: embedding.transpose().cast(DType::BF16), bias: None };
+        let tied = Linear::new(embedding.clone().transpose(), bias);
+        let bf16 = Linear::new(embedding.transpose().cast(DType::BF16), None);
         let hidden: Vec<f32> = (0..rows * width).map(|i| ((i * 11 % 19) as f32 - 9.0) / 10.0).collect();
         let input = Tensor::<3>::from_data(TensorData::new(hidden.clone(), [1, rows, width]), &device);
         for head in [&tied, &bf16] {
@@ -1103,8 +1156,8 @@ mod tests {
         let values: Vec<f32> = (0..width * vocab).map(|i| half::bf16::from_f32(((i * 37 % 101) as f32 - 50.0) / 40.0).to_f32()).collect();
         let f32_weight = Tensor::<2>::from_data(TensorData::new(values, [width, vocab]), &device);
         let bias = Some(Tensor::<1>::from_data(TensorData::new((0..vocab).map(|i| (i % 7) as f32 / 10.0).collect::<Vec<_>>(), [vocab]), &device));
-        let whole = Linear { weight: f32_weight.clone(), bias: bias.clone() };
-        let blocks = Linear { weight: f32_weight.cast(DType::BF16), bias };
+        let whole = Linear::new(f32_weight.clone(), bias.clone());
+        let blocks = Linear::new(f32_weight.cast(DType::BF16), bias);
         assert!(Matrix::borrowed(&blocks.weight).is_none(), "the bf16 head takes the block path");
         let hidden: Vec<f32> = (0..2 * seq * width).map(|i| ((i * 13 % 17) as f32 - 8.0) / 9.0).collect();
         let tokens: Vec<u32> = (0..2 * seq as u32).map(|i| (i * 977 + 5) % vocab as u32).collect();
@@ -1131,7 +1184,7 @@ mod tests {
         let hidden: Vec<f32> = (0..2 * seq * width).map(|i| ((i * 13 % 17) as f32 - 8.0) / 3.0).collect();
         let tokens: Vec<u32> = (0..2 * seq as u32).map(|i| (i * 977 + 5) % vocab as u32).collect();
         let predicted = (2 * (seq - 1)) as f64;
-        for head in [Linear { weight: f32_weight.clone(), bias: bias.clone() }, Linear { weight: f32_weight.clone().cast(DType::BF16), bias: None }] {
+        for head in [Linear::new(f32_weight.clone(), bias.clone()), Linear::new(f32_weight.clone().cast(DType::BF16), None)] {
             let (mean, _) = head_loss(&head, &hidden, &tokens, seq);
             let summed = summed_head_nll(&head, &hidden, &tokens, seq);
             assert!(mean > 1.0, "a loss to compare: {mean}");

@@ -8,6 +8,9 @@ use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, DType, Device, Int, Tensor, TensorData};
 use rayon::prelude::*;
 
+use std::sync::Arc;
+
+use crate::host_bf16::PackedBf16;
 use crate::weights::Checkpoint;
 
 /// `y = x·W + b` with `W` stored `[in, out]`.
@@ -21,14 +24,72 @@ use crate::weights::Checkpoint;
 pub struct Linear {
     pub weight: Tensor<2>,
     pub bias: Option<Tensor<1>>,
+    /// The packed bf16 copy `--compute bf16` multiplies with ([`Self::pack_bf16`]).
+    bf16: Option<Arc<Bf16Copy>>,
+}
+
+/// A packed bf16 copy of a linear's weight and the weight tensor it was made from: assigning a
+/// new `weight` (LoRA merges, 2:4 masks) leaves the copy stale, so it is used only while `weight`
+/// is still that tensor (the clone held here keeps its buffer alive, so the buffer's address
+/// cannot be reused by another tensor).
+#[derive(Debug)]
+struct Bf16Copy {
+    packed: PackedBf16,
+    source: Tensor<2>,
+}
+
+/// Where a tensor's values live and how it views them: equal for two tensors exactly when they
+/// are views of one buffer with the same layout.
+#[derive(PartialEq)]
+struct BufferView {
+    address: usize,
+    start_offset: usize,
+    strides: Vec<isize>,
+    dims: Vec<usize>,
+    dtype: DType,
+}
+
+fn buffer_view(t: &Tensor<2>) -> Option<BufferView> {
+    let flex = t.clone().try_into_primitive::<burn::backend::Flex>().ok()?;
+    let layout = flex.layout();
+    Some(BufferView {
+        address: flex.bytes().as_ptr() as usize,
+        start_offset: layout.start_offset(),
+        strides: layout.strides().to_vec(),
+        dims: t.dims().to_vec(),
+        dtype: flex.dtype(),
+    })
 }
 
 impl Linear {
+    pub fn new(weight: Tensor<2>, bias: Option<Tensor<1>>) -> Self {
+        Self { weight, bias, bf16: None }
+    }
+
+    /// Makes the packed bf16 copy of the weight that the host forward then multiplies with
+    /// ([`crate::host_bf16`]); returns its bytes.
+    pub(crate) fn pack_bf16(&mut self) -> usize {
+        let values = self.weight_as(DType::F32);
+        let matrix = crate::host_search::host_matrix(&values);
+        let (values, row, col) = matrix.strided();
+        let packed = PackedBf16::pack(self.inputs(), self.outputs(), (values, row, col));
+        let bytes = packed.bytes();
+        self.bf16 = Some(Arc::new(Bf16Copy { packed, source: self.weight.clone() }));
+        bytes
+    }
+
+    /// The packed bf16 copy, while it is a copy of the current weight.
+    pub(crate) fn packed_bf16(&self) -> Option<&PackedBf16> {
+        let copy = self.bf16.as_ref()?;
+        let current = buffer_view(&self.weight)?;
+        (buffer_view(&copy.source)? == current).then_some(&copy.packed)
+    }
+
     /// Loads `{prefix}.weight` (HF `[out, in]`) and, if `bias`, `{prefix}.bias`.
     pub fn load(ck: &Checkpoint, prefix: &str, inputs: usize, outputs: usize, bias: bool, device: &Device) -> Result<Self> {
         let weight = ck.matrix_in_out(&format!("{prefix}.weight"), inputs, outputs, device)?;
         let bias = if bias { Some(ck.tensor(&format!("{prefix}.bias"), [outputs], device)?) } else { None };
-        Ok(Self { weight, bias })
+        Ok(Self::new(weight, bias))
     }
 
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
@@ -70,12 +131,12 @@ impl Linear {
 
     /// Keeps only the input rows at `kept` (the block reads fewer positions).
     pub fn keep_inputs(&self, kept: &Tensor<1, Int>) -> Self {
-        Self { weight: self.weight.clone().select(0, kept.clone()), bias: self.bias.clone() }
+        Self::new(self.weight.clone().select(0, kept.clone()), self.bias.clone())
     }
 
     /// Keeps only the output columns (and bias entries) at `kept`.
     pub fn keep_outputs(&self, kept: &Tensor<1, Int>) -> Self {
-        Self { weight: self.weight.clone().select(1, kept.clone()), bias: self.bias.clone().map(|b| b.select(0, kept.clone())) }
+        Self::new(self.weight.clone().select(1, kept.clone()), self.bias.clone().map(|b| b.select(0, kept.clone())))
     }
 }
 
@@ -446,4 +507,30 @@ fn host_causal_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, window: Optio
         ));
     }
     Tensor::from_data(TensorData::new(out, [batch, queries, heads * head_dim]), &device)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The packed copy serves only the weight it was made from: a new tensor assigned to
+    /// `weight` (a LoRA merge, a 2:4 mask) is multiplied as it is, never through the stale copy.
+    #[test]
+    fn a_packed_copy_is_used_only_while_the_weight_is_the_one_packed() {
+        let device = Device::flex();
+        let values: Vec<f32> = (0..6 * 20).map(|i| ((i * 7 % 13) as f32 - 6.0) / 8.0).collect();
+        let mut linear = Linear::new(Tensor::<2>::from_data(TensorData::new(values, [6, 20]), &device), None);
+        assert!(linear.packed_bf16().is_none(), "nothing packed yet");
+        let bytes = linear.pack_bf16();
+        assert_eq!(bytes, PackedBf16::bytes_for(6, 20));
+        assert!(linear.packed_bf16().is_some(), "the packed weight itself");
+        linear.weight = linear.weight.clone();
+        assert!(linear.packed_bf16().is_some(), "a clone views the same buffer");
+        let kept = Tensor::<1, Int>::from_data(TensorData::new(vec![0i64, 2, 5], [3]), &device);
+        assert!(linear.keep_inputs(&kept).packed_bf16().is_none(), "a pruned copy has its own weight");
+        linear.weight = linear.weight.clone().transpose().transpose();
+        assert!(linear.packed_bf16().is_some(), "a view with the same layout");
+        linear.weight = linear.weight.clone() * 2.0;
+        assert!(linear.packed_bf16().is_none(), "a new weight leaves the copy stale");
+    }
 }

@@ -50,3 +50,45 @@ fn a_host_prefill_fills_the_cache_the_generic_decoder_reads() {
         check_cached_decoding(name);
     }
 }
+
+/// `--compute bf16` on every family's fixtures, dense and pruned: the logits move (the bf16
+/// products are used) but stay within bf16 rounding of the f32 ones, and the summed NLL of
+/// evaluation (its head in tiles) equals the one of those bf16 logits.
+#[test]
+fn bf16_products_stay_within_bf16_rounding_of_the_f32_forward() {
+    for name in FIXTURES {
+        let (dense, _) = load(name);
+        let dir = fixture(name);
+        let plan = random_plan(dense.as_ref(), 5);
+        for mut model in [disp_models::load_model(&dir, dense.device()).unwrap(), dense.prune(&plan).unwrap()] {
+            let f32_logits = logits(model.as_ref(), &dir, None);
+            if let Err(e) = model.compute_in_bf16() {
+                assert!(!disp_models::host_bf16::fast_kernel_available(), "{name}: {e:#}");
+                assert!(e.to_string().contains("AVX512_BF16"), "{name}: {e:#}");
+                return;
+            }
+            let bf16_logits = logits(model.as_ref(), &dir, None);
+            let scale = f32_logits.iter().fold(0f32, |m, z| m.max(z.abs()));
+            let diff = max_abs_diff(&bf16_logits, &f32_logits);
+            println!("{name}: max |bf16 - f32| = {diff:.3e} of logits up to {scale:.3}");
+            assert!(diff > 0.0, "{name}: the bf16 products were not used");
+            assert!(diff <= 0.02 * scale.max(1.0), "{name}: bf16 logits differ from f32 by {diff} (logits up to {scale})");
+
+            let (shape, ids) = reference(&dir, "input_ids");
+            let tokens: Vec<u32> = ids.iter().map(|&t| t as u32).collect();
+            let (batch, seq) = (shape[0], shape[1]);
+            let summed = model.summed_nll(&tokens, batch).expect("the host path covers the fixture");
+            let vocab = model.vocab_size();
+            let from_logits: f64 = (0..batch * seq)
+                .filter(|position| position % seq != seq - 1)
+                .map(|position| {
+                    let row = &bf16_logits[position * vocab..][..vocab];
+                    let max = row.iter().fold(f32::NEG_INFINITY, |m, &z| m.max(z)) as f64;
+                    let sum: f64 = row.iter().map(|&z| (z as f64 - max).exp()).sum();
+                    max + sum.ln() - row[tokens[position + 1] as usize] as f64
+                })
+                .sum();
+            assert!((summed - from_logits).abs() <= 1e-4 * from_logits.abs(), "{name}: summed NLL {summed} vs {from_logits} from the logits");
+        }
+    }
+}
