@@ -338,8 +338,7 @@ impl Block {
     }
 
     fn linear_params(&self) -> usize {
-        let l = self.linears();
-        l.attn_inputs.iter().chain(&l.mlp_inputs).chain([&l.attn_output, &l.mlp_output]).map(|l| l.num_params()).sum()
+        self.linears().all().map(Linear::num_params).sum()
     }
 
     fn norm_params(&self) -> usize {
@@ -561,12 +560,7 @@ impl CausalLm for DecoderLm {
     fn weight_bytes(&self) -> u64 {
         let size = |t: &Tensor<2>| t.dims().iter().product::<usize>() as u64 * t.dtype().size() as u64;
         let linear = |l: &Linear| size(&l.weight) + l.bias.as_ref().map_or(0, |b| 4 * b.dims()[0] as u64);
-        let blocks: u64 = self
-            .blocks
-            .iter()
-            .map(|b| b.linears())
-            .map(|l| l.attn_inputs.iter().chain(&l.mlp_inputs).chain([&l.attn_output, &l.mlp_output]).map(|l| linear(l)).sum::<u64>())
-            .sum();
+        let blocks: u64 = self.blocks.iter().map(|b| b.linears().all().map(linear).sum::<u64>()).sum();
         let norms: u64 = self.blocks.iter().map(|b| 4 * b.norm_params() as u64).sum();
         let ends = &self.ends;
         let head = if ends.tied { ends.head.bias.as_ref().map_or(0, |b| 4 * b.dims()[0] as u64) } else { linear(&ends.head) };
@@ -607,24 +601,16 @@ impl CausalLm for DecoderLm {
         if self.spec.activation == Activation::Gelu {
             bail!("--compute bf16: {}'s exact-erf GELU runs on the burn path, which computes in f32", self.family.model_type());
         }
+        let packed = |l: &Linear| crate::host_bf16::PackedBf16::bytes_for(l.inputs(), l.outputs()) as u128;
         let head = &self.ends.head;
-        let bytes: u128 = self
-            .blocks
-            .iter()
-            .flat_map(|b| {
-                let l = b.linears();
-                let linears: Vec<&Linear> = l.attn_inputs.iter().chain(&l.mlp_inputs).copied().chain([l.attn_output, l.mlp_output]).collect();
-                linears.into_iter().map(|l| crate::host_bf16::PackedBf16::bytes_for(l.inputs(), l.outputs()) as u128).collect::<Vec<_>>()
-            })
-            .sum::<u128>()
-            // The head is converted to f32 whole while it is packed.
-            + (crate::host_bf16::PackedBf16::bytes_for(head.inputs(), head.outputs()) + 4 * head.inputs() * head.outputs()) as u128;
+        // A head stored below f32 is converted to f32 whole while it is packed.
+        let head_in_f32 = if head.weight.dtype() == DType::F32 { 0 } else { 4 * (head.inputs() * head.outputs()) as u128 };
+        let bytes: u128 = self.blocks.iter().map(|b| b.linears().all().map(packed).sum::<u128>()).sum::<u128>() + packed(head) + head_in_f32;
         disp_core::memory::check_fits("--compute bf16's copies of the weights", bytes)?;
         for block in &mut self.blocks {
-            let l = block.linears_mut();
-            for linear in l.attn_inputs.into_iter().chain(l.mlp_inputs).chain([l.attn_output, l.mlp_output]) {
+            block.linears_mut().into_all().for_each(|linear| {
                 linear.pack_bf16();
-            }
+            });
         }
         self.ends.head.pack_bf16();
         Ok(())

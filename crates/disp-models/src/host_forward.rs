@@ -89,8 +89,8 @@ pub(crate) fn covers_head(model: &DecoderLm, hidden: &Tensor<3>) -> bool {
 fn has_tracked_weights(model: &DecoderLm) -> bool {
     (0..model.blocks.len()).any(|i| {
         let l = crate::CausalLm::block_linears(model, i);
-        let tracked = |linear: &crate::layers::Linear| linear.weight.device().is_autodiff();
-        l.attn_inputs.iter().chain(&l.mlp_inputs).any(|linear| tracked(linear)) || tracked(l.attn_output) || tracked(l.mlp_output)
+        let tracked = l.all().any(|linear| linear.weight.device().is_autodiff());
+        tracked
     })
 }
 

@@ -176,6 +176,20 @@ pub struct BlockLinearsMut<'a> {
     pub mlp_output: &'a mut layers::Linear,
 }
 
+impl<'a> BlockLinears<'a> {
+    /// Every linear of the block: attention inputs, MLP inputs, attention output, MLP output.
+    pub fn all(&self) -> impl Iterator<Item = &'a layers::Linear> + '_ {
+        self.attn_inputs.iter().chain(&self.mlp_inputs).copied().chain([self.attn_output, self.mlp_output])
+    }
+}
+
+impl<'a> BlockLinearsMut<'a> {
+    /// Every linear of the block, in [`BlockLinears::all`]'s order.
+    pub fn into_all(self) -> impl Iterator<Item = &'a mut layers::Linear> {
+        self.attn_inputs.into_iter().chain(self.mlp_inputs).chain([self.attn_output, self.mlp_output])
+    }
+}
+
 /// Picks how a block applies its index sets: pruned weights win; gates make it masked.
 pub(crate) fn selector<'a>(kept: Option<&'a IndexTensors>, gates: Option<&'a BlockGates>) -> Selector<'a> {
     match (kept, gates) {
