@@ -603,8 +603,8 @@ impl CausalLm for DecoderLm {
         }
         let packed = |l: &Linear| crate::host_bf16::PackedBf16::bytes_for(l.inputs(), l.outputs()) as u128;
         let head = &self.ends.head;
-        // A head stored below f32 is converted to f32 whole while it is packed.
-        let head_in_f32 = if head.weight.dtype() == DType::F32 { 0 } else { 4 * (head.inputs() * head.outputs()) as u128 };
+        // The head is converted to f32 whole while it is packed.
+        let head_in_f32 = 4 * (head.inputs() * head.outputs()) as u128;
         let bytes: u128 = self.blocks.iter().map(|b| b.linears().all().map(packed).sum::<u128>()).sum::<u128>() + packed(head) + head_in_f32;
         disp_core::memory::check_fits("--compute bf16's copies of the weights", bytes)?;
         for block in &mut self.blocks {
